@@ -1,0 +1,178 @@
+"""LSRConfig and the choice of Kronecker factor shapes.
+
+A layer's adapter is fixed by (s, r1, r2, n1, n2, m1, m2). The factor shapes are
+chosen per layer from its (d_in, d_out) unless the user pins them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft_type import LSR_PEFT_TYPE
+
+# A split whose larger factor is more than this many times the smaller one is
+# not "sensible": one Kronecker factor becomes a near-vector and the adapter
+# degenerates towards a rank-deficient LoRA on one side.
+MAX_FACTOR_RATIO = 64
+
+
+class FactorizationError(ValueError):
+    """A dimension cannot be split into two Kronecker factors as asked."""
+
+
+def factor_pair(d: int, what: str = "dimension") -> tuple[int, int]:
+    """Most balanced split ``d = a * b`` with ``a >= b``; e.g. 768 -> (32, 24)."""
+    if not isinstance(d, int) or d < 1:
+        raise FactorizationError(f"{what} must be a positive integer, got {d!r}")
+    b = math.isqrt(d)
+    while d % b:
+        b -= 1
+    a = d // b
+    if b < 2 or a > MAX_FACTOR_RATIO * b:
+        hint = _nearby_factorable(d)
+        raise FactorizationError(
+            f"{what} = {d} has no sensible Kronecker split (best is {a} x {b}). "
+            f"Pass the factor shapes by hand (n=(n1, n2) for d_in, m=(m1, m2) for d_out), "
+            f"or leave this layer out of target_modules, or pad the layer to a nearby size "
+            f"that factors well, e.g. {hint}."
+        )
+    return a, b
+
+
+def _nearby_factorable(d: int) -> str:
+    for delta in range(1, d):
+        for c in (d + delta, d - delta):
+            if c > 3:
+                b = math.isqrt(c)
+                while c % b:
+                    b -= 1
+                if b >= 2 and c // b <= 4 * b:
+                    return f"{c} = {c // b} x {b}"
+    return "a power of two"
+
+
+def _as_pair(v, name) -> Optional[tuple[int, int]]:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(v)
+    if len(t) != 2 or not all(isinstance(i, int) and i >= 1 for i in t):
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
+    return t
+
+
+@dataclass(frozen=True)
+class FactorShapes:
+    """Resolved shapes of one layer's adapter (SPEC §1)."""
+
+    s: int
+    r1: int
+    r2: int
+    n1: int
+    n2: int
+    m1: int
+    m2: int
+
+    @property
+    def q(self) -> int:
+        return self.r1 * self.r2
+
+    @property
+    def d_in(self) -> int:
+        return self.n1 * self.n2
+
+    @property
+    def d_out(self) -> int:
+        return self.m1 * self.m2
+
+    @property
+    def num_params(self) -> int:
+        return self.s * (self.r1 * self.n1 + self.r2 * self.n2 + self.m1 * self.r1 + self.m2 * self.r2)
+
+    def factor_sizes(self) -> dict[str, tuple[int, int, int]]:
+        return {
+            "A1": (self.s, self.r1, self.n1),
+            "A2": (self.s, self.r2, self.n2),
+            "B1": (self.s, self.m1, self.r1),
+            "B2": (self.s, self.m2, self.r2),
+        }
+
+
+def resolve_shapes(d_in: int, d_out: int, s: int, r, n=None, m=None) -> FactorShapes:
+    """Factor shapes for a (d_out x d_in) layer; ``n``/``m`` pin them, ``None`` = automatic."""
+    if not isinstance(s, int) or s < 1:
+        raise ValueError(f"separation rank s must be a positive int, got {s!r}")
+    r1, r2 = _as_pair(r, "r")
+    n1, n2 = _as_pair(n, "n") or factor_pair(d_in, "d_in")
+    m1, m2 = _as_pair(m, "m") or factor_pair(d_out, "d_out")
+    if n1 * n2 != d_in:
+        raise FactorizationError(f"n = ({n1}, {n2}) does not factor d_in = {d_in}: {n1}*{n2} = {n1 * n2}")
+    if m1 * m2 != d_out:
+        raise FactorizationError(f"m = ({m1}, {m2}) does not factor d_out = {d_out}: {m1}*{m2} = {m1 * m2}")
+    return FactorShapes(s, r1, r2, n1, n2, m1, m2)
+
+
+@dataclass
+class LSRConfig(PeftConfig):
+    """Configuration of LSR-Adapt adapters; also a peft config (``get_peft_model(model, cfg)``).
+
+    ``ΔW = scale · B · A`` with ``A = Σ_l A1[l] ⊗ A2[l]``, ``B = Σ_l B1[l] ⊗ B2[l]``.
+    """
+
+    s: int = field(default=4, metadata={"help": "Separation rank: number of Kronecker terms in each factor."})
+    r: Union[int, tuple] = field(
+        default=2, metadata={"help": "Kronecker inner ranks: int (r1 = r2) or (r1, r2); inner rank q = r1*r2."}
+    )
+    n: Optional[tuple] = field(
+        default=None, metadata={"help": "(n1, n2) with n1*n2 = d_in; None chooses the most balanced split per layer."}
+    )
+    m: Optional[tuple] = field(
+        default=None, metadata={"help": "(m1, m2) with m1*m2 = d_out; None chooses the most balanced split per layer."}
+    )
+    alpha: float = field(default=8.0, metadata={"help": "Scaling numerator; see `scaling`."})
+    init: str = field(
+        default="zeros",
+        metadata={"help": "'zeros': B2 = 0 so the update is zero at step 0 (all factors still train); "
+                          "'reference': every factor ~ N(0, 0.01²) as in the method's reference code."},
+    )
+    scaling: str = field(
+        default="rslora", metadata={"help": "'rslora': scale = alpha/sqrt(q) (reference code); 'lora': alpha/q."}
+    )
+    target_modules: Optional[Union[list, str]] = field(
+        default=None,
+        metadata={"help": "Module names (suffix match) or a regex (full match) of the nn.Linear layers to adapt; "
+                          "None uses the default for known architectures."},
+    )
+    exclude_modules: Optional[Union[list, str]] = field(
+        default=None, metadata={"help": "Module names or a regex of layers never to adapt."}
+    )
+    modules_to_save: Optional[list] = field(
+        default=None, metadata={"help": "Other modules trained and saved with the adapter (e.g. a classifier head)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = LSR_PEFT_TYPE
+        if self.init not in ("zeros", "reference"):
+            raise ValueError(f"init must be 'zeros' or 'reference', got {self.init!r}")
+        if self.scaling not in ("rslora", "lora"):
+            raise ValueError(f"scaling must be 'rslora' or 'lora', got {self.scaling!r}")
+        self.r = _as_pair(self.r, "r")
+        self.n = _as_pair(self.n, "n")
+        self.m = _as_pair(self.m, "m")
+        if not isinstance(self.s, int) or self.s < 1:
+            raise ValueError(f"s must be a positive int, got {self.s!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+
+    def shapes_for(self, d_in: int, d_out: int) -> FactorShapes:
+        return resolve_shapes(d_in, d_out, self.s, self.r, self.n, self.m)
+
+    def scale_for(self, q: int) -> float:
+        return self.alpha / math.sqrt(q) if self.scaling == "rslora" else self.alpha / q

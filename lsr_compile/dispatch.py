@@ -1,0 +1,143 @@
+"""Run-time kernel choice: forced backend > tuning-log record > sound default.
+
+One dictionary lookup per call on the hot path; records and built kernels are
+cached in memory and dropped whenever logs are (re)loaded or written.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import kernels, logs
+from .problem import ProblemKey, token_bucket, dtype_name
+from .tuning.device import device_id, target_of
+
+log = logging.getLogger(__name__)
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lsr_backend", default=None)
+_extra_dirs: list[Path] = []
+_records: dict[tuple[str, str], dict] = {}
+_kernels: dict[tuple, tuple[Callable, "Choice"]] = {}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which kernel runs for one problem, and why."""
+
+    backend: str
+    variant: str
+    config: tuple  # sorted (name, value) pairs
+    reason: str
+
+    def __str__(self):
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config)
+        return f"{self.backend}:{self.variant}" + (f"[{cfg}]" if cfg else "") + f"  ({self.reason})"
+
+
+def invalidate() -> None:
+    _records.clear()
+    _kernels.clear()
+
+
+def load_logs(log_dir) -> int:
+    """Also use the records under ``log_dir`` (as written by ``tune(log_dir=...)``); returns how many apply here."""
+    path = Path(log_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tuning log directory {path} does not exist")
+    if path not in _extra_dirs:
+        _extra_dirs.append(path)
+    invalidate()
+    return sum(len(records(t, device_id(d))) for t, d in (("llvm", "cpu"),))
+
+
+def log_dirs() -> list[Path]:
+    return logs.default_log_dirs() + _extra_dirs
+
+
+def records(target: str, dev_id: str) -> dict:
+    k = (target, dev_id)
+    if k not in _records:
+        _records[k] = logs.read(logs.files_for(log_dirs(), target, dev_id), dev_id)
+    return _records[k]
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Force one backend ("torch" | "tvm" | "triton") inside the block, with its default config."""
+    if name is not None and name not in kernels.BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {kernels.BACKENDS}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def choose(op: str, key: ProblemKey, device: torch.device) -> Choice:
+    forced = _forced.get()
+    if forced is not None:
+        variant, config = kernels.default_choice(forced, op, key, device)
+        return Choice(forced, variant, tuple(sorted(config.items())), f"forced by use_backend({forced!r})")
+    rec = records(target_of(device), device_id(device)).get(key)
+    if rec is not None:
+        return Choice(rec.backend, rec.variant, tuple(sorted(rec.config.items())),
+                      f"tuned: {rec.source}, {rec.time_ms:.3g} ms")
+    variant, config = kernels.default_choice("torch", op, key, device)
+    return Choice("torch", variant, tuple(sorted(config.items())),
+                  f"default: no tuning record for {target_of(device)}/{device_id(device)} {key.tokens}-token bucket")
+
+
+def _build(op: str, key: ProblemKey, device: torch.device) -> tuple[Callable, Choice]:
+    choice = choose(op, key, device)
+    try:
+        fn = kernels.build(choice.backend, op, choice.variant, dict(choice.config), key, device)
+    except Exception as e:
+        if _forced.get() is not None:
+            raise
+        warnings.warn(f"lsr_compile: could not build {choice} ({type(e).__name__}: {e}); "
+                      f"using the PyTorch default instead", RuntimeWarning, stacklevel=3)
+        variant, _ = kernels.default_choice("torch", op, key, device)
+        choice = Choice("torch", variant, (), f"fallback: build of {choice.backend}:{choice.variant} failed")
+        fn = kernels.build("torch", op, variant, {}, key, device)
+    log.debug("lsr %s %s -> %s", op, key, choice)
+    return fn, choice
+
+
+def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Callable:
+    """The kernel for this call (hot path: one tuple, one dict lookup)."""
+    fast = (op, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), A1.shape, A2.shape, B1.shape[1], B2.shape[1],
+            _forced.get())
+    hit = _kernels.get(fast)
+    if hit is None:
+        key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2)
+        hit = _kernels[fast] = _build(op, key, x2d.device)
+    return hit[0]
+
+
+def explain(obj, tokens: Optional[int] = None, device=None) -> str:
+    """Which kernel runs for a layer or LSRShape (forward and backward), and why."""
+    from .nn import LSRLinear
+    from .problem import LSRShape
+
+    if isinstance(obj, LSRLinear):
+        f = obj.factor_shapes
+        device = torch.device(device or obj.weight.device)
+        dtype = obj.A1.dtype
+        tokens = tokens or 2048
+    elif isinstance(obj, LSRShape):
+        f, dtype, tokens, device = obj.factors, obj.dtype, tokens or obj.tokens, torch.device(device or "cpu")
+    else:
+        raise TypeError(f"explain() takes an LSRLinear or an LSRShape, got {type(obj).__name__}")
+    lines = [f"{f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) "
+             f"{dtype_name(dtype)}, N={tokens}, on {target_of(device)}/{device_id(device)}:"]
+    for op in ("forward", "backward"):
+        key = ProblemKey(op, dtype_name(dtype), token_bucket(tokens), f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2)
+        lines.append(f"  {op:8s} {choose(op, key, device)}")
+    return "\n".join(lines)

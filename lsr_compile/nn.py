@@ -1,0 +1,206 @@
+"""Stage 6: the LSRLinear layer and ``apply_lsr`` (wrap a model's nn.Linear layers in place)."""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import formulations
+from .config import FactorShapes, LSRConfig
+from .ops import lsr_linear
+
+log = logging.getLogger(__name__)
+
+
+class LSRLinear(nn.Module):
+    """A frozen linear layer plus the LSR-Adapt update: ``y = x Wᵀ + b + scale·(x Aᵀ) Bᵀ``.
+
+    ``A = Σ_l A1[l] ⊗ A2[l]`` (``A1 (s, r1, n1)``, ``A2 (s, r2, n2)``) and
+    ``B = Σ_l B1[l] ⊗ B2[l]`` (``B1 (s, m1, r1)``, ``B2 (s, m2, r2)``), as in SPEC §1.
+    The forward runs ``torch.ops.lsr.linear``, i.e. the kernel tuned for this shape.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: Optional[LSRConfig] = None,
+                 *, device=None, dtype=None):
+        super().__init__()
+        config = config or LSRConfig()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, config)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Optional[LSRConfig] = None) -> "LSRLinear":
+        """Wrap an existing nn.Linear; its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, config or LSRConfig())
+        return self
+
+    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: LSRConfig) -> None:
+        d_out, d_in = weight.shape
+        f = config.shapes_for(d_in, d_out)
+        self.in_features, self.out_features = d_in, d_out
+        self.factor_shapes: FactorShapes = f
+        self.scale = float(config.scale_for(f.q))
+        self.init = config.init
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        for name, shape in f.factor_sizes().items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
+        self.merged = False
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """``init="reference"``: every factor ~ N(0, 0.01²), as the method's code (ΔW ≠ 0 at step 0).
+        ``init="zeros"``: B2 = 0, so ΔW = 0 at step 0; A1, A2, B1 are random so every factor still trains
+        (a Kronecker term with both factors zero would get no gradient in either)."""
+        f = self.factor_shapes
+        if self.init == "reference":
+            for p in (self.A1, self.A2, self.B1, self.B2):
+                p.normal_(0.0, 0.01)
+            return
+        # Var(A1)·Var(A2)·s = 1/d_in gives x Aᵀ unit variance for unit-variance x, like LoRA's A init.
+        root_s = math.sqrt(f.s)
+        self.A1.normal_(0.0, 1.0 / math.sqrt(root_s * f.n1))
+        self.A2.normal_(0.0, 1.0 / math.sqrt(root_s * f.n2))
+        self.B1.normal_(0.0, 1.0 / math.sqrt(root_s * f.r1))
+        self.B2.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        args = (x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2)
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                args = tuple(None if t is None else t.to(dt) for t in args)
+                return lsr_linear(*args, self.scale)
+        return lsr_linear(*args, self.scale)
+
+    def delta_weight(self) -> Tensor:
+        """``scale · B · A``, shape ``(d_out, d_in)``."""
+        B = formulations.build_B(self.B1, self.B2)
+        A = formulations.build_A(self.A1, self.A2)
+        return self.scale * (B @ A)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (inference); the original weight is kept so ``unmerge`` is exact."""
+        if self.merged:
+            raise RuntimeError("layer is already merged; call unmerge() first")
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight bit for bit."""
+        if not self.merged:
+            raise RuntimeError("layer is not merged")
+        self.weight.copy_(self._unmerged_weight)
+        del self._unmerged_weight
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding ``W + ΔW`` (for export/serving)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            w = self._unmerged_weight if self.merged else self.weight
+            lin.weight.copy_(w + self.delta_weight().to(w.dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def num_adapter_parameters(self) -> int:
+        return self.factor_shapes.num_params
+
+    def extra_repr(self) -> str:
+        f = self.factor_shapes
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"s={f.s}, r=({f.r1}, {f.r2}), n=({f.n1}, {f.n2}), m=({f.m1}, {f.m2}), q={f.q}, "
+                f"scale={self.scale:.4g}, adapter_params={f.num_params}" + (", merged" if self.merged else ""))
+
+
+def _matcher(targets: Union[str, Iterable[str]]):
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return lambda name: pattern.fullmatch(name) is not None
+    targets = tuple(targets)
+    return lambda name: any(name == t or name.endswith("." + t) for t in targets)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """peft's LoRA defaults for known architectures (BERT/RoBERTa: query, value; LLaMA: q_proj, v_proj)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in defaults:
+        raise ValueError(f"no default target modules for model type {model_type!r}; pass target_modules "
+                         f"(e.g. ('query', 'value') or a regex)")
+    return list(defaults[model_type])
+
+
+def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modules=None,
+              exclude_modules=None, trainable: Iterable[str] = (), freeze: bool = True) -> nn.Module:
+    """Replace matching ``nn.Linear`` layers of ``model`` by ``LSRLinear`` in place.
+
+    ``target_modules``: names (suffix match) or a regex (full match); defaults to
+    ``config.target_modules``, then to peft's defaults for the architecture.
+    With ``freeze``, every other parameter is frozen except modules named in
+    ``trainable`` (e.g. a classifier head). Logs the trainable-parameter count.
+    """
+    config = config or LSRConfig()
+    targets = target_modules or config.target_modules or default_target_modules(model)
+    matches = _matcher(targets)
+    excluded = _matcher(exclude_modules or config.exclude_modules or ())
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or not matches(name) or excluded(name):
+            continue
+        if isinstance(module, LSRLinear):
+            raise ValueError(f"{name} is already an LSRLinear; apply_lsr was called twice on this model")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"target module {name} is a {type(module).__name__}, not an nn.Linear; "
+                            f"narrow target_modules to linear layers")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LSRLinear.from_linear(module, config))
+        replaced.append(name)
+    if not replaced:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(f"no nn.Linear matched target_modules={targets!r}; some linear layers of this model: "
+                         f"{linears}")
+    keep = _matcher(trainable)
+    for name, module in model.named_modules():
+        if name and keep(name):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    n_train, n_total = count_parameters(model)
+    log.info("apply_lsr: %d layers wrapped; trainable params %d / %d (%.3f%%)", len(replaced), n_train, n_total,
+             100.0 * n_train / max(n_total, 1))
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def lsr_layers(model: nn.Module) -> dict[str, LSRLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LSRLinear)}

@@ -1,0 +1,135 @@
+"""Stage 5: the ``torch.ops.lsr`` custom ops, their fake implementations and autograd.
+
+    lsr::linear(x, weight, bias?, A1, A2, B1, B2, scale) -> y            the whole layer
+    lsr::linear_backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx)  -> (dx, dA1, dA2, dB1, dB2)
+
+The whole layer is one op so that a kernel may fuse the adapter into the base
+GEMM or fold it into the weight. Both ops run whatever ``dispatch`` picks for
+the shape and device. Registered with ``torch.library.Library`` define/impl
+(about 5 µs per call, against 22 µs for ``custom_op``, STACK-NOTES), fake
+implementations for ``torch.compile``, and autograd through ``register_autograd``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+_lib = torch.library.Library("lsr", "DEF")
+_lib.define(
+    "linear(Tensor x, Tensor weight, Tensor? bias, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale) -> Tensor"
+)
+_lib.define(
+    "linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale, "
+    "bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+class LSRInputError(ValueError):
+    """Tensors passed to an LSR op do not fit together."""
+
+
+def check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2) -> None:
+    """Shapes, dtypes and devices of a layer call; every message names the tensor and the fix."""
+    named = {"x": x, "weight": weight, "A1": A1, "A2": A2, "B1": B1, "B2": B2}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise LSRInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise LSRInputError(f"{name} has dtype {t.dtype}; LSR layers need floating-point tensors")
+    for name in ("A1", "A2", "B1", "B2"):
+        if named[name].dim() != 3:
+            raise LSRInputError(f"{name} must be 3-D (s, rows, cols), got shape {tuple(named[name].shape)}")
+    if weight.dim() != 2:
+        raise LSRInputError(f"weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
+    s, r1, n1 = A1.shape
+    _, r2, n2 = A2.shape
+    _, m1, r1b = B1.shape
+    _, m2, r2b = B2.shape
+    if not (A2.shape[0] == B1.shape[0] == B2.shape[0] == s):
+        raise LSRInputError(f"A1, A2, B1, B2 must share the separation rank s (dim 0); got "
+                            f"{A1.shape[0]}, {A2.shape[0]}, {B1.shape[0]}, {B2.shape[0]}")
+    if r1b != r1 or r2b != r2:
+        raise LSRInputError(f"inner ranks disagree: A1 {tuple(A1.shape)} / B1 {tuple(B1.shape)} must share r1, "
+                            f"A2 {tuple(A2.shape)} / B2 {tuple(B2.shape)} must share r2 (layout: A1 (s, r1, n1), "
+                            f"A2 (s, r2, n2), B1 (s, m1, r1), B2 (s, m2, r2))")
+    d_out, d_in = weight.shape
+    if n1 * n2 != d_in:
+        raise LSRInputError(f"A1/A2 factor d_in as {n1}*{n2} = {n1 * n2}, but weight has d_in = {d_in}")
+    if m1 * m2 != d_out:
+        raise LSRInputError(f"B1/B2 factor d_out as {m1}*{m2} = {m1 * m2}, but weight has d_out = {d_out}")
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise LSRInputError(f"x has shape {tuple(x.shape)}; its last dimension must be d_in = {d_in}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise LSRInputError(f"bias has shape {tuple(bias.shape)}, expected ({d_out},)")
+    dtypes = {n: t.dtype for n, t in named.items()}
+    if len(set(dtypes.values())) > 1:
+        raise LSRInputError(f"dtype mismatch {dtypes}; cast the layer (layer.to(dtype)) or the input to one dtype")
+    devices = {n: t.device for n, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise LSRInputError(f"device mismatch {devices}; move the layer and the input to one device")
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.library.impl(_lib, "linear", "CompositeExplicitAutograd")
+def _linear(x, weight, bias, A1, A2, B1, B2, scale):
+    check_args(x, weight, bias, A1, A2, B1, B2)
+    x2 = _flat(x)
+    y = dispatch.kernel("forward", x2, A1, A2, B1, B2)(x2, weight, bias, A1, A2, B1, B2, scale)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.impl(_lib, "linear_backward", "CompositeExplicitAutograd")
+def _linear_backward(grad, x, weight, A1, A2, B1, B2, scale, need_dx):
+    check_args(x, weight, None, A1, A2, B1, B2)
+    x2, g2 = _flat(x), _flat(grad)
+    dx, dA1, dA2, dB1, dB2 = dispatch.kernel("backward", x2, A1, A2, B1, B2)(
+        g2, x2, weight, A1, A2, B1, B2, scale, need_dx)
+    dx = dx.reshape(x.shape) if need_dx else x.new_empty(0)
+    return dx, dA1, dA2, dB1, dB2
+
+
+@torch.library.register_fake("lsr::linear", lib=_lib)
+def _linear_fake(x, weight, bias, A1, A2, B1, B2, scale):
+    check_args(x, weight, bias, A1, A2, B1, B2)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("lsr::linear_backward", lib=_lib)
+def _linear_backward_fake(grad, x, weight, A1, A2, B1, B2, scale, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(A1), torch.empty_like(A2), torch.empty_like(B1), torch.empty_like(B2)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A1, A2, B1, B2, scale = inputs
+    ctx.save_for_backward(x, weight, A1, A2, B1, B2)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, A1, A2, B1, B2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA1, dA2, dB1, dB2 = torch.ops.lsr.linear_backward(grad, x, weight, A1, A2, B1, B2, ctx.scale, need[0])
+    # The base is frozen in LSRLinear; a caller that trains it still gets exact gradients.
+    dW = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[2] else None
+    return (dx if need[0] else None), dW, db, dA1, dA2, dB1, dB2, None
+
+
+torch.library.register_autograd("lsr::linear", _backward, setup_context=_setup_context, lib=_lib)
+
+
+def lsr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
+               scale: float) -> Tensor:
+    """``y = x Wᵀ + bias + scale·(x Aᵀ) Bᵀ`` through the tuned kernels (same signature as the reference)."""
+    return torch.ops.lsr.linear(x, weight, bias, A1, A2, B1, B2, float(scale))

@@ -1,0 +1,87 @@
+"""LSRShape (a problem the user tunes for) and ProblemKey (what the tuning log and dispatch match on)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .config import FactorShapes, resolve_shapes
+
+OPS = ("forward", "backward")
+
+
+def token_bucket(n: int) -> int:
+    """Round N up to a power of two (min 16): variants' costs cross over with N, slowly."""
+    b = 16
+    while b < n:
+        b *= 2
+    return b
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ProblemKey:
+    """Everything a kernel choice depends on, except the device (which the log file carries)."""
+
+    op: str
+    dtype: str
+    tokens: int  # a token bucket, see token_bucket
+    s: int
+    r1: int
+    r2: int
+    n1: int
+    n2: int
+    m1: int
+    m2: int
+
+    @property
+    def shapes(self) -> FactorShapes:
+        return FactorShapes(self.s, self.r1, self.r2, self.n1, self.n2, self.m1, self.m2)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @staticmethod
+    def from_tensors(op: str, x2d, A1, A2, B1, B2) -> "ProblemKey":
+        s, r1, n1 = A1.shape
+        return ProblemKey(op, dtype_name(x2d.dtype), token_bucket(x2d.shape[0]), s, r1, A2.shape[1], n1,
+                          A2.shape[2], B1.shape[1], B2.shape[1])
+
+
+@dataclass(frozen=True)
+class LSRShape:
+    """One layer problem to tune: tokens x (d_out x d_in) with its adapter shapes (SPEC §5)."""
+
+    tokens: int
+    d_in: int
+    d_out: int
+    s: int = 4
+    r: object = 2
+    n: Optional[tuple] = None
+    m: Optional[tuple] = None
+    dtype: torch.dtype = torch.float32
+    factors: FactorShapes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"tokens must be a positive int, got {self.tokens!r}")
+        if isinstance(self.dtype, str):
+            object.__setattr__(self, "dtype", DTYPES[self.dtype])
+        object.__setattr__(self, "factors", resolve_shapes(self.d_in, self.d_out, self.s, self.r, self.n, self.m))
+
+    def key(self, op: str) -> ProblemKey:
+        f = self.factors
+        return ProblemKey(op, dtype_name(self.dtype), token_bucket(self.tokens), f.s, f.r1, f.r2, f.n1, f.n2,
+                          f.m1, f.m2)
+
+    def label(self) -> str:
+        f = self.factors
+        return (f"N={self.tokens} {f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) "
+                f"n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) {dtype_name(self.dtype)}")

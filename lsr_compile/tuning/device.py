@@ -1,0 +1,86 @@
+"""Device fingerprints: tuning records are only valid on the hardware they were measured on."""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+
+import torch
+
+_ISA_FLAGS = ("avx512_bf16", "avx512f", "avx2", "fma", "neon", "asimd", "sve")
+
+
+def target_of(device: torch.device | str) -> str:
+    """The compiler target for a torch device: CPUs tune for ``llvm``, NVIDIA GPUs for ``cuda``."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "llvm"
+    if kind == "cuda":
+        return "cuda"
+    raise ValueError(f"no lsr_compile target for device type {kind!r}; supported: cpu (llvm), cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in _ISA_FLAGS if f in flags]
+    return {"kind": "cpu", "model": model, "isa": isa, "cores": torch.get_num_threads(), "arch": platform.machine()}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int) -> dict:
+    p = torch.cuda.get_device_properties(index)
+    return {"kind": "cuda", "model": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count}
+
+
+def device_info(device: torch.device | str = "cpu") -> dict:
+    d = torch.device(device)
+    if d.type == "cuda":
+        return _cuda_info(d.index if d.index is not None else torch.cuda.current_device())
+    return _cpu_info() | {"cores": torch.get_num_threads()}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_id(device: torch.device | str = "cpu") -> str:
+    """A readable id that changes whenever the timings could: model, ISA, thread count / compute capability."""
+    info = device_info(device)
+    if info["kind"] == "cuda":
+        return f"{_slug(info['model'])}-sm{info['capability'].replace('.', '')}"
+    isa = info["isa"][0] if info["isa"] else info["arch"]
+    return f"{_slug(info['model'])}-{_slug(isa)}-{info['cores']}t"
+
+
+def llvm_target(cores: int | None = None) -> dict:
+    """The TVM llvm target for this CPU (0.27 wants dicts, STACK-NOTES)."""
+    info = _cpu_info()
+    target = {"kind": "llvm", "num-cores": cores or torch.get_num_threads()}
+    host_cpu = os.environ.get("LSR_LLVM_MCPU")
+    if host_cpu is None:
+        host_cpu = _host_cpu_name()
+    if host_cpu:
+        target["mcpu"] = host_cpu
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _host_cpu_name() -> str:
+    """LLVM's name for the host CPU, so TVM emits the widest vector ISA it has (AVX-512 here)."""
+    try:
+        import tvm
+
+        return str(tvm.get_global_func("target.llvm_get_system_cpu")())
+    except Exception:  # older/newer TVM without the hook: generic code, still correct
+        return ""
