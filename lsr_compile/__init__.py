@@ -19,11 +19,12 @@ from .dispatch import explain, load_logs, use_backend
 from .nn import LSRLinear, apply_lsr, count_parameters, lsr_layers
 from .ops import LSRInputError, lsr_linear
 from .problem import LSRShape
+from .tuning import tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LSRConfig", "LSRLinear", "LSRShape", "FactorShapes", "FactorizationError", "LSRInputError", "apply_lsr",
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
-    "use_backend",
+    "use_backend", "tune",
 ]

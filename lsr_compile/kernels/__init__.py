@@ -42,6 +42,34 @@ def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
+def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None) -> list[tuple[str, str, dict]]:
+    """(backend, variant, config) triples to try for ``key`` on ``target``: every PyTorch formulation, then
+    up to ``trials`` points of each compiled backend's schedule spaces (defaults first)."""
+    from .. import schedules
+
+    table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
+    out = [("torch", v, {}) for v in sorted(table)]
+    compiled = []
+    if key.dtype in ("float32", "float64"):
+        name = "llvm" if target == "llvm" else "cuda"
+        per_variant = [[("tvm", v, c) for c in schedules.space(name, op, v)] for v in schedules.variants(name, op)]
+        compiled += _round_robin(per_variant)
+    if target == "cuda":
+        from . import triton_fused
+
+        compiled = _round_robin([triton_fused.candidates(op, key), compiled])
+    return out + (compiled if trials is None else compiled[:trials])
+
+
+def _round_robin(lists):
+    """Interleave lists so a trial budget samples every variant's defaults before anyone's second point."""
+    out, i = [], 0
+    while any(i < len(l) for l in lists):
+        out += [l[i] for l in lists if i < len(l)]
+        i += 1
+    return out
+
+
 def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, device: torch.device) -> Callable:
     if backend == "torch":
         table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS

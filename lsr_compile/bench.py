@@ -1,0 +1,171 @@
+"""Side-by-side benchmark (SPEC §3.5): frozen base, reference eager / compiled, LoRA of the same inner rank,
+LSRLinear (autotuned dispatch), forward and forward+backward, timed in one interleaved run per shape.
+
+Writes long-form rows (JSON lines, with device, versions and git revision), prints a ratio table
+and draws a PNG from the rows.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import logs, reference
+from .config import LSRConfig
+from .nn import LSRLinear
+from .problem import LSRShape, dtype_name
+from .tuning.device import device_id, device_info
+from .tuning.timing import measure, median
+
+PROVIDERS = ("floor", "lsr", "lsr_compiled", "reference", "reference_compiled", "lora")
+
+
+def _git_rev() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+class _LoRA(nn.Module):
+    """Plain-PyTorch LoRA of rank q on the same frozen base: the peer users have today."""
+
+    def __init__(self, base: nn.Linear, q: int, scale: float):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self.A = nn.Parameter(torch.randn(q, base.in_features, dtype=base.weight.dtype) / base.in_features ** 0.5)
+        self.B = nn.Parameter(torch.randn(base.out_features, q, dtype=base.weight.dtype) * 0.01)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)
+
+
+class _Reference(nn.Module):
+    def __init__(self, layer: LSRLinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        l = self.layer
+        return reference.lsr_linear(x, l.weight, l.bias, l.A1, l.A2, l.B1, l.B2, l.scale)
+
+
+def providers(shape: LSRShape, device="cpu") -> dict[str, nn.Module]:
+    f = shape.factors
+    base = nn.Linear(f.d_in, f.d_out, device=device, dtype=shape.dtype).requires_grad_(False)
+    cfg = LSRConfig(s=f.s, r=(f.r1, f.r2), n=(f.n1, f.n2), m=(f.m1, f.m2), init="reference")
+    lsr = LSRLinear.from_linear(base, cfg)
+    ref = _Reference(lsr)
+    return {
+        "floor": base,
+        "lsr": lsr,
+        "lsr_compiled": torch.compile(lsr, dynamic=False),
+        "reference": ref,
+        "reference_compiled": torch.compile(ref, dynamic=False),
+        "lora": _LoRA(base, f.q, lsr.scale).to(device),
+    }
+
+
+def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Callable[[], object]:
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return module(x)
+        return run
+
+    def run():
+        x.grad = None
+        module(x).backward(g)
+    return run
+
+
+def bench_shape(shape: LSRShape, modes=("forward", "forward+backward"), device="cpu", rounds=15,
+                budget_s=60.0) -> list[dict]:
+    mods = providers(shape, device)
+    f = shape.factors
+    x = torch.randn(shape.tokens, f.d_in, device=device, dtype=shape.dtype)
+    g = torch.randn(shape.tokens, f.d_out, device=device, dtype=shape.dtype)
+    rows = []
+    for mode in modes:
+        xin = x.detach().clone().requires_grad_(mode != "forward")
+        calls = {name: _step(m, xin, g, mode) for name, m in mods.items()}
+        times = measure(calls, device, warmup=3, rounds=rounds, budget_s=budget_s)
+        floor = median(times["floor"])
+        for name, t in times.items():
+            ts = sorted(t)
+            rows.append({
+                "shape": shape.label(), "tokens": shape.tokens, "d_in": f.d_in, "d_out": f.d_out, "s": f.s,
+                "r1": f.r1, "r2": f.r2, "dtype": dtype_name(shape.dtype), "mode": mode, "provider": name,
+                "p50_ms": round(median(t), 4), "p20_ms": round(ts[len(ts) // 5], 4),
+                "p80_ms": round(ts[min(len(ts) - 1, (4 * len(ts)) // 5)], 4),
+                "ratio_to_floor": round(median(t) / floor, 4), "rounds": len(t),
+            })
+    return rows
+
+
+def run(shapes: Iterable[LSRShape], out: Path, device="cpu", rounds=15, budget_s=60.0, progress=True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    meta = {"device": device_id(device), "device_info": device_info(device), "versions": logs.library_versions(),
+            "git": _git_rev(), "threads": torch.get_num_threads(),
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    rows = []
+    shapes = list(shapes)
+    for shape in tqdm(shapes, desc="bench", disable=not progress):
+        rows += [r | meta for r in bench_shape(shape, device=device, rounds=rounds, budget_s=budget_s)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, sort_keys=True) + "\n")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Ratios per (shape, mode): each provider's median over the frozen Linear's, and LoRA/LSR, ref/LSR."""
+    keys = sorted({(r["d_out"], r["d_in"], r["tokens"], r["mode"]) for r in rows})
+    head = ("| shape (d_out x d_in, N) | mode | floor ms | LSR/floor | LSR compiled/floor | ref eager/LSR "
+            "| ref compiled/LSR compiled | LoRA/LSR |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for d_out, d_in, n, mode in keys:
+        p = {r["provider"]: r["p50_ms"] for r in rows
+             if (r["d_out"], r["d_in"], r["tokens"], r["mode"]) == (d_out, d_in, n, mode)}
+        lines.append(f"| {d_out}x{d_in}, {n} | {mode} | {p['floor']:.3f} | {p['lsr'] / p['floor']:.3f} | "
+                     f"{p['lsr_compiled'] / p['floor']:.3f} | {p['reference'] / p['lsr']:.3f} | "
+                     f"{p['reference_compiled'] / p['lsr_compiled']:.3f} | {p['lora'] / p['lsr']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sub = [r for r in rows if r["mode"] == mode]
+        labels = sorted({(r["d_out"], r["d_in"], r["tokens"]) for r in sub})
+        width = 0.8 / len(PROVIDERS)
+        for i, prov in enumerate(PROVIDERS):
+            vals = [next((r["ratio_to_floor"] for r in sub if r["provider"] == prov and
+                          (r["d_out"], r["d_in"], r["tokens"]) == lab), math.nan) for lab in labels]
+            ax.bar([j + i * width for j in range(len(labels))], vals, width, label=prov)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 for j in range(len(labels))], [f"{a}x{b}\nN={n}" for a, b, n in labels], fontsize=7)
+        ax.set_ylabel("time / frozen Linear")
+        ax.set_title(f"{mode} ({rows[0]['device']})")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

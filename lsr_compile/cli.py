@@ -1,0 +1,95 @@
+"""lsr-compile tune | bench | explain | logs | demo"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _shape_args(p):
+    p.add_argument("--d-in", type=int, default=768)
+    p.add_argument("--d-out", type=int, default=768)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("-s", type=int, default=4)
+    p.add_argument("-r", type=int, nargs="+", default=[2, 4], help="r, or r1 r2")
+    p.add_argument("--dtype", default="float32")
+
+
+def _shape(a):
+    from .problem import LSRShape
+
+    return LSRShape(a.tokens, a.d_in, a.d_out, s=a.s, r=tuple(a.r) if len(a.r) == 2 else a.r[0], dtype=a.dtype)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lsr-compile", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tune", help="tune shapes and append winners to the tuning logs")
+    t.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    t.add_argument("--set", choices=["demo", "bench", "gpu", "one"], default="demo",
+                   help="which shape list (lsr_compile.workloads); 'one' = the --d-in/--d-out/... shape")
+    t.add_argument("--trials", type=int, default=None)
+    t.add_argument("--budget", type=float, default=None, help="seconds for the whole call")
+    t.add_argument("--log-dir", type=Path, default=None)
+    _shape_args(t)
+    b = sub.add_parser("bench", help="side-by-side benchmark table + plot")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--out", type=Path, default=Path("results"))
+    b.add_argument("--rounds", type=int, default=15)
+    e = sub.add_parser("explain", help="which kernel runs for a shape, and why")
+    _shape_args(e)
+    lg = sub.add_parser("logs", help="list this machine's tuning records")
+    lg.add_argument("--log-dir", type=Path, default=None)
+    d = sub.add_parser("demo", help="the main job: tune defaults, run a compiled LSR transformer")
+    d.add_argument("--retune", action="store_true")
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--seq", type=int, default=64)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from . import dispatch, workloads
+    from .tuning import tune
+
+    if a.cmd == "tune":
+        shapes = {"demo": workloads.demo_shapes, "bench": workloads.bench_shapes, "gpu": workloads.gpu_shapes,
+                  "one": lambda: [_shape(a)]}[a.set]()
+        recs = tune(shapes, target=a.target, log_dir=a.log_dir, trials=a.trials, time_budget_s=a.budget)
+        for r in recs:
+            print(f"{r['key']['op']:8s} N={r['tokens']:5d} {r['key']['m1'] * r['key']['m2']}x"
+                  f"{r['key']['n1'] * r['key']['n2']}: {r['backend']}:{r['variant']} {r['config']} "
+                  f"{r['time_ms']:.3f} ms = {r['time_ms'] / r['floor_ms']:.3f}x floor")
+    elif a.cmd == "bench":
+        from . import bench
+        from .tuning.device import device_id
+
+        shapes = workloads.bench_shapes(quick=a.quick)
+        stem = a.out / f"bench-llvm-{device_id('cpu')}"
+        rows = bench.run(shapes, stem.with_suffix(".jsonl"), rounds=a.rounds)
+        print(bench.table(rows))
+        png = bench.plot(rows, stem.with_suffix(".png"))
+        print(f"\nrows: {stem.with_suffix('.jsonl')}" + (f"; plot: {png}" if png else ""))
+    elif a.cmd == "explain":
+        print(dispatch.explain(_shape(a)))
+    elif a.cmd == "logs":
+        from .tuning.device import device_id
+
+        if a.log_dir:
+            dispatch.load_logs(a.log_dir)
+        recs = dispatch.records("llvm", device_id("cpu"))
+        print(f"{len(recs)} records for llvm/{device_id('cpu')}")
+        for key, r in sorted(recs.items(), key=lambda kv: str(kv[0])):
+            print(f"  {key.op:8s} {key.dtype} N<={key.tokens:5d} {key.m1 * key.m2}x{key.n1 * key.n2} s={key.s} "
+                  f"r=({key.r1},{key.r2}) -> {r.backend}:{r.variant} {json.dumps(r.config)} ({r.source})")
+    elif a.cmd == "demo":
+        from .demo import main as demo_main
+
+        demo_main(batch=a.batch, seq=a.seq, retune=a.retune)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

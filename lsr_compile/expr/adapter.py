@@ -1,0 +1,152 @@
+"""TVM tensor expressions of the LSR adapter, forward and backward (SPEC §2).
+
+The base GEMM ``x Wᵀ`` (and ``dy W``) stays with the vendor BLAS: on these CPUs a
+TVM GEMM measured 4x slower than oneDNN at 768² (2 threads). The expressions
+below compute everything else and add it into the base GEMM's output in place,
+so x and y each cross memory once more, not three times as in the eager
+reference. The token count ``n`` is symbolic: one kernel serves every N.
+
+Reductions over a contiguous axis are written in two stages (``*_part`` with a
+spatial lane axis, then a short sum over lanes) so that schedules can vectorise
+them: an rfactor done in the expression, which also keeps them TE-only.
+
+Argument order of each PrimFunc is given by ``Expression.args``; a tensor named
+``*_io`` is the base GEMM's output, and the caller passes it again as the
+output, so the adapter is added in place. Blocks named ``*_acc`` hold a
+per-row partial result that schedules compute at the consumer's row loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from tvm import te
+
+from ..config import FactorShapes
+
+LANES = 16  # rfactor lanes: one AVX-512 float32 vector; 16 divides every d this project factors as n1*n2 >= 16
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A named TE program: ``build(shapes, dtype)`` -> list of placeholders/vars/outputs, in call order."""
+
+    name: str
+    op: str
+    args: tuple[str, ...]
+    build: Callable[[FactorShapes, str], list]
+    doc: str
+
+
+def _lanes(d: int) -> int:
+    return LANES if d % LANES == 0 else 1
+
+
+def _dot_rows(name, X, M, n, rows, d, dtype):
+    """``out[i, a] = Σ_k X[i, k] · M[a, k]`` (both contiguous in k), reduced in two vectorisable stages."""
+    L = _lanes(d)
+    ko = te.reduce_axis((0, d // L), name=f"{name}_ko")
+    part = te.compute((n, rows, L), lambda i, a, v: te.sum(X[i, ko * L + v] * M[a, ko * L + v], axis=ko),
+                      name=f"{name}_part")
+    lv = te.reduce_axis((0, L), name=f"{name}_lane")
+    return te.compute((n, rows), lambda i, a: te.sum(part[i, a, lv], axis=lv), name=name)
+
+
+def forward_adapter(f: FactorShapes, dtype: str):
+    """``y_io += scale · (x Aᵀ) Bᵀ`` with A (q, d_in) and Bᵀ (q, d_out) materialised by the caller."""
+    n = te.var("n", "int64")
+    x = te.placeholder((n, f.d_in), dtype, name="x")
+    A = te.placeholder((f.q, f.d_in), dtype, name="A")
+    Bt = te.placeholder((f.q, f.d_out), dtype, name="Bt")
+    y_io = te.placeholder((n, f.d_out), dtype, name="y_io")
+    scale = te.var("scale", dtype)
+    t = _dot_rows("t", x, A, n, f.q, f.d_in, dtype)
+    a = te.reduce_axis((0, f.q), name="a")
+    acc = te.compute((n, f.d_out), lambda i, j: te.sum(t[i, a] * Bt[a, j], axis=a), name="y_acc")
+    y = te.compute((n, f.d_out), lambda i, j: y_io[i, j] + scale * acc[i, j], name="y")
+    return [x, A, Bt, scale, y_io, y]
+
+
+def forward_kron(f: FactorShapes, dtype: str):
+    """``y_io += scale · adapter(x)`` contracting the Kronecker modes directly; A and B are never formed."""
+    n = te.var("n", "int64")
+    x = te.placeholder((n, f.d_in), dtype, name="x")
+    A1 = te.placeholder((f.s, f.r1, f.n1), dtype, name="A1")
+    A2 = te.placeholder((f.s, f.r2, f.n2), dtype, name="A2")
+    B1 = te.placeholder((f.s, f.m1, f.r1), dtype, name="B1")
+    B2 = te.placeholder((f.s, f.m2, f.r2), dtype, name="B2")
+    y_io = te.placeholder((n, f.d_out), dtype, name="y_io")
+    scale = te.var("scale", dtype)
+    j = te.reduce_axis((0, f.n2), name="j")
+    u = te.compute((f.s, n, f.n1, f.r2), lambda l, i, p, b: te.sum(x[i, p * f.n2 + j] * A2[l, b, j], axis=j),
+                   name="u")
+    l1, p1 = te.reduce_axis((0, f.s), name="l1"), te.reduce_axis((0, f.n1), name="p1")
+    t = te.compute((n, f.r1, f.r2), lambda i, a, b: te.sum(u[l1, i, p1, b] * A1[l1, a, p1], axis=[l1, p1]),
+                   name="t")
+    a2 = te.reduce_axis((0, f.r1), name="a2")
+    w = te.compute((f.s, n, f.m1, f.r2), lambda l, i, c, b: te.sum(B1[l, c, a2] * t[i, a2, b], axis=a2), name="w")
+    l3, b3 = te.reduce_axis((0, f.s), name="l3"), te.reduce_axis((0, f.r2), name="b3")
+    acc = te.compute((n, f.d_out), lambda i, o: te.sum(
+        w[l3, i, o // f.m2, b3] * B2[l3, o % f.m2, b3], axis=[l3, b3]), name="y_acc")
+    y = te.compute((n, f.d_out), lambda i, o: y_io[i, o] + scale * acc[i, o], name="y")
+    return [x, A1, A2, B1, B2, scale, y_io, y]
+
+
+def _project(f: FactorShapes, dA, dB, A1, A2, B1, B2):
+    """Factor gradients from full-factor ones: e.g. ``dA1[l,a,i] = Σ_{b,j} dA[a·r2+b, i·n2+j] · A2[l,b,j]``."""
+    b, j = te.reduce_axis((0, f.r2), name="pb"), te.reduce_axis((0, f.n2), name="pj")
+    dA1 = te.compute((f.s, f.r1, f.n1), lambda l, a, i: te.sum(
+        dA[a * f.r2 + b, i * f.n2 + j] * A2[l, b, j], axis=[b, j]), name="dA1")
+    a, i = te.reduce_axis((0, f.r1), name="pa"), te.reduce_axis((0, f.n1), name="pi")
+    dA2 = te.compute((f.s, f.r2, f.n2), lambda l, b, j: te.sum(
+        dA[a * f.r2 + b, i * f.n2 + j] * A1[l, a, i], axis=[a, i]), name="dA2")
+    # dB is stored transposed, dBt (q, d_out): dBt[a·r2+b, c·m2+d] = dB_full[c·m2+d, a·r2+b]
+    d, b2 = te.reduce_axis((0, f.m2), name="pd"), te.reduce_axis((0, f.r2), name="pb2")
+    dB1 = te.compute((f.s, f.m1, f.r1), lambda l, c, a: te.sum(
+        dB[a * f.r2 + b2, c * f.m2 + d] * B2[l, d, b2], axis=[d, b2]), name="dB1")
+    c, a3 = te.reduce_axis((0, f.m1), name="pc"), te.reduce_axis((0, f.r1), name="pa3")
+    dB2 = te.compute((f.s, f.m2, f.r2), lambda l, d, b: te.sum(
+        dB[a3 * f.r2 + b, c * f.m2 + d] * B1[l, c, a3], axis=[c, a3]), name="dB2")
+    return dA1, dA2, dB1, dB2
+
+
+def backward_adapter(f: FactorShapes, dtype: str):
+    """Adapter part of the backward, token path; ``dx_io`` holds ``dy W`` (vendor GEMM) on entry.
+
+    u = dy B; t = x Aᵀ; dx += scale·u A; dA = scale·uᵀ x; dBᵀ = scale·tᵀ dy; then the projections.
+    """
+    n = te.var("n", "int64")
+    dy = te.placeholder((n, f.d_out), dtype, name="dy")
+    x = te.placeholder((n, f.d_in), dtype, name="x")
+    A = te.placeholder((f.q, f.d_in), dtype, name="A")
+    Bt = te.placeholder((f.q, f.d_out), dtype, name="Bt")
+    A1 = te.placeholder((f.s, f.r1, f.n1), dtype, name="A1")
+    A2 = te.placeholder((f.s, f.r2, f.n2), dtype, name="A2")
+    B1 = te.placeholder((f.s, f.m1, f.r1), dtype, name="B1")
+    B2 = te.placeholder((f.s, f.m2, f.r2), dtype, name="B2")
+    dx_io = te.placeholder((n, f.d_in), dtype, name="dx_io")
+    scale = te.var("scale", dtype)
+    u = _dot_rows("u", dy, Bt, n, f.q, f.d_out, dtype)
+    t = _dot_rows("t", x, A, n, f.q, f.d_in, dtype)
+    su = te.compute((n, f.q), lambda i, a: scale * u[i, a], name="su")
+    st = te.compute((n, f.q), lambda i, a: scale * t[i, a], name="st")
+    a = te.reduce_axis((0, f.q), name="a")
+    acc = te.compute((n, f.d_in), lambda i, k: te.sum(su[i, a] * A[a, k], axis=a), name="dx_acc")
+    dx = te.compute((n, f.d_in), lambda i, k: dx_io[i, k] + acc[i, k], name="dx")
+    i1 = te.reduce_axis((0, n), name="i1")
+    dA = te.compute((f.q, f.d_in), lambda a, k: te.sum(su[i1, a] * x[i1, k], axis=i1), name="dA")
+    i2 = te.reduce_axis((0, n), name="i2")
+    dBt = te.compute((f.q, f.d_out), lambda a, j: te.sum(st[i2, a] * dy[i2, j], axis=i2), name="dBt")
+    return [dy, x, A, Bt, A1, A2, B1, B2, scale, dx_io, dx, *_project(f, dA, dBt, A1, A2, B1, B2)]
+
+
+EXPRESSIONS = {
+    ("forward", "adapter"): Expression("adapter", "forward", ("x", "A", "Bt", "scale", "y_io", "y"),
+                                       forward_adapter, forward_adapter.__doc__),
+    ("forward", "kron"): Expression("kron", "forward", ("x", "A1", "A2", "B1", "B2", "scale", "y_io", "y"),
+                                    forward_kron, forward_kron.__doc__),
+    ("backward", "adapter"): Expression(
+        "adapter", "backward",
+        ("dy", "x", "A", "Bt", "A1", "A2", "B1", "B2", "scale", "dx_io", "dx", "dA1", "dA2", "dB1", "dB2"),
+        backward_adapter, backward_adapter.__doc__),
+}

@@ -1,0 +1,120 @@
+"""Apply a config (a point of a schedules/ space) to a TVM PrimFunc: llvm by a generic rule, cuda by dlight."""
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+
+_SPATIAL, _REDUCE = 0, 2  # tirx.IterVar iter types
+
+
+def _is_static(extent) -> bool:
+    return isinstance(extent, tvm.tirx.IntImm)
+
+
+def schedule_llvm(func, cfg: dict) -> s_tir.Schedule:
+    """Every block: parallel over tokens (or the widest static axis), reductions outside one
+    vectorised contiguous axis, auto-unroll. Knobs: ``vec``, ``rows``, ``unroll``."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    rows_of = {}
+    for name, block in zip(names, blocks):
+        if not name.endswith("_acc"):
+            rows_of[name] = _schedule_block(sch, block, cfg)
+    for name, block in zip(names, blocks):
+        if name.endswith("_acc"):
+            _schedule_acc(sch, block, rows_of.get(name[: -len("_acc")]), cfg)
+    return sch
+
+
+def _schedule_acc(sch, block, row_loop, cfg):
+    """A per-row partial sum: computed inside the consumer's row loop, reduction outside the vector axis."""
+    if row_loop is None:
+        _schedule_block(sch, block, cfg)
+        return
+    sch.compute_at(block, row_loop)
+    loops = sch.get_loops(block)
+    row_stmt = sch.get(row_loop)
+    own = loops[[i for i, lp in enumerate(loops) if sch.get(lp).same_as(row_stmt)][0] + 1:]
+    ivs = list(sch.get(block).iter_vars)
+    ivs = ivs[len(ivs) - len(own):]  # the row axis has extent 1 under the row loop and may be gone
+    spatial = [lp for lp, iv in zip(own, ivs) if iv.iter_type == _SPATIAL]
+    reduce = [lp for lp, iv in zip(own, ivs) if iv.iter_type == _REDUCE]
+    if not spatial or not reduce:
+        return
+    inner = spatial[-1]
+    vec = int(cfg.get("vec", 16))
+    ext = sch.get(inner).extent
+    if _is_static(ext) and ext.value % vec == 0 and ext.value >= vec:
+        outer, v = sch.split(inner, [None, vec])
+        sch.reorder(outer, *reduce, v)
+        sch.vectorize(v)
+    sch.decompose_reduction(block, reduce[0])
+
+
+def _schedule_block(sch, block, cfg):
+    vec, rows, unroll = int(cfg.get("vec", 16)), int(cfg.get("rows", 32)), int(cfg.get("unroll", 0))
+    loops = sch.get_loops(block)
+    ivs = sch.get(block).iter_vars
+    if len(loops) != len(ivs):
+        return None
+    spatial = [lp for lp, iv in zip(loops, ivs) if iv.iter_type == _SPATIAL]
+    reduce = [lp for lp, iv in zip(loops, ivs) if iv.iter_type == _REDUCE]
+    if not spatial:
+        return None
+    extents = [sch.get(lp).extent for lp in spatial]
+    inner = spatial[-1]
+    vec_loop = None
+    if _is_static(extents[-1]) and extents[-1].value % vec == 0 and extents[-1].value >= vec and len(spatial) > 1:
+        inner, vec_loop = sch.split(spatial[-1], [None, vec])
+    others = spatial[:-1] if len(spatial) > 1 else []
+    token = [lp for lp, e in zip(spatial, extents) if not _is_static(e)]
+    if token:
+        par_src = token[0]
+        po, pi = sch.split(par_src, [None, rows])
+        rest = [lp for lp in others if lp != par_src]
+        order = [po, pi] + rest + ([inner] if vec_loop is not None or not others else []) + reduce
+    else:
+        po = others[0] if others else inner
+        pi = None
+        rest = [lp for lp in others[1:]] + ([inner] if others else [])
+        order = [po] + rest + reduce
+    if vec_loop is not None:
+        order.append(vec_loop)
+    elif not token and others:
+        pass
+    order = [lp for lp in order if lp is not None]
+    if len(order) > 1:
+        sch.reorder(*order)
+    sch.parallel(po)
+    if vec_loop is not None:
+        sch.vectorize(vec_loop)
+    if unroll:
+        sch.annotate(po, "pragma_auto_unroll_max_step", unroll)
+        sch.annotate(po, "pragma_unroll_explicit", 1)
+    if reduce:
+        sch.decompose_reduction(block, reduce[0])
+    return pi
+
+
+def schedule_cuda(func, cfg: dict) -> tvm.IRModule:
+    """One thread per output element of every block: spatial loops fused and bound to
+    (blockIdx.x, threadIdx.x), reductions sequential in the thread. Knobs: ``threads``, ``unroll``.
+
+    dlight's default GPU rules were tried first and reject these functions (the
+    lane-split reductions and the reductions over the symbolic token count).
+    """
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    threads, unroll = int(cfg.get("threads", 128)), int(cfg.get("unroll", 0))
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(block)
+        ivs = sch.get(block).iter_vars
+        spatial = [lp for lp, iv in zip(loops, ivs) if iv.iter_type == _SPATIAL]
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        bx, tx = sch.split(fused, [None, threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        if unroll:
+            sch.annotate(bx, "pragma_auto_unroll_max_step", unroll)
+            sch.annotate(bx, "pragma_unroll_explicit", 1)
+    return sch.mod

@@ -1,0 +1,34 @@
+"""Read the schedule spaces in ``schedules/`` (data, one JSON file per target)."""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from pathlib import Path
+
+SCHEDULE_DIR = Path(__file__).resolve().parent.parent / "schedules"
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str) -> dict:
+    path = SCHEDULE_DIR / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"no schedule space {path}; known: {sorted(p.stem for p in SCHEDULE_DIR.glob('*.json'))}")
+    return json.loads(path.read_text())
+
+
+def variants(name: str, op: str) -> list[str]:
+    return sorted(load(name).get(op, {}))
+
+
+def default(name: str, op: str, variant: str) -> dict:
+    return dict(load(name)[op][variant]["default"])
+
+
+def space(name: str, op: str, variant: str) -> list[dict]:
+    """Every point of the grid, the default first."""
+    entry = load(name)[op][variant]
+    knobs = entry["space"]
+    points = [dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())]
+    d = entry["default"]
+    return [d] + [p for p in points if p != d]

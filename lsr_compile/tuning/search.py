@@ -1,0 +1,202 @@
+"""tune(): build every candidate kernel, reject wrong ones, time the rest side by side, record the winner."""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .. import dispatch, kernels, logs, reference
+from ..problem import OPS, LSRShape, ProblemKey
+from .device import device_id, device_info
+from .timing import measure, median
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"llvm": "cpu", "cuda": "cuda"}
+DEFAULT_BUDGET_S = 150.0  # per (shape, op) job: SPEC §4 allows 3 minutes of CPU tuning per shape
+CHECK_TOKENS = 259  # correctness is checked on this many rows (ragged on purpose); kernels are generic in N
+TOL = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 3e-3}
+
+
+class TuningError(ValueError):
+    """Bad arguments to tune()."""
+
+
+def shapes_of(model: nn.Module, tokens: Iterable[int], dtype=None) -> list[LSRShape]:
+    """One LSRShape per distinct LSR layer shape in ``model`` and token count."""
+    from ..nn import lsr_layers
+
+    seen = {}
+    for layer in lsr_layers(model).values():
+        f = layer.factor_shapes
+        for n in tokens:
+            s = LSRShape(n, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2),
+                         dtype or layer.A1.dtype)
+            seen[(n, f, s.dtype)] = s
+    if not seen:
+        raise TuningError("the model has no LSRLinear layers; wrap it with apply_lsr first")
+    return list(seen.values())
+
+
+def _inputs(shape: LSRShape, tokens: int, device, dtype):
+    f = shape.factors
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh data on every call
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = r(tokens, f.d_in)
+    W = r(f.d_out, f.d_in) / math.sqrt(f.d_in)
+    b = r(f.d_out)
+    factors = [r(*sz) * 0.3 for sz in f.factor_sizes().values()]
+    dy = r(tokens, f.d_out)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return dict(x=cast(x), W=cast(W), b=cast(b), factors=[cast(t) for t in factors], dy=cast(dy),
+                ref=(x, W, b, factors, dy))
+
+
+def _call(op, fn, d, scale):
+    if op == "forward":
+        return lambda: fn(d["x"], d["W"], d["b"], *d["factors"], scale)
+    return lambda: fn(d["dy"], d["x"], d["W"], *d["factors"], scale, True)
+
+
+def _expected(op, d, scale):
+    x, W, b, factors, dy = d["ref"]
+    if op == "forward":
+        return [reference.lsr_linear(x, W, b, *factors, scale)]
+    x = x.clone().requires_grad_(True)
+    fs = [t.clone().requires_grad_(True) for t in factors]
+    reference.lsr_linear(x, W, b, *fs, scale).backward(dy)
+    return [x.grad] + [t.grad for t in fs]
+
+
+def _check(op, out, want, dtype) -> Optional[str]:
+    got = [out] if op == "forward" else list(out)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = g.double().cpu()
+        err = (g - w).abs().max().item() / max(1.0, w.abs().max().item())
+        if not math.isfinite(err) or err > TOL[dtype]:
+            return f"output {i} off by {err:.3g} (relative to max |ref|; tolerance {TOL[dtype]})"
+    return None
+
+
+def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progress: bool) -> Optional[dict]:
+    from tqdm.auto import tqdm
+
+    key = shape.key(op)
+    dtype = key.dtype
+    scale = 0.7
+    cands = kernels.candidates(target, op, key, trials)
+    started = time.perf_counter()
+    check = _inputs(shape, min(shape.tokens, CHECK_TOKENS), device, shape.dtype)
+    want = _expected(op, check, scale)
+    bench = _inputs(shape, shape.tokens, device, shape.dtype)
+    built, rejected = {}, {}
+    bar = tqdm(total=len(cands), desc=f"{op:8s} {shape.label()}", disable=not progress, leave=True)
+    for backend, variant, config in cands:
+        name = _name(backend, variant, config)
+        bar.update(1)
+        if built and time.perf_counter() - started > budget_s / 2:
+            rejected[name] = "skipped: time budget"
+            continue
+        try:
+            fn = kernels.build(backend, op, variant, config, key, torch.device(device))
+            problem = _check(op, _call(op, fn, check, scale)(), want, dtype)
+        except Exception as e:  # a candidate that does not build or run is reported, never recorded
+            problem = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if problem:
+            rejected[name] = problem
+            log.warning("tune: rejected %s for %s: %s", name, key, problem)
+        else:
+            built[name] = (backend, variant, config, fn)
+    bar.close()
+    if not built:
+        warnings.warn(f"tune: no correct candidate for {op} {shape.label()}: {rejected}", RuntimeWarning)
+        return None
+    # the frozen layer alone is timed in the same rounds, so records carry their ratio to the floor
+    floor_fn = (lambda: torch.nn.functional.linear(bench["x"], bench["W"], bench["b"])) if op == "forward" else \
+        (lambda: bench["dy"] @ bench["W"])
+    calls = {n: _call(op, c[3], bench, scale) for n, c in built.items()} | {"floor": floor_fn}
+    left = max(budget_s - (time.perf_counter() - started), 1.0)
+    times = measure(calls, device, rounds=30, budget_s=left)
+    med = {n: median(t) for n, t in times.items()}
+    winner = min(built, key=lambda n: med[n])
+    backend, variant, config, _ = built[winner]
+    return {
+        "schema": logs.SCHEMA,
+        "target": target,
+        "device": device_info(device) | {"id": device_id(device)},
+        "versions": logs.library_versions(),
+        "key": key.as_dict(),
+        "tokens": shape.tokens,
+        "backend": backend,
+        "variant": variant,
+        "config": config,
+        "time_ms": round(med[winner], 4),
+        "floor_ms": round(med["floor"], 4),
+        "candidates_ms": {n: round(med[n], 4) for n in sorted(built, key=lambda n: med[n])},
+        "rejected": rejected,
+        "rounds": len(times["floor"]),
+        "tune_s": round(time.perf_counter() - started, 1),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _name(backend, variant, config) -> str:
+    cfg = ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+    return f"{backend}:{variant}" + (f"[{cfg}]" if cfg else "")
+
+
+def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "llvm",
+         log_dir: Union[str, Path, None] = None, trials: Optional[int] = None,
+         time_budget_s: Optional[float] = None, ops: Iterable[str] = OPS, tokens: Iterable[int] = (2048,),
+         progress: bool = True) -> list[dict]:
+    """Tune each shape and op on ``target`` ("llvm" = this CPU, "cuda" = this GPU) and append the winners
+    to ``log_dir`` (default: the project's ``tuning_logs/``). Returns the records written.
+
+    ``shapes``: LSRShapes, or a model with LSR layers (then ``tokens`` gives the token counts).
+    ``trials``: at most this many compiled-kernel configs per (shape, op) besides the PyTorch formulations.
+    ``time_budget_s``: for the whole call (default 150 s per shape and op).
+    On a machine without a GPU, ``target="cuda"`` builds the CUDA kernels (nvcc) but records nothing.
+    """
+    if target not in TARGETS:
+        raise TuningError(f"unknown target {target!r}; choose one of {sorted(TARGETS)}")
+    if isinstance(shapes, nn.Module):
+        shapes = shapes_of(shapes, tokens)
+    elif isinstance(shapes, LSRShape):
+        shapes = [shapes]
+    shapes = list(shapes)
+    if not shapes or not all(isinstance(s, LSRShape) for s in shapes):
+        raise TuningError("shapes must be LSRShape objects (or a model with LSR layers)")
+    ops = tuple(ops)
+    if any(op not in OPS for op in ops):
+        raise TuningError(f"ops must be among {OPS}, got {ops}")
+    if target == "cuda" and not torch.cuda.is_available():
+        from ..kernels.cuda_build import build_cuda_sources
+
+        reports = build_cuda_sources(shapes, ops)
+        warnings.warn(f"tune(target='cuda'): no GPU here, so nothing was timed or recorded; "
+                      f"{len(reports)} CUDA kernels generated and compiled with nvcc", RuntimeWarning)
+        return []
+    device = TARGETS[target]
+    log_dir = Path(log_dir) if log_dir is not None else logs.PROJECT_LOG_DIR
+    jobs = [(s, op) for s in shapes for op in ops]
+    budget = (time_budget_s / len(jobs)) if time_budget_s else DEFAULT_BUDGET_S
+    written = []
+    for shape, op in jobs:
+        rec = _job(shape, op, target, device, trials, budget, progress)
+        if rec is None:
+            continue
+        logs.append(logs.log_path(log_dir, target, rec["device"]["id"], op), rec)
+        written.append(rec)
+        log.info("tune: %s %s -> %s:%s %.3g ms (floor %.3g ms)", op, shape.label(), rec["backend"],
+                 rec["variant"], rec["time_ms"], rec["floor_ms"])
+    if log_dir.resolve() != logs.PROJECT_LOG_DIR.resolve():
+        dispatch.load_logs(log_dir)
+    dispatch.invalidate()
+    return written

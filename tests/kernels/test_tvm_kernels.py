@@ -1,0 +1,73 @@
+"""Every TVM expression, scheduled for llvm at several points of its space, against the reference."""
+import pytest
+import torch
+
+from lsr_compile import reference, schedules
+from lsr_compile.kernels import tvm_kernels
+from lsr_compile.problem import ProblemKey, token_bucket
+
+from conftest import make_layer_inputs
+
+CPU = torch.device("cpu")
+# (s, r1, r2, n1, n2, m1, m2): square with 16-lane rfactor, rectangular/odd (no lanes), tall
+DIMS = [(2, 2, 4, 8, 6, 8, 6), (3, 2, 3, 6, 7, 5, 9), (1, 1, 2, 4, 8, 16, 12)]
+
+
+def _points(op, variant):
+    space = schedules.space("llvm", op, variant)
+    return [space[0], space[len(space) // 2], space[-1]]
+
+
+def _ref_backward(x, W, b, factors, g, scale):
+    xs = x.detach().double().requires_grad_(True)
+    fs = [f.detach().double().requires_grad_(True) for f in factors]
+    reference.lsr_linear(xs, W.double(), b.double(), *fs, scale).backward(g.double())
+    return [xs.grad] + [f.grad for f in fs]
+
+
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("variant", schedules.variants("llvm", "forward"))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_forward_expressions(dims, variant, dtype, tol):
+    for N in (1, 37):
+        x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype)
+        key = ProblemKey("forward", str(dtype)[6:], token_bucket(N), *dims)
+        want = reference.lsr_linear(x.double(), W.double(), b.double(), *[f.double() for f in factors], 0.7)
+        for cfg in _points("forward", variant):
+            got = tvm_kernels.build("forward", variant, cfg, key, CPU)(x, W, b, *factors, 0.7)
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=f"{variant} {cfg}")
+
+
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_backward_expression(dims, need_dx):
+    N = 45
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=torch.float64)
+    g = torch.randn(N, dims[5] * dims[6], dtype=torch.float64)
+    want = _ref_backward(x, W, b, factors, g, 1.3)
+    key = ProblemKey("backward", "float64", token_bucket(N), *dims)
+    for cfg in _points("backward", "adapter"):
+        dx, *df = tvm_kernels.build("backward", "adapter", cfg, key, CPU)(g, x, W, *factors, 1.3, need_dx)
+        if need_dx:
+            torch.testing.assert_close(dx, want[0])
+        else:
+            assert dx is None
+        for got, w in zip(df, want[1:]):
+            torch.testing.assert_close(got, w)
+
+
+def test_one_kernel_serves_every_token_count():
+    dims = DIMS[0]
+    key = ProblemKey("forward", "float32", 64, *dims)
+    fn = tvm_kernels.build("forward", "adapter", schedules.default("llvm", "forward", "adapter"), key, CPU)
+    for N in (3, 64, 200):  # different buckets, same compiled function (symbolic n)
+        x, W, b, factors = make_layer_inputs(N, *dims)
+        torch.testing.assert_close(fn(x, W, b, *factors, 0.5), reference.lsr_linear(x, W, b, *factors, 0.5),
+                                   atol=1e-4, rtol=1e-4)
+    assert tvm_kernels._compiled.cache_info().currsize >= 1
+
+
+def test_unsupported_dtype_is_refused_clearly():
+    key = ProblemKey("forward", "bfloat16", 64, *DIMS[0])
+    with pytest.raises(ValueError, match="TVM kernels support"):
+        tvm_kernels.build("forward", "adapter", {"vec": 16, "rows": 16, "unroll": 0}, key, CPU)

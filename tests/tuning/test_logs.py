@@ -1,0 +1,59 @@
+"""Tuning logs: round trip, bad lines skipped with a warning, concurrent appends lose nothing."""
+import json
+import multiprocessing as mp
+
+import pytest
+
+from lsr_compile import logs
+from lsr_compile.problem import ProblemKey
+
+DEV = "test-cpu-avx2-2t"
+
+
+def _record(op="forward", tokens=64, backend="torch", variant="fold", device=DEV, **kw):
+    key = ProblemKey(op, "float32", tokens, 2, 2, 2, 4, 6, 5, 3)
+    return {"schema": logs.SCHEMA, "device": {"id": device}, "versions": logs.library_versions(),
+            "key": key.as_dict(), "backend": backend, "variant": variant, "config": {}, "time_ms": 1.0} | kw
+
+
+def test_round_trip_and_last_record_wins(tmp_path):
+    path = logs.log_path(tmp_path, "llvm", DEV, "forward")
+    logs.append(path, _record(variant="materialise"))
+    logs.append(path, _record(variant="fold"))
+    recs = logs.read(logs.files_for([tmp_path], "llvm", DEV), DEV)
+    assert len(recs) == 1 and next(iter(recs.values())).variant == "fold"
+    assert next(iter(recs.values())).source.endswith("forward.jsonl:2")
+
+
+@pytest.mark.parametrize("line,match", [
+    ("{not json", "corrupt"),
+    (json.dumps(_record() | {"schema": 99}), "corrupt"),
+    (json.dumps(_record(backend="cuDNN")), "corrupt"),
+    (json.dumps({k: v for k, v in _record().items() if k != "key"}), "corrupt"),
+    (json.dumps(_record(device="other-gpu-sm90")), "record for device"),
+    (json.dumps(_record() | {"versions": {"torch": "1.0", "tvm": "0.1", "triton": None}}), "recorded with"),
+])
+def test_bad_lines_are_skipped_with_a_warning_and_good_ones_kept(tmp_path, line, match):
+    path = logs.log_path(tmp_path, "llvm", DEV, "forward")
+    logs.append(path, _record(tokens=128))
+    with open(path, "a") as fh:
+        fh.write(line + "\n")
+    logs.append(path, _record(tokens=256))
+    with pytest.warns(logs.TuningLogWarning, match=match):
+        recs = logs.read([path], DEV)
+    assert sorted(k.tokens for k in recs) == [128, 256]
+
+
+def _writer(args):
+    path, worker, n = args
+    for i in range(n):
+        logs.append(path, _record(tokens=16 * (1 + i), variant=f"w{worker}") | {"pad": "x" * 3000})
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = tmp_path / "llvm" / DEV / "forward.jsonl"
+    with mp.get_context("fork").Pool(4) as pool:
+        pool.map(_writer, [(path, w, 50) for w in range(4)])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 200
+    assert all(json.loads(l)["schema"] == logs.SCHEMA for l in lines)  # no torn or interleaved line

@@ -1,0 +1,89 @@
+"""A tiny real tuning run: candidates checked, the winner recorded, then dispatched."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import lsr_compile as lc
+from lsr_compile import dispatch, logs
+from lsr_compile.tuning import TuningError, tune
+from lsr_compile.tuning.device import device_id
+
+SHAPE = lc.LSRShape(96, 48, 32, s=2, r=(2, 2))
+
+
+@pytest.fixture
+def fresh_dispatch():
+    dispatch.invalidate()
+    extra = list(dispatch._extra_dirs)
+    yield
+    dispatch._extra_dirs[:] = extra
+    dispatch.invalidate()
+
+
+def test_tiny_tuning_run_writes_log_and_winner_is_dispatched(tmp_path, fresh_dispatch):
+    recs = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=2, time_budget_s=20, progress=False)
+    assert [r["key"]["op"] for r in recs] == ["forward", "backward"]
+    for r in recs:
+        assert r["device"]["id"] == device_id("cpu") and r["rejected"] == {}
+        assert r["time_ms"] == min(r["candidates_ms"].values())
+        assert any(n.startswith("tvm:") for n in r["candidates_ms"])  # compiled candidates were timed
+    path = logs.log_path(tmp_path, "llvm", device_id("cpu"), "forward")
+    assert json.loads(path.read_text().splitlines()[-1])["variant"] == recs[0]["variant"]
+    text = lc.explain(SHAPE)
+    assert f"forward  {recs[0]['backend']}:{recs[0]['variant']}" in text and "tuned:" in text
+    layer = lc.LSRLinear(48, 32, config=lc.LSRConfig(s=2, r=2, init="reference"))
+    x = torch.randn(SHAPE.tokens, 48)
+    torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
+                                                                  layer.B1, layer.B2, layer.scale))
+
+
+def test_wrong_candidate_is_rejected_not_recorded(tmp_path, fresh_dispatch, monkeypatch):
+    from lsr_compile import formulations
+
+    def broken(x, weight, bias, A1, A2, B1, B2, scale):
+        return formulations.forward_fold(x, weight, bias, A1, A2, B1, B2, scale) * 1.001
+
+    monkeypatch.setitem(formulations.FORWARDS, "fold", broken)
+    recs = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=0, ops=("forward",), progress=False)
+    assert "torch:fold" in recs[0]["rejected"] and "off by" in recs[0]["rejected"]["torch:fold"]
+    assert recs[0]["variant"] != "fold"
+
+
+def test_a_tvm_record_is_built_and_used(tmp_path, fresh_dispatch):
+    key = SHAPE.key("forward")
+    rec = {"schema": logs.SCHEMA, "device": {"id": device_id("cpu")}, "versions": logs.library_versions(),
+           "key": key.as_dict(), "backend": "tvm", "variant": "adapter",
+           "config": {"vec": 16, "rows": 16, "unroll": 0}, "time_ms": 0.1}
+    logs.append(logs.log_path(tmp_path, "llvm", device_id("cpu"), "forward"), rec)
+    lc.load_logs(tmp_path)
+    assert "forward  tvm:adapter[rows=16, unroll=0, vec=16]" in lc.explain(SHAPE)
+    layer = lc.LSRLinear(48, 32, config=lc.LSRConfig(s=2, r=2, init="reference"))
+    x = torch.randn(SHAPE.tokens, 48)
+    torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
+                                                                  layer.B1, layer.B2, layer.scale))
+    chosen = [c for (op, *_), (fn, c) in dispatch._kernels.items() if op == "forward"]
+    assert chosen and chosen[0].backend == "tvm"
+
+
+def test_corrupt_log_is_ignored_with_warning_and_default_used(tmp_path, fresh_dispatch):
+    path = logs.log_path(tmp_path, "llvm", device_id("cpu"), "forward")
+    path.parent.mkdir(parents=True)
+    path.write_text("garbage\n")
+    with pytest.warns(logs.TuningLogWarning, match="corrupt"):
+        lc.load_logs(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert "default:" in lc.explain(SHAPE)
+
+
+def test_bad_tune_arguments():
+    with pytest.raises(TuningError, match="unknown target 'rocm'"):
+        tune([SHAPE], target="rocm")
+    with pytest.raises(TuningError, match="LSRShape"):
+        tune([(96, 48, 32)])
+    with pytest.raises(TuningError, match="no LSRLinear layers"):
+        tune(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(FileNotFoundError):
+        lc.load_logs("/nonexistent/logs")
