@@ -26,9 +26,12 @@ def default(name: str, op: str, variant: str) -> dict:
 
 
 def space(name: str, op: str, variant: str) -> list[dict]:
-    """Every point of the grid, the default first."""
+    """Every point of the space (a grid of knobs, or a list of points), the default first."""
     entry = load(name)[op][variant]
     knobs = entry["space"]
-    points = [dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())]
+    if isinstance(knobs, list):
+        points = [dict(p) for p in knobs]
+    else:
+        points = [dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())]
     d = entry["default"]
     return [d] + [p for p in points if p != d]

@@ -1,9 +1,11 @@
 import os
 
-import pytest
-import torch
-
+# Triton kernels run on the CPU only in the interpreter, chosen before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,102 @@
+"""The Triton fused kernel in the interpreter (TRITON_INTERPRET=1, set by conftest): values, gradients,
+ragged sizes, bf16, and the compiled model through the lsr op with no graph break."""
+import pytest
+import torch
+import torch._dynamo
+
+import lsr_compile as lc
+from lsr_compile import reference
+from lsr_compile.kernels import triton_fused
+from lsr_compile.problem import ProblemKey, token_bucket
+
+from conftest import make_layer_inputs
+from models import tiny_bert, tokens
+
+pytestmark = pytest.mark.skipif(not triton_fused.INTERPRETED and not torch.cuda.is_available(),
+                                reason="Triton needs a GPU or TRITON_INTERPRET=1")
+
+TOLS = [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 4e-2)]
+# (s, r1, r2, n1, n2, m1, m2): ragged everywhere (d_in 42, d_out 45, q 6), a block multiple, tall/q=1
+DIMS = [(3, 2, 3, 6, 7, 5, 9), (2, 2, 4, 8, 8, 4, 8), (1, 1, 1, 3, 41, 2, 64)]
+
+
+def _rel_close(got, want, tol):
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("dtype,tol", TOLS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward(dims, dtype, tol, bias):
+    N = 37
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, bias=bias)
+    want = reference.lsr_linear(x.double(), W.double(), None if b is None else b.double(),
+                                *[f.double() for f in factors], 0.7)
+    key = ProblemKey("forward", str(dtype)[6:], token_bucket(N), *dims)
+    fn = triton_fused.build("forward", "fused", triton_fused.INTERPRETER_CONFIG, key, torch.device("cpu"))
+    _rel_close(fn(x, W, b, *factors, 0.7), want, tol)
+
+
+@pytest.mark.parametrize("dims", DIMS)
+@pytest.mark.parametrize("dtype,tol", TOLS)
+def test_fused_backward(dims, dtype, tol):
+    N = 29
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype)
+    g = torch.randn(N, dims[5] * dims[6], dtype=torch.float64).to(dtype)
+    xs = x.double().requires_grad_(True)
+    fs = [f.double().requires_grad_(True) for f in factors]
+    reference.lsr_linear(xs, W.double(), b.double(), *fs, 1.3).backward(g.double())
+    key = ProblemKey("backward", str(dtype)[6:], token_bucket(N), *dims)
+    fn = triton_fused.build("backward", "fused", triton_fused.INTERPRETER_CONFIG, key, torch.device("cpu"))
+    got = fn(g, x, W, *factors, 1.3, True)
+    for out, want in zip(got, [xs.grad] + [f.grad for f in fs]):
+        _rel_close(out, want, tol)
+
+
+def test_strided_views_are_read_in_place():
+    a = torch.randn(40, 64, dtype=torch.float64)[:, ::2]  # non-contiguous rows
+    Mt, P, Q = torch.randn(20, 32, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64), \
+        torch.randn(20, 3, dtype=torch.float64)
+    out, t = triton_fused.fused_linear(a, Mt.T.contiguous().T, None, P, Q, 0.5, {}, want_t=True)
+    torch.testing.assert_close(out, a @ Mt.T + 0.5 * (a @ P.T) @ Q.T)
+    torch.testing.assert_close(t, a @ P.T)
+
+
+def test_bad_inputs():
+    a = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="do not chain"):
+        triton_fused.fused_linear(a, torch.randn(5, 9), None, torch.randn(2, 8), torch.randn(5, 2), 1.0, {})
+    with pytest.raises(ValueError, match="supports"):
+        triton_fused.fused_linear(a.int(), torch.randn(5, 8).int(), None, torch.randn(2, 8).int(),
+                                  torch.randn(5, 2).int(), 1.0, {})
+
+
+def test_layer_through_lsr_op_with_triton_backend_values_and_grads():
+    layer = lc.LSRLinear(42, 45, config=lc.LSRConfig(s=3, r=(2, 3), init="reference", alpha=40.0)).double()
+    x = torch.randn(2, 9, 42, dtype=torch.float64, requires_grad=True)
+    with lc.use_backend("triton"):
+        y = layer(x)
+        y.square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in (layer.A1, layer.A2, layer.B1, layer.B2)]
+    x.grad = None
+    for p in (layer.A1, layer.A2, layer.B1, layer.B2):
+        p.grad = None
+    want_y = reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
+    want_y.square().sum().backward()
+    torch.testing.assert_close(y, want_y)
+    for g, w in zip(got, [x.grad] + [p.grad for p in (layer.A1, layer.A2, layer.B1, layer.B2)]):
+        torch.testing.assert_close(g, w)
+
+
+def test_compiled_model_with_triton_backend_has_no_graph_break():
+    model = tiny_bert(layers=1)
+    lc.apply_lsr(model, lc.LSRConfig(s=2, r=2, init="reference"), target_modules=("query", "value"))
+    ids = tokens(2, 8)
+    with lc.use_backend("triton"):
+        explanation = torch._dynamo.explain(model)(input_ids=ids)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(input_ids=ids).logits
+    torch.testing.assert_close(out, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
