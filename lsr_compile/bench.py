@@ -24,7 +24,7 @@ from .problem import LSRShape, dtype_name
 from .tuning.device import device_id, device_info
 from .tuning.timing import measure, median
 
-PROVIDERS = ("floor", "lsr", "lsr_compiled", "reference", "reference_compiled", "lora")
+PROVIDERS = ("floor", "lsr", "lsr_compiled", "reference", "reference_compiled", "lora", "peft_lora", "peft_lokr")
 
 
 def _git_rev() -> Optional[str]:
@@ -48,6 +48,24 @@ class _LoRA(nn.Module):
         return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)
 
 
+class _Holder(nn.Module):
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft(base: nn.Linear, config) -> nn.Module:
+    """A peft adapter on a copy of the same frozen layer (LoRA, or LoKr: the Kronecker peer)."""
+    import copy
+
+    from peft import get_peft_model
+
+    return get_peft_model(_Holder(copy.deepcopy(base)), config)
+
+
 class _Reference(nn.Module):
     def __init__(self, layer: LSRLinear):
         super().__init__()
@@ -59,6 +77,8 @@ class _Reference(nn.Module):
 
 
 def providers(shape: LSRShape, device="cpu") -> dict[str, nn.Module]:
+    from peft import LoKrConfig, LoraConfig
+
     f = shape.factors
     base = nn.Linear(f.d_in, f.d_out, device=device, dtype=shape.dtype).requires_grad_(False)
     cfg = LSRConfig(s=f.s, r=(f.r1, f.r2), n=(f.n1, f.n2), m=(f.m1, f.m2), init="reference")
@@ -71,6 +91,8 @@ def providers(shape: LSRShape, device="cpu") -> dict[str, nn.Module]:
         "reference": ref,
         "reference_compiled": torch.compile(ref, dynamic=False),
         "lora": _LoRA(base, f.q, lsr.scale).to(device),
+        "peft_lora": _peft(base, LoraConfig(r=f.q, lora_alpha=f.q, target_modules=["lin"], init_lora_weights=False)),
+        "peft_lokr": _peft(base, LoKrConfig(r=f.q, alpha=f.q, target_modules=["lin"], init_weights=False)),
     }
 
 
@@ -132,14 +154,15 @@ def table(rows: list[dict]) -> str:
     """Ratios per (shape, mode): each provider's median over the frozen Linear's, and LoRA/LSR, ref/LSR."""
     keys = sorted({(r["d_out"], r["d_in"], r["tokens"], r["mode"]) for r in rows})
     head = ("| shape (d_out x d_in, N) | mode | floor ms | LSR/floor | LSR compiled/floor | ref eager/LSR "
-            "| ref compiled/LSR compiled | LoRA/LSR |")
+            "| ref compiled/LSR compiled | LoRA/LSR | peft LoRA/LSR | peft LoKr/LSR |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for d_out, d_in, n, mode in keys:
         p = {r["provider"]: r["p50_ms"] for r in rows
              if (r["d_out"], r["d_in"], r["tokens"], r["mode"]) == (d_out, d_in, n, mode)}
         lines.append(f"| {d_out}x{d_in}, {n} | {mode} | {p['floor']:.3f} | {p['lsr'] / p['floor']:.3f} | "
                      f"{p['lsr_compiled'] / p['floor']:.3f} | {p['reference'] / p['lsr']:.3f} | "
-                     f"{p['reference_compiled'] / p['lsr_compiled']:.3f} | {p['lora'] / p['lsr']:.3f} |")
+                     f"{p['reference_compiled'] / p['lsr_compiled']:.3f} | {p['lora'] / p['lsr']:.3f} | "
+                     f"{p['peft_lora'] / p['lsr']:.3f} | {p['peft_lokr'] / p['lsr']:.3f} |")
     return "\n".join(lines)
 
 
