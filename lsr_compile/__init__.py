@@ -20,11 +20,12 @@ from .nn import LSRLinear, apply_lsr, count_parameters, lsr_layers
 from .ops import LSRInputError, lsr_linear
 from .problem import LSRShape
 from .tuning import tune
+from .peft import LSRModel, export_lora, load_reference_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LSRConfig", "LSRLinear", "LSRShape", "FactorShapes", "FactorizationError", "LSRInputError", "apply_lsr",
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
-    "use_backend", "tune",
+    "use_backend", "tune", "LSRModel", "export_lora", "load_reference_adapter",
 ]

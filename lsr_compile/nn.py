@@ -17,6 +17,41 @@ from .ops import lsr_linear
 log = logging.getLogger(__name__)
 
 
+def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
+                scale: float, factor_shapes: FactorShapes) -> Tensor:
+    """The layer as modules run it: autocast respected (all operands cast to the autocast dtype, as
+    nn.Linear does), and on a GPU the Inductor-visible Triton op when it was tuned or forced."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            args = [None if t is None else t.to(dt) for t in (x, weight, bias, A1, A2, B1, B2)]
+            return lsr_forward(*args, scale, factor_shapes)
+    if x.is_cuda:
+        cfgs = dispatch.triton_layer_configs(x.device, x.dtype, factor_shapes)
+        if cfgs is not None:
+            from .kernels.triton_fused import inductor_forward
+
+            return inductor_forward(x, weight, bias, A1, A2, B1, B2, scale, *cfgs)
+    return lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
+
+
+@torch.no_grad()
+def init_factors(A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, f: FactorShapes, init: str) -> None:
+    """``"reference"``: every factor ~ N(0, 0.01²), as the method's code (ΔW ≠ 0 at step 0).
+    ``"zeros"``: B2 = 0, so ΔW = 0 at step 0; A1, A2, B1 are random so every factor still trains
+    (a Kronecker term with both factors zero would get no gradient in either)."""
+    if init == "reference":
+        for p in (A1, A2, B1, B2):
+            p.normal_(0.0, 0.01)
+        return
+    # Var(A1)·Var(A2)·s = 1/d_in gives x Aᵀ unit variance for unit-variance x, like LoRA's A init.
+    root_s = math.sqrt(f.s)
+    A1.normal_(0.0, 1.0 / math.sqrt(root_s * f.n1))
+    A2.normal_(0.0, 1.0 / math.sqrt(root_s * f.n2))
+    B1.normal_(0.0, 1.0 / math.sqrt(root_s * f.r1))
+    B2.zero_()
+
+
 class LSRLinear(nn.Module):
     """A frozen linear layer plus the LSR-Adapt update: ``y = x Wᵀ + b + scale·(x Aᵀ) Bᵀ``.
 
@@ -60,42 +95,14 @@ class LSRLinear(nn.Module):
         self.merged = False
         self.reset_adapter()
 
-    @torch.no_grad()
     def reset_adapter(self) -> None:
-        """``init="reference"``: every factor ~ N(0, 0.01²), as the method's code (ΔW ≠ 0 at step 0).
-        ``init="zeros"``: B2 = 0, so ΔW = 0 at step 0; A1, A2, B1 are random so every factor still trains
-        (a Kronecker term with both factors zero would get no gradient in either)."""
-        f = self.factor_shapes
-        if self.init == "reference":
-            for p in (self.A1, self.A2, self.B1, self.B2):
-                p.normal_(0.0, 0.01)
-            return
-        # Var(A1)·Var(A2)·s = 1/d_in gives x Aᵀ unit variance for unit-variance x, like LoRA's A init.
-        root_s = math.sqrt(f.s)
-        self.A1.normal_(0.0, 1.0 / math.sqrt(root_s * f.n1))
-        self.A2.normal_(0.0, 1.0 / math.sqrt(root_s * f.n2))
-        self.B1.normal_(0.0, 1.0 / math.sqrt(root_s * f.r1))
-        self.B2.zero_()
+        init_factors(self.A1, self.A2, self.B1, self.B2, self.factor_shapes, self.init)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        args = (x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2)
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            with torch.autocast(x.device.type, enabled=False):
-                args = tuple(None if t is None else t.to(dt) for t in args)
-                return self._run(*args)
-        return self._run(*args)
-
-    def _run(self, x, weight, bias, A1, A2, B1, B2):
-        if x.is_cuda:  # a tuned Triton choice runs as a triton_op, so torch.compile sees into the kernel
-            cfgs = dispatch.triton_layer_configs(x.device, x.dtype, self.factor_shapes)
-            if cfgs is not None:
-                from .kernels.triton_fused import inductor_forward
-
-                return inductor_forward(x, weight, bias, A1, A2, B1, B2, self.scale, *cfgs)
-        return lsr_linear(x, weight, bias, A1, A2, B1, B2, self.scale)
+        return lsr_forward(x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2, self.scale,
+                           self.factor_shapes)
 
     def delta_weight(self) -> Tensor:
         """``scale · B · A``, shape ``(d_out, d_in)``."""

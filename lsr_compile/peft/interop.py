@@ -1,0 +1,97 @@
+"""Adapters across formats: an LSR adapter written as an exact peft LoRA adapter, and adapters trained with
+the method's public reference code (``lora_A1 (s, r, n1)``, ``lora_A2``, ``lora_B1``, ``lora_B2``) loaded."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .. import formulations
+from ..config import LSRConfig
+from ..nn import LSRLinear
+from .layer import LSRLayer
+
+
+def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None) -> Path:
+    """Write the LSR adapter as a standard peft LoRA adapter of rank q with identical outputs.
+
+    ``ΔW = scale·B·A`` is exactly a rank-q LoRA: ``lora_A = A (q, d_in)``, ``lora_B = scale·B (d_out, q)``,
+    ``lora_alpha = r = q`` (LoRA scaling 1). Trained ``modules_to_save`` (e.g. a classifier head) are kept.
+    Load it with ``peft.PeftModel.from_pretrained(base_model, out_dir)``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    adapter_name = adapter_name or peft_model.active_adapter
+    cfg = peft_model.peft_config.get(adapter_name)
+    if not isinstance(cfg, LSRConfig):
+        raise TypeError(f"adapter {adapter_name!r} is not an LSR adapter (got {type(cfg).__name__})")
+    layers = {n: m for n, m in peft_model.base_model.model.named_modules()
+              if isinstance(m, LSRLayer) and adapter_name in m.lsr_A1}
+    if not layers:
+        raise ValueError(f"no LSR layers carry adapter {adapter_name!r}")
+    ranks = {n: m.lsr_shapes[adapter_name].q for n, m in layers.items()}
+    q = max(ranks.values())
+    work = copy.deepcopy(peft_model)
+    work.set_adapter(adapter_name)
+    base = work.unload()  # the base model (and trained modules_to_save), adapters removed, nothing merged
+    lora_cfg = LoraConfig(r=q, lora_alpha=q, target_modules=sorted(layers), modules_to_save=cfg.modules_to_save,
+                          task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path,
+                          rank_pattern={n: k for n, k in ranks.items() if k != q},
+                          alpha_pattern={n: k for n, k in ranks.items() if k != q}, init_lora_weights=False)
+    lora = get_peft_model(base, lora_cfg)
+    mods = dict(lora.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, m in layers.items():
+            A1, A2, B1, B2 = m.factors(adapter_name)
+            target = mods[name]
+            target.lora_A["default"].weight.copy_(formulations.build_A(A1, A2))
+            target.lora_B["default"].weight.copy_(m.lsr_scale[adapter_name] * formulations.build_B(B1, B2))
+    out_dir = Path(out_dir)
+    lora.save_pretrained(out_dir)
+    return out_dir
+
+
+def _reference_groups(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state_dict.items():
+        k = key.removesuffix(".weight")
+        for part in ("A1", "A2", "B1", "B2"):
+            if k.endswith(f".lora_{part}") or k == f"lora_{part}":
+                groups.setdefault(k[: -len(f"lora_{part}")].rstrip("."), {})[part] = t
+    return groups
+
+
+def load_reference_adapter(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           adapter_name: str = "default") -> int:
+    """Copy factors saved by the method's reference code into a model's LSR layers (LSRLinear or peft
+    layers). Keys ``<module>.lora_A1`` etc.; module paths may differ by a leading prefix. With the same
+    alpha and ``scaling="rslora"`` (the reference's ``alpha / r``), outputs are the reference's.
+    Returns the number of layers loaded; every LSR layer must be matched, and every reference layer used."""
+    groups = _reference_groups(state_dict)
+    if not groups:
+        raise ValueError("no lora_A1/lora_A2/lora_B1/lora_B2 keys in the state dict")
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, (LSRLinear, LSRLayer))}
+    used = set()
+    for name, m in targets.items():
+        hits = [p for p in groups if name == p or name.endswith("." + p) or p.endswith("." + name)]
+        if len(hits) != 1:
+            raise KeyError(f"LSR layer {name}: {len(hits)} matching reference layers ({hits[:4]}); "
+                           f"reference layers: {sorted(groups)[:6]}")
+        g = groups[hits[0]]
+        if set(g) != {"A1", "A2", "B1", "B2"}:
+            raise KeyError(f"reference layer {hits[0]} lacks {sorted({'A1', 'A2', 'B1', 'B2'} - set(g))}")
+        params = (dict(zip(("A1", "A2", "B1", "B2"), (m.A1, m.A2, m.B1, m.B2))) if isinstance(m, LSRLinear)
+                  else dict(zip(("A1", "A2", "B1", "B2"), m.factors(adapter_name))))
+        with torch.no_grad():
+            for part, p in params.items():
+                if tuple(g[part].shape) != tuple(p.shape):
+                    raise ValueError(f"{name}.{part}: reference tensor has shape {tuple(g[part].shape)}, "
+                                     f"the layer expects {tuple(p.shape)} (check s, r, n, m of the config)")
+                p.copy_(g[part])
+        used.add(hits[0])
+    if used != set(groups):
+        raise KeyError(f"reference layers with no LSR layer here: {sorted(set(groups) - used)[:6]}")
+    return len(used)

@@ -1,0 +1,106 @@
+"""LSR as a peft tuner layer: per-adapter factor tensors in ParameterDicts, the math from lsr_compile.nn."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .. import formulations
+from ..config import LSRConfig
+from ..nn import init_factors, lsr_forward
+
+
+class LSRLayer(BaseTunerLayer):
+    adapter_layer_names = ("lsr_A1", "lsr_A2", "lsr_B1", "lsr_B2")
+    other_param_names = ("lsr_scale", "lsr_shapes")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.lsr_A1, self.lsr_A2 = nn.ParameterDict({}), nn.ParameterDict({})
+        self.lsr_B1, self.lsr_B2 = nn.ParameterDict({}), nn.ParameterDict({})
+        self.lsr_scale: dict[str, float] = {}
+        self.lsr_shapes: dict = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LSR adapts nn.Linear layers only, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: LSRConfig, **kwargs) -> None:
+        f = config.shapes_for(self.in_features, self.out_features)
+        base = self.get_base_layer()
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        tensors = {n: nn.Parameter(torch.empty(sz, **kw)) for n, sz in f.factor_sizes().items()}
+        init_factors(*tensors.values(), f, config.init)
+        for n, p in tensors.items():
+            getattr(self, f"lsr_{n}")[adapter_name] = p
+        self.lsr_shapes[adapter_name] = f
+        self.lsr_scale[adapter_name] = float(config.scale_for(f.q))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def factors(self, adapter: str):
+        return self.lsr_A1[adapter], self.lsr_A2[adapter], self.lsr_B1[adapter], self.lsr_B2[adapter]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        A1, A2, B1, B2 = self.factors(adapter)
+        return self.lsr_scale[adapter] * (formulations.build_B(B1, B2) @ formulations.build_A(A1, A2))
+
+
+class Linear(nn.Module, LSRLayer):
+    """An nn.Linear with one or more named LSR adapters; the active one runs the tuned lsr op."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LSRConfig, **kwargs) -> None:
+        super().__init__()
+        LSRLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.lsr_A1:
+                continue
+            delta = self.get_delta_weight(name).to(base.weight.dtype)
+            if safe_merge and not torch.isfinite(base.weight.data + delta).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {name} seems broken")
+            base.weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lsr_A1:
+                base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lsr_A1]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        first, *rest = active
+        y = lsr_forward(x, base.weight, base.bias, *self.factors(first), self.lsr_scale[first],
+                        self.lsr_shapes[first])
+        for name in rest:  # several active adapters: each adds its own update
+            A1, A2, B1, B2 = self.factors(name)
+            xa = x.to(A1.dtype)
+            t = xa @ formulations.build_A(A1, A2).T
+            y = y + (self.lsr_scale[name] * (t @ formulations.build_B(B1, B2).T)).to(y.dtype)
+        return y
+
+    def __repr__(self) -> str:
+        return "lsr." + super().__repr__()

@@ -1,0 +1,147 @@
+"""LSR as a peft method: get_peft_model, save/load, merge_and_unload, named adapters, LoRA export,
+reference-code import."""
+import peft
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import lsr_compile as lc
+from lsr_compile.peft import LSRLayer
+
+from models import tiny_bert, tokens
+
+CFG = dict(s=4, r=2, target_modules=["query", "value"], task_type="SEQ_CLS", init="reference", alpha=600.0)
+
+
+def _peft_model(**kw):
+    return get_peft_model(tiny_bert(), lc.LSRConfig(**(CFG | kw))).eval()
+
+
+def _set_nontrivial(model):
+    """Give every factor O(1) values so the adapter visibly changes outputs."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lsr_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_trainable_count_is_spec_formula_plus_head():
+    pm = _peft_model()
+    layers = [m for m in pm.modules() if isinstance(m, LSRLayer)]
+    assert len(layers) == 4  # 2 BERT layers x (query, value)
+    f = layers[0].lsr_shapes["default"]  # 48 = 8 x 6
+    adapter = sum(m.lsr_shapes["default"].num_params for m in layers)
+    assert adapter == 4 * 4 * (2 * 8 + 2 * 6 + 8 * 2 + 6 * 2) and f.num_params == 224
+    head = sum(p.numel() for p in pm.base_model.model.classifier.parameters()) // 2  # original + trained copy
+    trainable, _ = pm.get_nb_trainable_parameters()
+    assert trainable == adapter + head
+
+
+def test_save_then_load_in_fresh_model_gives_identical_outputs(tmp_path):
+    pm = _peft_model()
+    _set_nontrivial(pm)
+    ids = tokens(3, 11)
+    want = pm(input_ids=ids).logits
+    assert not torch.allclose(want, tiny_bert()(input_ids=ids).logits, atol=1e-3)
+    pm.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    assert isinstance(loaded.peft_config["default"], lc.LSRConfig)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
+
+
+def test_merge_and_unload_equals_unmerged():
+    pm = _peft_model()
+    _set_nontrivial(pm)
+    ids = tokens(2, 9)
+    want = pm(input_ids=ids).logits
+    merged = pm.merge_and_unload()
+    assert not any(isinstance(m, LSRLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_named_adapters_switch_and_disable():
+    pm = _peft_model()
+    _set_nontrivial(pm)
+    ids = tokens(2, 9)
+    first = pm(input_ids=ids).logits
+    pm.add_adapter("other", lc.LSRConfig(**(CFG | {"s": 2})))
+    pm.set_adapter("other")
+    other = pm(input_ids=ids).logits
+    assert not torch.allclose(first, other, atol=1e-3)
+    pm.set_adapter("default")
+    torch.testing.assert_close(pm(input_ids=ids).logits, first, atol=0, rtol=0)
+    with pm.disable_adapter():
+        base = pm(input_ids=ids).logits
+    ref = tiny_bert()
+    ref.classifier.load_state_dict(pm.base_model.model.classifier.modules_to_save["default"].state_dict())
+    torch.testing.assert_close(base, ref(input_ids=ids).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_regex_target_modules_and_non_linear_target():
+    pm = get_peft_model(tiny_bert(), lc.LSRConfig(s=1, r=1, target_modules=r".*layer\.1\.attention\.self\.key"))
+    assert len([m for m in pm.modules() if isinstance(m, LSRLayer)]) == 1
+    with pytest.raises((TypeError, ValueError), match="Linear"):
+        get_peft_model(tiny_bert(), lc.LSRConfig(s=1, r=1, target_modules=["LayerNorm"]))
+
+
+def test_exported_lora_loads_in_plain_peft_and_matches(tmp_path):
+    pm = _peft_model()
+    _set_nontrivial(pm)
+    ids = tokens(3, 10)
+    want = pm(input_ids=ids).logits
+    lc.export_lora(pm, tmp_path)
+    cfg = peft.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(cfg, peft.LoraConfig) and cfg.r == 4  # q = r1 * r2
+    lora = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    assert any("lora_A" in n for n, _ in lora.named_parameters())
+    torch.testing.assert_close(lora(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+class _ReferenceLSRLinear(torch.nn.Module):
+    """The method's reference layer as published: lora_A1 (s, r, n1) ... and scale alpha / r."""
+
+    def __init__(self, base, s, r, n, m, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.lora_A1 = torch.nn.Parameter(torch.randn(s, r, n[0]) * 0.3)
+        self.lora_A2 = torch.nn.Parameter(torch.randn(s, r, n[1]) * 0.3)
+        self.lora_B1 = torch.nn.Parameter(torch.randn(s, m[0], r) * 0.3)
+        self.lora_B2 = torch.nn.Parameter(torch.randn(s, m[1], r) * 0.3)
+
+    def forward(self, x):
+        A = sum(torch.kron(self.lora_A1[i], self.lora_A2[i]) for i in range(self.lora_A1.shape[0]))
+        B = sum(torch.kron(self.lora_B1[i], self.lora_B2[i]) for i in range(self.lora_B1.shape[0]))
+        return self.base(x) + (x @ A.T @ B.T) * self.scale
+
+
+def test_reference_code_adapter_imports_exactly():
+    ref = tiny_bert()
+    for layer in ref.bert.encoder.layer:
+        att = layer.attention.self
+        for name in ("query", "value"):
+            setattr(att, name, _ReferenceLSRLinear(getattr(att, name), 4, 2, (8, 6), (8, 6), 16.0))
+    ids = tokens(2, 9)
+    want = ref(input_ids=ids).logits
+    sd = {k: v for k, v in ref.state_dict().items() if "lora_" in k}
+    # into a peft model ...
+    pm = get_peft_model(tiny_bert(), lc.LSRConfig(s=4, r=2, n=(8, 6), m=(8, 6), alpha=16.0,
+                                                 target_modules=["query", "value"])).eval()
+    assert lc.load_reference_adapter(pm, sd) == 4
+    torch.testing.assert_close(pm(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    # ... and into plain LSRLinear layers
+    model = lc.apply_lsr(tiny_bert(), lc.LSRConfig(s=4, r=2, n=(8, 6), m=(8, 6), alpha=16.0),
+                         target_modules=("query", "value"))
+    lc.load_reference_adapter(model, sd)
+    torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_import_errors_name_the_layer():
+    model = lc.apply_lsr(tiny_bert(), lc.LSRConfig(s=2, r=2), target_modules=("query",))
+    sd = {f"bert.encoder.layer.{i}.attention.self.query.lora_{p}": torch.zeros(3, 2, 8)
+          for i in range(2) for p in ("A1", "A2", "B1", "B2")}
+    with pytest.raises(ValueError, match=r"query.A1: reference tensor has shape \(3, 2, 8\)"):
+        lc.load_reference_adapter(model, sd)
+    with pytest.raises(ValueError, match="no lora_A1"):
+        lc.load_reference_adapter(model, {"x.weight": torch.zeros(1)})

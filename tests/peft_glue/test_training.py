@@ -1,0 +1,89 @@
+"""Training at scale: DDP (gloo, 2 CPU processes), transformers Trainer unchanged, bf16 autocast."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import get_peft_model
+
+import lsr_compile as lc
+
+from models import tiny_bert, tokens
+
+
+def _model():
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_bert(), lc.LSRConfig(s=2, r=2, target_modules=["query", "value"],
+                                                  task_type="SEQ_CLS", init="reference", alpha=200.0))
+    return pm.train()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 120, (8, 12), generator=g), torch.randint(0, 2, (8,), generator=g)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    ids, labels = _batch()
+    half = slice(rank * 4, rank * 4 + 4)
+    model(input_ids=ids[half], labels=labels[half]).loss.backward()
+    if rank == 0:
+        torch.save(_grads(model.module), out)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp_grads.pt"
+    mp.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True, start_method="fork")
+    ddp = torch.load(out)
+    model = _model()
+    ids, labels = _batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    single = _grads(model)
+    assert ddp.keys() == single.keys() and any("lsr_A1" in k for k in single)
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_transformers_trainer_runs_unchanged(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids, labels = _batch()
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": labels[i]}
+            for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_steps=1, disable_tqdm=True)
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lsr_B2" in n for n in changed) and any("classifier" in n for n in changed)
+
+
+def test_bf16_autocast_forward_backward():
+    model = _model()
+    ids, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    ref = _model()
+    ref_loss = ref(input_ids=ids, labels=labels).loss
+    assert abs(out.loss.item() - ref_loss.item()) < 0.05
+    for n, p in model.named_parameters():
+        if "lsr_" in n:
+            assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), n
