@@ -192,3 +192,29 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def dispatch_overhead(calls: int = 2000) -> dict[str, float]:
+    """Eager µs per call at a tiny layer (8 tokens, 16x16), where dispatch cost is all there is:
+    the PyTorch formulation called directly, the lsr op, and the LSRLinear module."""
+    import time
+
+    from . import formulations
+    from .ops import lsr_linear
+
+    layer = LSRLinear(16, 16, config=LSRConfig(s=1, r=2, init="reference")).requires_grad_(False)
+    x = torch.randn(8, 16)
+    args = (x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
+    fns = {"formulation (direct)": lambda: formulations.forward_materialise(*args),
+           "torch.ops.lsr.linear": lambda: lsr_linear(*args),
+           "LSRLinear module": lambda: layer(x)}
+    out = {}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            for _ in range(100):
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out[name] = (time.perf_counter() - t0) / calls * 1e6
+    return out

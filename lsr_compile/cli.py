@@ -72,6 +72,9 @@ def main(argv=None) -> int:
         print(bench.table(rows))
         png = bench.plot(rows, stem.with_suffix(".png"))
         print(f"\nrows: {stem.with_suffix('.jsonl')}" + (f"; plot: {png}" if png else ""))
+        over = bench.dispatch_overhead()
+        print("\neager µs per call at 8x16x16 (dispatch overhead): " +
+              ", ".join(f"{k} {v:.1f}" for k, v in over.items()))
     elif a.cmd == "explain":
         print(dispatch.explain(_shape(a)))
     elif a.cmd == "logs":

@@ -47,14 +47,17 @@ def invalidate() -> None:
 
 
 def load_logs(log_dir) -> int:
-    """Also use the records under ``log_dir`` (as written by ``tune(log_dir=...)``); returns how many apply here."""
+    """Also use the records under ``log_dir`` (as written by ``tune(log_dir=...)``).
+
+    Returns how many records (from all log directories in use) apply to this machine's devices."""
     path = Path(log_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"tuning log directory {path} does not exist")
     if path not in _extra_dirs:
         _extra_dirs.append(path)
     invalidate()
-    return sum(len(records(t, device_id(d))) for t, d in (("llvm", "cpu"),))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return sum(len(records(target_of(d), device_id(d))) for d in devices)
 
 
 def log_dirs() -> list[Path]:

@@ -78,7 +78,8 @@ def backward_materialise(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
     """Token path: ``u = dy B``, ``t = x Aᵀ``; ``dx = dy W + scale·u A``; full-factor grads, then projection."""
     A, B = build_A(A1, A2), build_B(B1, B2)
     u = dy @ B
-    dx = (dy @ weight).addmm_(u, A, alpha=scale) if need_dx else None
+    # the adapter term first, then the GEMM accumulates onto it (beta): one pass over dx fewer than addmm_
+    dx = torch.addmm(torch.mm(u, A).mul_(scale), dy, weight) if need_dx else None
     t = x @ A.T
     dA_full = torch.mm(u.T, x).mul_(scale)
     dB_full = torch.mm(dy.T, t).mul_(scale)

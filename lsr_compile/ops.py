@@ -33,7 +33,29 @@ class LSRInputError(ValueError):
 
 
 def check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2) -> None:
-    """Shapes, dtypes and devices of a layer call; every message names the tensor and the fix."""
+    """Shapes, dtypes and devices of a layer call. One cheap test on the hot path (a few µs);
+    only when it fails does ``_diagnose`` find the culprit and name it."""
+    try:
+        s, r1, n1 = A1.shape
+        s2, r2, n2 = A2.shape
+        s3, m1, r1b = B1.shape
+        s4, m2, r2b = B2.shape
+        d_out, d_in = weight.shape
+        dt, dev = x.dtype, x.device
+        ok = (s == s2 == s3 == s4 and r1 == r1b and r2 == r2b and n1 * n2 == d_in and m1 * m2 == d_out
+              and x.shape[-1] == d_in and x.is_floating_point()
+              and dt == weight.dtype == A1.dtype == A2.dtype == B1.dtype == B2.dtype
+              and dev == weight.device == A1.device == A2.device == B1.device == B2.device
+              and (bias is None or (bias.shape == (d_out,) and bias.dtype == dt and bias.device == dev)))
+    except (AttributeError, ValueError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        _diagnose(x, weight, bias, A1, A2, B1, B2)
+        raise LSRInputError("LSR op arguments do not fit together")  # _diagnose names the problem first
+
+
+def _diagnose(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2) -> None:
+    """Every message names the tensor and the fix."""
     named = {"x": x, "weight": weight, "A1": A1, "A2": A2, "B1": B1, "B2": B2}
     if bias is not None:
         named["bias"] = bias

@@ -42,6 +42,11 @@ def _lanes(d: int) -> int:
     return LANES if d % LANES == 0 else 1
 
 
+def _factors(f: FactorShapes, dtype: str):
+    """Placeholders for the four factor tensors in the SPEC §1 layout."""
+    return [te.placeholder(shape, dtype, name=name) for name, shape in f.factor_sizes().items()]
+
+
 def _dot_rows(name, X, M, n, rows, d, dtype):
     """``out[i, a] = Σ_k X[i, k] · M[a, k]`` (both contiguous in k), reduced in two vectorisable stages."""
     L = _lanes(d)
@@ -71,10 +76,7 @@ def forward_kron(f: FactorShapes, dtype: str):
     """``y_io += scale · adapter(x)`` contracting the Kronecker modes directly; A and B are never formed."""
     n = te.var("n", "int64")
     x = te.placeholder((n, f.d_in), dtype, name="x")
-    A1 = te.placeholder((f.s, f.r1, f.n1), dtype, name="A1")
-    A2 = te.placeholder((f.s, f.r2, f.n2), dtype, name="A2")
-    B1 = te.placeholder((f.s, f.m1, f.r1), dtype, name="B1")
-    B2 = te.placeholder((f.s, f.m2, f.r2), dtype, name="B2")
+    A1, A2, B1, B2 = _factors(f, dtype)
     y_io = te.placeholder((n, f.d_out), dtype, name="y_io")
     scale = te.var("scale", dtype)
     j = te.reduce_axis((0, f.n2), name="j")
@@ -111,33 +113,26 @@ def _project(f: FactorShapes, dA, dB, A1, A2, B1, B2):
 
 
 def backward_adapter(f: FactorShapes, dtype: str):
-    """Adapter part of the backward, token path; ``dx_io`` holds ``dy W`` (vendor GEMM) on entry.
-
-    u = dy B; t = x Aᵀ; dx += scale·u A; dA = scale·uᵀ x; dBᵀ = scale·tᵀ dy; then the projections.
-    """
+    """Adapter part of the backward, token path: u = dy B; t = x Aᵀ; dx_adapter = scale·u A (the vendor GEMM
+    then accumulates ``dy W`` onto it); dA = scale·uᵀ x; dBᵀ = scale·tᵀ dy; then the projections."""
     n = te.var("n", "int64")
     dy = te.placeholder((n, f.d_out), dtype, name="dy")
     x = te.placeholder((n, f.d_in), dtype, name="x")
     A = te.placeholder((f.q, f.d_in), dtype, name="A")
     Bt = te.placeholder((f.q, f.d_out), dtype, name="Bt")
-    A1 = te.placeholder((f.s, f.r1, f.n1), dtype, name="A1")
-    A2 = te.placeholder((f.s, f.r2, f.n2), dtype, name="A2")
-    B1 = te.placeholder((f.s, f.m1, f.r1), dtype, name="B1")
-    B2 = te.placeholder((f.s, f.m2, f.r2), dtype, name="B2")
-    dx_io = te.placeholder((n, f.d_in), dtype, name="dx_io")
+    A1, A2, B1, B2 = _factors(f, dtype)
     scale = te.var("scale", dtype)
     u = _dot_rows("u", dy, Bt, n, f.q, f.d_out, dtype)
     t = _dot_rows("t", x, A, n, f.q, f.d_in, dtype)
     su = te.compute((n, f.q), lambda i, a: scale * u[i, a], name="su")
     st = te.compute((n, f.q), lambda i, a: scale * t[i, a], name="st")
     a = te.reduce_axis((0, f.q), name="a")
-    acc = te.compute((n, f.d_in), lambda i, k: te.sum(su[i, a] * A[a, k], axis=a), name="dx_acc")
-    dx = te.compute((n, f.d_in), lambda i, k: dx_io[i, k] + acc[i, k], name="dx")
+    dxa = te.compute((n, f.d_in), lambda i, k: te.sum(su[i, a] * A[a, k], axis=a), name="dx_adapter")
     i1 = te.reduce_axis((0, n), name="i1")
     dA = te.compute((f.q, f.d_in), lambda a, k: te.sum(su[i1, a] * x[i1, k], axis=i1), name="dA")
     i2 = te.reduce_axis((0, n), name="i2")
     dBt = te.compute((f.q, f.d_out), lambda a, j: te.sum(st[i2, a] * dy[i2, j], axis=i2), name="dBt")
-    return [dy, x, A, Bt, A1, A2, B1, B2, scale, dx_io, dx, *_project(f, dA, dBt, A1, A2, B1, B2)]
+    return [dy, x, A, Bt, A1, A2, B1, B2, scale, dxa, *_project(f, dA, dBt, A1, A2, B1, B2)]
 
 
 EXPRESSIONS = {
@@ -147,6 +142,6 @@ EXPRESSIONS = {
                                     forward_kron, forward_kron.__doc__),
     ("backward", "adapter"): Expression(
         "adapter", "backward",
-        ("dy", "x", "A", "Bt", "A1", "A2", "B1", "B2", "scale", "dx_io", "dx", "dA1", "dA2", "dB1", "dB2"),
+        ("dy", "x", "A", "Bt", "A1", "A2", "B1", "B2", "scale", "dx_adapter", "dA1", "dA2", "dB1", "dB2"),
         backward_adapter, backward_adapter.__doc__),
 }

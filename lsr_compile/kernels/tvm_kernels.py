@@ -95,10 +95,11 @@ def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.de
     if op == "backward" and variant == "adapter":
         def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
             dy, x = dy.contiguous(), x.contiguous()
-            dx = dy @ weight if need_dx else torch.empty_like(x)
+            dx = torch.empty_like(x)
             grads = [torch.empty_like(t) for t in (A1, A2, B1, B2)]
             A1, A2, B1, B2 = (t.contiguous() for t in (A1, A2, B1, B2))
-            fn(dy, x, build_A(A1, A2), build_B(B1, B2).T.contiguous(), A1, A2, B1, B2, scale, dx, dx, *grads)
-            return (dx if need_dx else None, *grads)
+            fn(dy, x, build_A(A1, A2), build_B(B1, B2).T.contiguous(), A1, A2, B1, B2, scale, dx, *grads)
+            # the vendor GEMM accumulates dy W onto the adapter term (beta = 1): no extra pass over dx
+            return (torch.addmm(dx, dy, weight, out=dx) if need_dx else None, *grads)
         return backward
     raise ValueError(f"no TVM kernel for {op}/{variant}")
