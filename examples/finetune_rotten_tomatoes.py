@@ -64,6 +64,9 @@ def methods():
         "LoRA r=8": LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="SEQ_CLS"),
         "LSR s=7 r=(2,4) (~0.26x LoRA)": lc.LSRConfig(s=7, r=(2, 4), alpha=8.0, target_modules=TARGETS,
                                                       task_type="SEQ_CLS"),
+        # the same ~0.26x budget spent on inner rank instead of separation rank: q = 16 > LoRA's 8
+        "LSR s=5 r=(4,4) (~0.26x LoRA)": lc.LSRConfig(s=5, r=(4, 4), alpha=8.0, target_modules=TARGETS,
+                                                      task_type="SEQ_CLS"),
         "LSR s=27 r=(2,4) (~1x LoRA)": lc.LSRConfig(s=27, r=(2, 4), alpha=8.0, target_modules=TARGETS,
                                                     task_type="SEQ_CLS"),
     }
@@ -190,7 +193,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-len", type=int, default=48)
-    ap.add_argument("--methods", nargs="+", default=None, help="subset of method names (prefix match)")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="subset of method names (prefix match); other methods' rows already in --out are kept")
     ap.add_argument("--out", type=Path, default=Path("results/finetune"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -214,6 +218,10 @@ def main(argv=None):
         for name, cfg in chosen.items():
             rows.append(run(name, cfg, seed, data, args))
             print(json.dumps(rows[-1]))
+    previous = args.out / "results.jsonl"
+    if args.methods is not None and previous.exists():  # a re-run of some methods keeps the others' rows
+        kept = [json.loads(l) for l in previous.read_text().splitlines() if l.strip()]
+        rows = [r for r in kept if r["method"] not in chosen] + rows
     with open(args.out / "results.jsonl", "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

@@ -26,18 +26,27 @@ def build_B(B1: Tensor, B2: Tensor) -> Tensor:
     return torch.einsum("lca,ldb->cdab", B1, B2).reshape(m1 * m2, r1 * r2)
 
 
-def project_grads(dA_full: Tensor, dB_full: Tensor, A1, A2, B1, B2):
-    """Gradients of the four factors from those of the full ``A`` and ``B`` (SPEC §2)."""
+def build_Bt(B1: Tensor, B2: Tensor) -> Tensor:
+    """``Bᵀ`` as a contiguous ``(r1*r2, m1*m2)``: q-row operands make the thin products 1.5-2.5x faster
+    on oneDNN/MKL here (768², N = 2048: ``(Bᵀ dyᵀ)ᵀ`` 0.45 ms against ``dy @ B`` 1.16 ms)."""
+    s, m1, r1 = B1.shape
+    m2, r2 = B2.shape[1:]
+    return torch.einsum("lca,ldb->abcd", B1, B2).reshape(r1 * r2, m1 * m2)
+
+
+def project_grads(dA_full: Tensor, dBt_full: Tensor, A1, A2, B1, B2):
+    """Gradients of the four factors from those of ``A (q, d_in)`` and ``Bᵀ (q, d_out)`` (SPEC §2), e.g.
+    ``dA1[l][a,i] = Σ_{b,j} dA[a·r2+b, i·n2+j] · A2[l][b,j]``."""
     r1, n1 = A1.shape[1:]
     r2, n2 = A2.shape[1:]
     m1, m2 = B1.shape[1], B2.shape[1]
     gA = dA_full.reshape(r1, r2, n1, n2)
-    gB = dB_full.reshape(m1, m2, r1, r2)
+    gB = dBt_full.reshape(r1, r2, m1, m2)
     return (
         torch.einsum("abij,lbj->lai", gA, A2),
         torch.einsum("abij,lai->lbj", gA, A1),
-        torch.einsum("cdab,ldb->lca", gB, B2),
-        torch.einsum("cdab,lca->ldb", gB, B1),
+        torch.einsum("abcd,ldb->lca", gB, B2),
+        torch.einsum("abcd,lca->ldb", gB, B1),
     )
 
 
@@ -45,9 +54,9 @@ def project_grads(dA_full: Tensor, dB_full: Tensor, A1, A2, B1, B2):
 
 def forward_materialise(x, weight, bias, A1, A2, B1, B2, scale):
     """Build A and B, then two thin matmuls added into the base GEMM's output (the reference's algorithm)."""
-    A, B = build_A(A1, A2), build_B(B1, B2)
+    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
     y = F.linear(x, weight, bias)
-    return y.addmm_(x @ A.T, B.T, alpha=scale)
+    return y.addmm_(torch.mm(A, x.T).T, Bt, alpha=scale)
 
 
 def forward_fold(x, weight, bias, A1, A2, B1, B2, scale):
@@ -75,15 +84,15 @@ def forward_factored(x, weight, bias, A1, A2, B1, B2, scale):
 # ---- backward ---------------------------------------------------------------------------------
 
 def backward_materialise(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
-    """Token path: ``u = dy B``, ``t = x Aᵀ``; ``dx = dy W + scale·u A``; full-factor grads, then projection."""
-    A, B = build_A(A1, A2), build_B(B1, B2)
-    u = dy @ B
+    """Token path: ``u = dy B``, ``t = x Aᵀ`` (kept as q-row ``uᵀ``, ``tᵀ``); ``dx = dy W + scale·u A``;
+    ``dA = scale·uᵀ x``, ``dBᵀ = scale·tᵀ dy``; then the projection onto the factors."""
+    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
+    uT = torch.mm(Bt, dy.T)
     # the adapter term first, then the GEMM accumulates onto it (beta): one pass over dx fewer than addmm_
-    dx = torch.addmm(torch.mm(u, A).mul_(scale), dy, weight) if need_dx else None
-    t = x @ A.T
-    dA_full = torch.mm(u.T, x).mul_(scale)
-    dB_full = torch.mm(dy.T, t).mul_(scale)
-    return (dx, *project_grads(dA_full, dB_full, A1, A2, B1, B2))
+    dx = torch.addmm(torch.mm(uT.T, A).mul_(scale), dy, weight) if need_dx else None
+    dA_full = torch.mm(uT, x).mul_(scale)
+    dBt_full = torch.mm(torch.mm(A, x.T), dy).mul_(scale)
+    return (dx, *project_grads(dA_full, dBt_full, A1, A2, B1, B2))
 
 
 FORWARDS = {"materialise": forward_materialise, "fold": forward_fold, "factored": forward_factored}

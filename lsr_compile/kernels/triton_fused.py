@@ -135,10 +135,9 @@ def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx, config):
         dx, u = fused_linear(dy, weight.T, None, B.T, A.T, scale, config, want_t=True)
     else:
         dx, u = None, dy @ B
-    t = x @ A.T
     dA_full = torch.mm(u.T, x).mul_(scale)
-    dB_full = torch.mm(dy.T, t).mul_(scale)
-    return (dx, *project_grads(dA_full, dB_full, A1, A2, B1, B2))
+    dBt_full = torch.mm(torch.mm(A, x.T), dy).mul_(scale)
+    return (dx, *project_grads(dA_full, dBt_full, A1, A2, B1, B2))
 
 
 def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
@@ -220,7 +219,7 @@ def register_inductor_ops() -> bool:
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         dx, u = torch.ops.lsr.triton_fused_dx(dy2, weight, A, B, ctx.scale, ctx.bwd_config)
         dA = torch.mm(u.T, x2).mul_(ctx.scale)
-        dB = torch.mm(dy2.T, x2 @ A.T).mul_(ctx.scale)
+        dB = torch.mm(torch.mm(A, x2.T), dy2).mul_(ctx.scale).T
         return dx.reshape(x.shape), None, None, dA, dB, None, None, None
 
     triton_fused_linear.register_autograd(backward, setup_context=setup)

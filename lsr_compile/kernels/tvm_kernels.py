@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import schedules
 from ..config import FactorShapes
 from ..expr import EXPRESSIONS
-from ..formulations import build_A, build_B
+from ..formulations import build_A, build_Bt
 from ..problem import ProblemKey
 from ..tuning.device import llvm_target
 
@@ -82,7 +82,7 @@ def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.de
         def forward(x, weight, bias, A1, A2, B1, B2, scale):
             x = x.contiguous()
             y = F.linear(x, weight, bias)
-            fn(x, build_A(A1, A2), build_B(B1, B2).T.contiguous(), scale, y, y)
+            fn(x, build_A(A1, A2), build_Bt(B1, B2), scale, y, y)
             return y
         return forward
     if op == "forward" and variant == "kron":
@@ -98,7 +98,7 @@ def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.de
             dx = torch.empty_like(x)
             grads = [torch.empty_like(t) for t in (A1, A2, B1, B2)]
             A1, A2, B1, B2 = (t.contiguous() for t in (A1, A2, B1, B2))
-            fn(dy, x, build_A(A1, A2), build_B(B1, B2).T.contiguous(), A1, A2, B1, B2, scale, dx, *grads)
+            fn(dy, x, build_A(A1, A2), build_Bt(B1, B2), A1, A2, B1, B2, scale, dx, *grads)
             # the vendor GEMM accumulates dy W onto the adapter term (beta = 1): no extra pass over dx
             return (torch.addmm(dx, dy, weight, out=dx) if need_dx else None, *grads)
         return backward

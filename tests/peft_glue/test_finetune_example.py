@@ -27,5 +27,7 @@ def test_quick_mode_end_to_end(tmp_path):
     assert all(r["head_params"] == 384 * 2 + 2 for r in rows)
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
     assert (tmp_path / "results.md").read_text().count("|") > 20
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    other = by["LSR s=5 r=(4,4) (~0.26x LoRA)"]["adapter_params"]
+    assert other == 12 * 5 * 4 * (24 + 16 + 24 + 16) and 0.2 < other / lora < 0.3
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(mod.methods())
     json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
