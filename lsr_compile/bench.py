@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import logs, reference

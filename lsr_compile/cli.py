@@ -7,7 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 
 
 def _shape_args(p):

@@ -89,7 +89,7 @@ def main(batch: int = 32, seq: int = 64, retune: bool = False, budget_s: float =
             m(input_ids=ids).last_hidden_state.square().mean().backward()
         return run
 
-    lines = ["", f"| model | inference tokens/s | vs frozen base | train step tokens/s | vs frozen base |",
+    lines = ["", "| model | inference tokens/s | vs frozen base | train step tokens/s | vs frozen base |",
              "|---|---|---|---|---|"]
     t_inf = {k: median(v) for k, v in measure({k: infer(m) for k, m in models.items()}, rounds=8).items()}
     t_train = {k: median(v) for k, v in measure({k: train(m) for k, m in models.items()}, rounds=5).items()}

@@ -48,7 +48,7 @@ def check_kernels() -> list[str]:
             y_ref = reference.lsr_linear(xr, W, b, *fr, 0.7)
             y_ref.backward(g)
             want_b = [xr.grad] + [f.grad for f in fr]
-            cast = lambda t: t.to(dtype)  # noqa: E731
+            cast = lambda t, dtype=dtype: t.to(dtype)  # noqa: E731
             for op in ("forward", "backward"):
                 key = ProblemKey(op, str(dtype)[6:], token_bucket(N), *dims)
                 cands = [("torch", v, {}) for v in (formulations.FORWARDS if op == "forward"

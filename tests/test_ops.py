@@ -8,7 +8,7 @@ import lsr_compile as lc
 from lsr_compile import formulations, reference
 from lsr_compile.ops import LSRInputError
 
-from conftest import make_factors, make_layer_inputs
+from conftest import make_layer_inputs
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-4, rtol=2e-4),
        torch.bfloat16: dict(atol=0.15, rtol=0.05)}

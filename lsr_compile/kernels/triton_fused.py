@@ -110,7 +110,7 @@ def _check(a, Mt, P, Q):
                          "start Python with TRITON_INTERPRET=1")
     if str(a.dtype).removeprefix("torch.") not in DTYPES:
         raise ValueError(f"fused_linear supports {DTYPES}, got {a.dtype}")
-    (m_, k_), (n_, k2), (r_, k3), (n2, r2) = a.shape, Mt.shape, P.shape, Q.shape
+    (_, k_), (n_, k2), (r_, k3), (n2, r2) = a.shape, Mt.shape, P.shape, Q.shape
     if not (k_ == k2 == k3 and n_ == n2 and r_ == r2):
         raise ValueError(f"fused_linear: shapes do not chain: a {tuple(a.shape)}, M {tuple(Mt.shape)}, "
                          f"P {tuple(P.shape)}, Q {tuple(Q.shape)}")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import dispatch, kernels, logs, reference
-from ..problem import OPS, LSRShape, ProblemKey
+from ..problem import OPS, LSRShape
 from .device import device_id, device_info
 from .timing import measure, median
 
@@ -116,7 +116,8 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
             built[name] = (backend, variant, config, fn)
     bar.close()
     if not built:
-        warnings.warn(f"tune: no correct candidate for {op} {shape.label()}: {rejected}", RuntimeWarning)
+        warnings.warn(f"tune: no correct candidate for {op} {shape.label()}: {rejected}", RuntimeWarning,
+                      stacklevel=3)
         return None
     # the frozen layer alone is timed in the same rounds, so records carry their ratio to the floor
     floor_fn = (lambda: torch.nn.functional.linear(bench["x"], bench["W"], bench["b"])) if op == "forward" else \
@@ -181,7 +182,7 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
 
         reports = build_cuda_sources(shapes, ops)
         warnings.warn(f"tune(target='cuda'): no GPU here, so nothing was timed or recorded; "
-                      f"{len(reports)} CUDA kernels generated and compiled with nvcc", RuntimeWarning)
+                      f"{len(reports)} CUDA kernels generated and compiled with nvcc", RuntimeWarning, stacklevel=2)
         return []
     device = TARGETS[target]
     log_dir = Path(log_dir) if log_dir is not None else logs.PROJECT_LOG_DIR

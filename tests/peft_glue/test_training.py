@@ -2,7 +2,6 @@
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -10,7 +9,7 @@ from peft import get_peft_model
 
 import lsr_compile as lc
 
-from models import tiny_bert, tokens
+from models import tiny_bert
 
 
 def _model():
