@@ -87,11 +87,11 @@ def backward_materialise(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
     """Token path: ``u = dy B``, ``t = x Aᵀ`` (kept as q-row ``uᵀ``, ``tᵀ``); ``dx = dy W + scale·u A``;
     ``dA = scale·uᵀ x``, ``dBᵀ = scale·tᵀ dy``; then the projection onto the factors."""
     A, Bt = build_A(A1, A2), build_Bt(B1, B2)
-    uT = torch.mm(Bt, dy.T)
+    suT = torch.mm(Bt, dy.T).mul_(scale)  # scale applied to the (q, N) operands, never to an (N, d) one
     # the adapter term first, then the GEMM accumulates onto it (beta): one pass over dx fewer than addmm_
-    dx = torch.addmm(torch.mm(uT.T, A).mul_(scale), dy, weight) if need_dx else None
-    dA_full = torch.mm(uT, x).mul_(scale)
-    dBt_full = torch.mm(torch.mm(A, x.T), dy).mul_(scale)
+    dx = torch.addmm(torch.mm(suT.T, A), dy, weight) if need_dx else None
+    dA_full = torch.mm(suT, x)
+    dBt_full = torch.mm(torch.mm(A, x.T).mul_(scale), dy)
     return (dx, *project_grads(dA_full, dBt_full, A1, A2, B1, B2))
 
 
