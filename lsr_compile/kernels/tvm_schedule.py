@@ -53,6 +53,7 @@ def _schedule_acc(sch, block, row_loop, cfg):
 
 
 def _schedule_block(sch, block, cfg):
+    """Returns the row loop (tokens handled by one parallel task), where per-row partials are computed."""
     vec, rows, unroll = int(cfg.get("vec", 16)), int(cfg.get("rows", 32)), int(cfg.get("unroll", 0))
     loops = sch.get_loops(block)
     ivs = sch.get(block).iter_vars
@@ -62,39 +63,30 @@ def _schedule_block(sch, block, cfg):
     reduce = [lp for lp, iv in zip(loops, ivs) if iv.iter_type == _REDUCE]
     if not spatial:
         return None
-    extents = [sch.get(lp).extent for lp in spatial]
-    inner = spatial[-1]
+    # 1. vector lanes: the innermost spatial axis, when static, divisible and not the only axis
     vec_loop = None
-    if _is_static(extents[-1]) and extents[-1].value % vec == 0 and extents[-1].value >= vec and len(spatial) > 1:
-        inner, vec_loop = sch.split(spatial[-1], [None, vec])
-    others = spatial[:-1] if len(spatial) > 1 else []
-    token = [lp for lp, e in zip(spatial, extents) if not _is_static(e)]
-    if token:
-        par_src = token[0]
-        po, pi = sch.split(par_src, [None, rows])
-        rest = [lp for lp in others if lp != par_src]
-        order = [po, pi] + rest + ([inner] if vec_loop is not None or not others else []) + reduce
-    else:
-        po = others[0] if others else inner
-        pi = None
-        rest = [lp for lp in others[1:]] + ([inner] if others else [])
-        order = [po] + rest + reduce
-    if vec_loop is not None:
-        order.append(vec_loop)
-    elif not token and others:
-        pass
-    order = [lp for lp in order if lp is not None]
+    ext = sch.get(spatial[-1]).extent
+    if len(spatial) > 1 and _is_static(ext) and ext.value >= vec and ext.value % vec == 0:
+        spatial[-1], vec_loop = sch.split(spatial[-1], [None, vec])
+    # 2. parallel tasks: ``rows`` tokens each, or the outermost spatial axis when there is no token axis
+    row_loop = None
+    token = next((i for i, lp in enumerate(spatial) if not _is_static(sch.get(lp).extent)), None)
+    if token is not None:
+        outer, row_loop = sch.split(spatial[token], [None, rows])
+        spatial = [outer, row_loop] + spatial[:token] + spatial[token + 1:]
+    # 3. reductions outside the lanes, so each lane accumulates in a register
+    order = spatial + reduce + ([vec_loop] if vec_loop is not None else [])
     if len(order) > 1:
         sch.reorder(*order)
-    sch.parallel(po)
+    sch.parallel(spatial[0])
     if vec_loop is not None:
         sch.vectorize(vec_loop)
     if unroll:
-        sch.annotate(po, "pragma_auto_unroll_max_step", unroll)
-        sch.annotate(po, "pragma_unroll_explicit", 1)
+        sch.annotate(spatial[0], "pragma_auto_unroll_max_step", unroll)
+        sch.annotate(spatial[0], "pragma_unroll_explicit", 1)
     if reduce:
         sch.decompose_reduction(block, reduce[0])
-    return pi
+    return row_loop
 
 
 def schedule_cuda(func, cfg: dict) -> tvm.IRModule:
