@@ -1,7 +1,9 @@
 """Training at scale: DDP (gloo, 2 CPU processes), transformers Trainer unchanged, bf16 autocast."""
 import os
 import socket
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -46,7 +48,14 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ddp_grads.pt"
-    mp.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: forking a process whose OpenMP pool is running can deadlock the child (seen here)
+    ctx = mp.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 300 s")
     ddp = torch.load(out)
     model = _model()
     ids, labels = _batch()
