@@ -2,16 +2,16 @@
 
     peft.get_peft_model(model, lsr_compile.LSRConfig(s=4, r=2, target_modules=["query", "value"]))
 """
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
+from .._peft_type import LSR_PEFT_TYPE
 from ..config import LSRConfig
 from .interop import export_lora, load_reference_adapter
 from .layer import Linear, LSRLayer
 from .model import LSRModel
 
-try:
+if LSR_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:  # peft refuses a second registration (module reloads)
     register_peft_method(name="lsr", config_cls=LSRConfig, model_cls=LSRModel, prefix="lsr_")
-except KeyError:  # already registered (module re-imported)
-    pass
 
 __all__ = ["LSRConfig", "LSRLayer", "LSRModel", "Linear", "export_lora", "load_reference_adapter"]

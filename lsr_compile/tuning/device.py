@@ -5,6 +5,7 @@ import functools
 import os
 import platform
 import re
+from pathlib import Path
 
 import torch
 
@@ -24,15 +25,12 @@ def target_of(device: torch.device | str) -> str:
 @functools.lru_cache(maxsize=None)
 def _cpu_info() -> dict:
     model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere the fingerprint is the platform's names alone
+    for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []):
+        if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
     isa = [f for f in _ISA_FLAGS if f in flags]
     return {"kind": "cpu", "model": model, "isa": isa, "cores": torch.get_num_threads(), "arch": platform.machine()}
 
