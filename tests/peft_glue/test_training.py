@@ -1,4 +1,5 @@
 """Training at scale: DDP (gloo, 2 CPU processes), transformers Trainer unchanged, bf16 autocast."""
+import faulthandler
 import os
 import socket
 import time
@@ -31,6 +32,7 @@ def _grads(model):
 
 
 def _ddp_worker(rank, world, port, out):
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang prints every thread's stack, then fails the test
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -40,6 +42,9 @@ def _ddp_worker(rank, world, port, out):
     model(input_ids=ids[half], labels=labels[half]).loss.backward()
     if rank == 0:
         torch.save(_grads(model.module), out)
+    # DDP's reducer must go before its process group: destroying it afterwards hung here (about 1 run in 6)
+    del model
+    dist.barrier()
     dist.destroy_process_group()
 
 
