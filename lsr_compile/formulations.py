@@ -12,41 +12,51 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# The Kronecker sums and the projections are each one GEMM with K = s (or K = r·n) plus a permuted copy of a
+# (q, d) matrix; einsum took 180 µs for build_A at 768², s = 4 here, this 30 µs.
+
+def _kron_sum(X1: Tensor, X2: Tensor) -> Tensor:
+    """``P[(p, u), (k, v)] = Σ_l X1[l, p, u] · X2[l, k, v]``, as ``(p, u, k, v)``."""
+    s, p, u = X1.shape
+    k, v = X2.shape[1:]
+    return torch.mm(X1.reshape(s, p * u).T, X2.reshape(s, k * v)).view(p, u, k, v)
+
+
 def build_A(A1: Tensor, A2: Tensor) -> Tensor:
-    """``A = Σ_l A1[l] ⊗ A2[l]`` as ``(r1*r2, n1*n2)``; einsum, no Python loop over l."""
-    s, r1, n1 = A1.shape
+    """``A = Σ_l A1[l] ⊗ A2[l]`` as ``(r1*r2, n1*n2)``."""
+    r1, n1 = A1.shape[1:]
     r2, n2 = A2.shape[1:]
-    return torch.einsum("lai,lbj->abij", A1, A2).reshape(r1 * r2, n1 * n2)
+    return _kron_sum(A1, A2).permute(0, 2, 1, 3).contiguous().view(r1 * r2, n1 * n2)
 
 
 def build_B(B1: Tensor, B2: Tensor) -> Tensor:
     """``B = Σ_l B1[l] ⊗ B2[l]`` as ``(m1*m2, r1*r2)``."""
-    s, m1, r1 = B1.shape
+    m1, r1 = B1.shape[1:]
     m2, r2 = B2.shape[1:]
-    return torch.einsum("lca,ldb->cdab", B1, B2).reshape(m1 * m2, r1 * r2)
+    return _kron_sum(B1, B2).permute(0, 2, 1, 3).contiguous().view(m1 * m2, r1 * r2)
 
 
 def build_Bt(B1: Tensor, B2: Tensor) -> Tensor:
     """``Bᵀ`` as a contiguous ``(r1*r2, m1*m2)``: q-row operands make the thin products 1.5-2.5x faster
     on oneDNN/MKL here (768², N = 2048: ``(Bᵀ dyᵀ)ᵀ`` 0.45 ms against ``dy @ B`` 1.16 ms)."""
-    s, m1, r1 = B1.shape
+    m1, r1 = B1.shape[1:]
     m2, r2 = B2.shape[1:]
-    return torch.einsum("lca,ldb->abcd", B1, B2).reshape(r1 * r2, m1 * m2)
+    return _kron_sum(B1, B2).permute(1, 3, 0, 2).contiguous().view(r1 * r2, m1 * m2)
 
 
 def project_grads(dA_full: Tensor, dBt_full: Tensor, A1, A2, B1, B2):
     """Gradients of the four factors from those of ``A (q, d_in)`` and ``Bᵀ (q, d_out)`` (SPEC §2), e.g.
     ``dA1[l][a,i] = Σ_{b,j} dA[a·r2+b, i·n2+j] · A2[l][b,j]``."""
-    r1, n1 = A1.shape[1:]
+    s, r1, n1 = A1.shape
     r2, n2 = A2.shape[1:]
     m1, m2 = B1.shape[1], B2.shape[1]
-    gA = dA_full.reshape(r1, r2, n1, n2)
-    gB = dBt_full.reshape(r1, r2, m1, m2)
+    gA = dA_full.reshape(r1, r2, n1, n2).permute(0, 2, 1, 3).reshape(r1 * n1, r2 * n2)  # [(a,i), (b,j)]
+    gB = dBt_full.reshape(r1, r2, m1, m2).permute(2, 0, 3, 1).reshape(m1 * r1, m2 * r2)  # [(c,a), (d,b)]
     return (
-        torch.einsum("abij,lbj->lai", gA, A2),
-        torch.einsum("abij,lai->lbj", gA, A1),
-        torch.einsum("abcd,ldb->lca", gB, B2),
-        torch.einsum("abcd,lca->ldb", gB, B1),
+        torch.mm(A2.reshape(s, r2 * n2), gA.T).reshape(s, r1, n1),
+        torch.mm(A1.reshape(s, r1 * n1), gA).reshape(s, r2, n2),
+        torch.mm(B2.reshape(s, m2 * r2), gB.T).reshape(s, m1, r1),
+        torch.mm(B1.reshape(s, m1 * r1), gB).reshape(s, m2, r2),
     )
 
 
@@ -95,5 +105,16 @@ def backward_materialise(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
     return (dx, *project_grads(dA_full, dBt_full, A1, A2, B1, B2))
 
 
+def backward_fold(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
+    """``dx = dy (W + scale·B·A)``: one GEMM on the folded weight instead of GEMM + an (N, d_in) adapter term
+    (768², N = 2048, time over ``dy W``: 1.24-1.26 against materialise's 1.42-1.44). Chunking the tokens so
+    the thin products find dy and x in cache measured no better here (1.39-1.46)."""
+    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
+    dx = torch.mm(dy, torch.addmm(weight, Bt.T, A, alpha=scale)) if need_dx else None
+    dA_full = torch.mm(torch.mm(Bt, dy.T).mul_(scale), x)
+    dBt_full = torch.mm(torch.mm(A, x.T).mul_(scale), dy)
+    return (dx, *project_grads(dA_full, dBt_full, A1, A2, B1, B2))
+
+
 FORWARDS = {"materialise": forward_materialise, "fold": forward_fold, "factored": forward_factored}
-BACKWARDS = {"materialise": backward_materialise}
+BACKWARDS = {"materialise": backward_materialise, "fold": backward_fold}

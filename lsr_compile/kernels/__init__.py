@@ -19,11 +19,12 @@ def torch_default_variant(op: str, key: ProblemKey) -> str:
     """Untuned choice among the PyTorch formulations, from a memory-traffic cost model.
 
     Folding reads and writes W once (2·d_out·d_in); the token path re-reads x and
-    re-writes y (N·(d_in + 2·d_out)); the matmul work of both is a q/d fraction.
+    re-writes y (N·(d_in + 2·d_out)) forward, and writes then re-reads an (N, d_in)
+    adapter term backward; the matmul work of both is a q/d fraction.
     """
-    if op == "backward":
-        return "materialise"
     d_in, d_out = key.n1 * key.n2, key.m1 * key.m2
+    if op == "backward":
+        return "fold" if key.tokens >= d_out else "materialise"
     return "fold" if key.tokens * (d_in + 2 * d_out) > 2 * d_out * d_in else "materialise"
 
 
