@@ -97,10 +97,9 @@ def main(batch: int = 32, seq: int = 64, retune: bool = False, budget_s: float =
     for k in models:
         lines.append(f"| {k} | {tok / t_inf[k] * 1e3:,.0f} | {t_inf[k] / t_inf['frozen base (eager)']:.3f}x time | "
                      f"{tok / t_train[k] * 1e3:,.0f} | {t_train[k] / t_train['frozen base (eager)']:.3f}x time |")
+    lsr_c, base_c = "LSR autotuned ops + torch.compile", "frozen base + torch.compile"
     lines.append(f"\nLSR autotuned+compiled vs frozen base compiled: inference "
-                 f"{t_inf['LSR autotuned ops + torch.compile'] / t_inf['frozen base + torch.compile']:.3f}x time, "
-                 f"train step {t_train['LSR autotuned ops + torch.compile'] / t_train['frozen base + torch.compile']:.3f}x"
-                 f" time")
+                 f"{t_inf[lsr_c] / t_inf[base_c]:.3f}x time, train step {t_train[lsr_c] / t_train[base_c]:.3f}x time")
     lines.append(f"autotuned+compiled vs reference eager: inference "
                  f"{t_inf['LSR reference formulation (eager)'] / t_inf['LSR autotuned ops + torch.compile']:.2f}x "
                  f"faster, train step "

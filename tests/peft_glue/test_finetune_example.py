@@ -20,9 +20,9 @@ def test_learning_rate_is_chosen_on_validation_never_on_test():
     row = dict(adapter_params=10, head_params=2, wall_s=1.0)
     rows = [dict(row, method="LoRA r=8", seed=s, lr=1e-3, val_acc=0.70, test_acc=0.90) for s in (0, 1)]
     rows += [dict(row, method="LoRA r=8", seed=s, lr=3e-3, val_acc=0.75, test_acc=0.60) for s in (0, 1)]
-    rows += [dict(row, method="LSR", seed=0, val_acc=0.5, test_acc=0.5)]  # an old row: no lr recorded, 1e-3
+    rows += [dict(row, method="LSR", seed=0, lr=1e-3, val_acc=0.5, test_acc=0.5)]
     chosen = mod.selected(rows)
-    assert {(r["method"], r.get("lr")) for r in chosen} == {("LoRA r=8", 3e-3), ("LSR", None)}
+    assert {(r["method"], r["lr"]) for r in chosen} == {("LoRA r=8", 3e-3), ("LSR", 1e-3)}
     table = mod.summarise(rows)
     assert "| LoRA r=8 | 60.00 ± 0.00 | 75.00 | 0.003 (0.001, 0.003) |" in table
     assert "| LSR | 50.00 ± 0.00 | 50.00 | 0.001 (0.001) |" in table
