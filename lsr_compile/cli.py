@@ -52,15 +52,14 @@ def main(argv=None) -> int:
 
     from . import dispatch, workloads
     from .tuning import tune
+    from .tuning.search import summary
 
     if a.cmd == "tune":
         shapes = {"demo": workloads.demo_shapes, "bench": workloads.bench_shapes, "gpu": workloads.gpu_shapes,
                   "one": lambda: [_shape(a)]}[a.set]()
         recs = tune(shapes, target=a.target, log_dir=a.log_dir, trials=a.trials, time_budget_s=a.budget)
         for r in recs:
-            print(f"{r['key']['op']:8s} N={r['tokens']:5d} {r['key']['m1'] * r['key']['m2']}x"
-                  f"{r['key']['n1'] * r['key']['n2']}: {r['backend']}:{r['variant']} {r['config']} "
-                  f"{r['time_ms']:.3f} ms = {r['time_ms'] / r['floor_ms']:.3f}x floor")
+            print(summary(r))
     elif a.cmd == "bench":
         from . import bench
         from .tuning.device import device_id

@@ -173,6 +173,9 @@ def triton_layer_configs(device: torch.device, dtype: torch.dtype, f) -> Optiona
     fwd, bwd = best("forward"), best("backward")
     if forced is None and (fwd is None or fwd.backend != "triton"):
         return None
-    pick = lambda r, op: r.config if r is not None and r.backend == "triton" else \
-        triton_fused.default_choice(op, None, device)[1]  # noqa: E731
+    def pick(r, op):
+        if r is not None and r.backend == "triton":
+            return r.config
+        return triton_fused.default_choice(op, None, device)[1]
+
     return pick(fwd, "forward"), pick(bwd, "backward")

@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     import lsr_compile as lc
     from . import bench, logs, workloads
     from .tuning.device import device_id
+    from .tuning.search import summary
 
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -130,9 +131,7 @@ def main(argv=None) -> int:
     recs = lc.tune(workloads.gpu_shapes(), target="cuda", trials=a.trials, time_budget_s=a.budget, progress=False)
     _print(f"tuned {len(recs)} records in {time.time() - t0:.0f} s")
     for r in recs:
-        _print(f"  {r['key']['op']:8s} N={r['tokens']:5d} {r['key']['m1'] * r['key']['m2']}x"
-               f"{r['key']['n1'] * r['key']['n2']}: {r['backend']}:{r['variant']} {r['config']} "
-               f"{r['time_ms']:.3f} ms = {r['time_ms'] / r['floor_ms']:.3f}x floor")
+        _print("  " + summary(r))
     log_dir = logs.log_path(logs.PROJECT_LOG_DIR, "cuda", device_id("cuda"), "forward").parent
     if log_dir.exists():
         for p in log_dir.glob("*.jsonl"):

@@ -42,9 +42,8 @@ def library_versions() -> dict:
 
 def _version_ok(backend: str, recorded: dict, current: dict) -> bool:
     """A record stays valid while the library that built its kernel is at the same major.minor."""
-    lib = {"torch": "torch", "tvm": "tvm", "triton": "triton"}[backend]
     mm = lambda v: ".".join(str(v).split(".")[:2]) if v else None  # noqa: E731
-    return mm(recorded.get(lib)) == mm(current.get(lib)) and mm(recorded.get("torch")) == mm(current.get("torch"))
+    return all(mm(recorded.get(lib)) == mm(current.get(lib)) for lib in {backend, "torch"})
 
 
 @dataclass(frozen=True)

@@ -94,21 +94,23 @@ def forward_kron(f: FactorShapes, dtype: str):
     return [x, A1, A2, B1, B2, scale, y_io, y]
 
 
+def _project_pair(g, X1, X2, names):
+    """Gradients of ``X1 (s, p, u)`` and ``X2 (s, k, v)`` from ``g(p, u, k, v)``, the gradient of their
+    Kronecker sum at ``[(p, u), (k, v)]``: ``dX1[l,p,u] = Σ_{k,v} g · X2[l,k,v]`` and the mirror."""
+    s, P, U = X1.shape
+    K, V = X2.shape[1:]
+    k, v = te.reduce_axis((0, K), name=f"{names[0]}_k"), te.reduce_axis((0, V), name=f"{names[0]}_v")
+    dX1 = te.compute((s, P, U), lambda l, p, u: te.sum(g(p, u, k, v) * X2[l, k, v], axis=[k, v]), name=names[0])
+    p, u = te.reduce_axis((0, P), name=f"{names[1]}_p"), te.reduce_axis((0, U), name=f"{names[1]}_u")
+    dX2 = te.compute((s, K, V), lambda l, k, v: te.sum(g(p, u, k, v) * X1[l, p, u], axis=[p, u]), name=names[1])
+    return dX1, dX2
+
+
 def _project(f: FactorShapes, dA, dB, A1, A2, B1, B2):
-    """Factor gradients from full-factor ones: e.g. ``dA1[l,a,i] = Σ_{b,j} dA[a·r2+b, i·n2+j] · A2[l,b,j]``."""
-    b, j = te.reduce_axis((0, f.r2), name="pb"), te.reduce_axis((0, f.n2), name="pj")
-    dA1 = te.compute((f.s, f.r1, f.n1), lambda l, a, i: te.sum(
-        dA[a * f.r2 + b, i * f.n2 + j] * A2[l, b, j], axis=[b, j]), name="dA1")
-    a, i = te.reduce_axis((0, f.r1), name="pa"), te.reduce_axis((0, f.n1), name="pi")
-    dA2 = te.compute((f.s, f.r2, f.n2), lambda l, b, j: te.sum(
-        dA[a * f.r2 + b, i * f.n2 + j] * A1[l, a, i], axis=[a, i]), name="dA2")
-    # dB is stored transposed, dBt (q, d_out): dBt[a·r2+b, c·m2+d] = dB_full[c·m2+d, a·r2+b]
-    d, b2 = te.reduce_axis((0, f.m2), name="pd"), te.reduce_axis((0, f.r2), name="pb2")
-    dB1 = te.compute((f.s, f.m1, f.r1), lambda l, c, a: te.sum(
-        dB[a * f.r2 + b2, c * f.m2 + d] * B2[l, d, b2], axis=[d, b2]), name="dB1")
-    c, a3 = te.reduce_axis((0, f.m1), name="pc"), te.reduce_axis((0, f.r1), name="pa3")
-    dB2 = te.compute((f.s, f.m2, f.r2), lambda l, d, b: te.sum(
-        dB[a3 * f.r2 + b, c * f.m2 + d] * B1[l, c, a3], axis=[c, a3]), name="dB2")
+    """Factor gradients from full-factor ones: e.g. ``dA1[l,a,i] = Σ_{b,j} dA[a·r2+b, i·n2+j] · A2[l,b,j]``.
+    dB is stored transposed, dBt (q, d_out): ``dBt[a·r2+b, c·m2+d] = dB_full[c·m2+d, a·r2+b]``."""
+    dA1, dA2 = _project_pair(lambda a, i, b, j: dA[a * f.r2 + b, i * f.n2 + j], A1, A2, ("dA1", "dA2"))
+    dB1, dB2 = _project_pair(lambda c, a, d, b: dB[a * f.r2 + b, c * f.m2 + d], B1, B2, ("dB1", "dB2"))
     return dA1, dA2, dB1, dB2
 
 

@@ -8,7 +8,7 @@
 x is read once: ``a @ Pᵀ`` is accumulated in the base GEMM's K-loop and ``t Qᵀ`` added in
 the epilogue. Transposes are strides, never copies. The factor gradients
 (``dA = scale·uᵀ x``, ``dB = scale·dyᵀ t``, then the Kronecker projections) are
-q-wide GEMMs and einsums; no d_out x d_in matrix is formed (SPEC §2).
+q-wide GEMMs (``formulations.factor_grads``); no d_out x d_in matrix is formed (SPEC §2).
 
 Without a GPU the kernel runs in Triton's interpreter: correct and slow, for
 tests. The interpreter must be chosen before anything imports triton (torch and
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import schedules
-from ..formulations import build_A, build_B, project_grads
+from ..formulations import build_A, build_B, factor_grads
 from ..problem import ProblemKey
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -135,9 +135,7 @@ def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx, config):
         dx, u = fused_linear(dy, weight.T, None, B.T, A.T, scale, config, want_t=True)
     else:
         dx, u = None, dy @ B
-    dA_full = torch.mm(u.T, x).mul_(scale)
-    dBt_full = torch.mm(torch.mm(A, x.T), dy).mul_(scale)
-    return (dx, *project_grads(dA_full, dBt_full, A1, A2, B1, B2))
+    return (dx, *factor_grads(u.T.mul(scale), dy, x, A, A1, A2, B1, B2, scale))
 
 
 def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
@@ -239,7 +237,7 @@ def _cfg(values) -> dict:
 
 
 def inductor_forward(x, weight, bias, A1, A2, B1, B2, scale, fwd_config: dict, bwd_config: dict):
-    """The layer through ``lsr::triton_fused_linear``: A and B built by differentiable einsums, so autograd
+    """The layer through ``lsr::triton_fused_linear``: A and B built by differentiable GEMMs, so autograd
     turns dA/dB into the four factor gradients."""
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.ops.lsr.triton_fused_linear(x2, weight, bias, build_A(A1, A2), build_B(B1, B2), float(scale),

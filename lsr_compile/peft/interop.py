@@ -83,8 +83,8 @@ def load_reference_adapter(model: nn.Module, state_dict: Mapping[str, torch.Tens
         g = groups[hits[0]]
         if set(g) != {"A1", "A2", "B1", "B2"}:
             raise KeyError(f"reference layer {hits[0]} lacks {sorted({'A1', 'A2', 'B1', 'B2'} - set(g))}")
-        params = (dict(zip(("A1", "A2", "B1", "B2"), (m.A1, m.A2, m.B1, m.B2))) if isinstance(m, LSRLinear)
-                  else dict(zip(("A1", "A2", "B1", "B2"), m.factors(adapter_name))))
+        factors = (m.A1, m.A2, m.B1, m.B2) if isinstance(m, LSRLinear) else m.factors(adapter_name)
+        params = dict(zip(("A1", "A2", "B1", "B2"), factors))
         with torch.no_grad():
             for part, p in params.items():
                 if tuple(g[part].shape) != tuple(p.shape):

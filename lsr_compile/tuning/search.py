@@ -148,6 +148,13 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     }
 
 
+def summary(rec: dict) -> str:
+    """One line per tuning record, as the CLI and the GPU check print them."""
+    k = rec["key"]
+    return (f"{k['op']:8s} N={rec['tokens']:5d} {k['m1'] * k['m2']}x{k['n1'] * k['n2']}: {rec['backend']}:"
+            f"{rec['variant']} {rec['config']} {rec['time_ms']:.3f} ms = {rec['time_ms'] / rec['floor_ms']:.3f}x floor")
+
+
 def _name(backend, variant, config) -> str:
     cfg = ",".join(f"{k}={v}" for k, v in sorted(config.items()))
     return f"{backend}:{variant}" + (f"[{cfg}]" if cfg else "")
@@ -195,8 +202,7 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
             continue
         logs.append(logs.log_path(log_dir, target, rec["device"]["id"], op), rec)
         written.append(rec)
-        log.info("tune: %s %s -> %s:%s %.3g ms (floor %.3g ms)", op, shape.label(), rec["backend"],
-                 rec["variant"], rec["time_ms"], rec["floor_ms"])
+        log.info("tune: %s", summary(rec))
     if log_dir.resolve() != logs.PROJECT_LOG_DIR.resolve():
         dispatch.load_logs(log_dir)
     dispatch.invalidate()
