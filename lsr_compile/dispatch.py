@@ -144,38 +144,3 @@ def explain(obj, tokens: Optional[int] = None, device=None) -> str:
         key = ProblemKey(op, dtype_name(dtype), token_bucket(tokens), f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2)
         lines.append(f"  {op:8s} {choose(op, key, device)}")
     return "\n".join(lines)
-
-
-def triton_layer_configs(device: torch.device, dtype: torch.dtype, f) -> Optional[tuple[dict, dict]]:
-    """On a GPU: (forward, backward) Triton configs when this layer should run the Inductor-visible Triton op.
-
-    The choice is per layer (it is made while torch.compile traces, when the token count may be symbolic):
-    forced by ``use_backend("triton")``, or Triton won the largest tuned token bucket for this shape.
-    """
-    if device.type != "cuda":
-        return None
-    forced = _forced.get()
-    if forced not in (None, "triton"):
-        return None
-    from .kernels import triton_fused
-
-    if not triton_fused.register_inductor_ops():
-        return None
-    dt = dtype_name(dtype)
-    recs = records(target_of(device), device_id(device))
-    mine = {k: r for k, r in recs.items()
-            if (k.dtype, k.s, k.r1, k.r2, k.n1, k.n2, k.m1, k.m2) == (dt, f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2)}
-
-    def best(op):
-        rs = sorted((k.tokens, r) for k, r in mine.items() if k.op == op)
-        return rs[-1][1] if rs else None
-
-    fwd, bwd = best("forward"), best("backward")
-    if forced is None and (fwd is None or fwd.backend != "triton"):
-        return None
-    def pick(r, op):
-        if r is not None and r.backend == "triton":
-            return r.config
-        return triton_fused.default_choice(op, None, device)[1]
-
-    return pick(fwd, "forward"), pick(bwd, "backward")

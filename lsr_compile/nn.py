@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dispatch, formulations
+from . import formulations
 from .config import FactorShapes, LSRConfig
 from .ops import lsr_linear
 
@@ -18,20 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
-                scale: float, factor_shapes: FactorShapes) -> Tensor:
+                scale: float) -> Tensor:
     """The layer as modules run it: autocast respected (all operands cast to the autocast dtype, as
-    nn.Linear does), and on a GPU the Inductor-visible Triton op when it was tuned or forced."""
+    nn.Linear does), then one ``torch.ops.lsr.linear`` call. Every kernel choice (Triton on a GPU too) is
+    made inside the op at run time, so a traced model holds the op and nothing device-specific."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             args = [None if t is None else t.to(dt) for t in (x, weight, bias, A1, A2, B1, B2)]
-            return lsr_forward(*args, scale, factor_shapes)
-    if x.is_cuda:
-        cfgs = dispatch.triton_layer_configs(x.device, x.dtype, factor_shapes)
-        if cfgs is not None:
-            from .kernels.triton_fused import inductor_forward
-
-            return inductor_forward(x, weight, bias, A1, A2, B1, B2, scale, *cfgs)
+            return lsr_linear(*args, scale)
     return lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
 
 
@@ -101,8 +96,7 @@ class LSRLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        return lsr_forward(x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2, self.scale,
-                           self.factor_shapes)
+        return lsr_forward(x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2, self.scale)
 
     def delta_weight(self) -> Tensor:
         """``scale · B · A``, shape ``(d_out, d_in)``."""

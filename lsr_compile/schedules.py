@@ -21,8 +21,10 @@ def variants(name: str, op: str) -> list[str]:
     return sorted(load(name).get(op, {}))
 
 
-def default(name: str, op: str, variant: str) -> dict:
-    return dict(load(name)[op][variant]["default"])
+def default(name: str, op: str, variant: str, dtype: str | None = None) -> dict:
+    """The point that runs untuned; a space may name one per dtype (``default_by_dtype``)."""
+    entry = load(name)[op][variant]
+    return dict(entry.get("default_by_dtype", {}).get(dtype, entry["default"]))
 
 
 def space(name: str, op: str, variant: str) -> list[dict]:

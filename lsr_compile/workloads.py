@@ -25,6 +25,13 @@ def bench_shapes(quick: bool = False) -> list[LSRShape]:
 
 
 def gpu_shapes() -> list[LSRShape]:
-    """The GPU check (issue 4): 768², 4096², 4096x11008 at N = 512 and 8192, bf16."""
-    return [LSRShape(n, d_in, d_out, s=4, r=(2, 4), dtype=torch.bfloat16)
-            for d_in, d_out in ((768, 768), (4096, 4096), (4096, 11008)) for n in (512, 8192)]
+    """The GPU check, most important first: the target shape (bf16 4096², N = 8192), the BERT-base layer the
+    whole-model check runs (768², N = 8192), an MLP up-projection (4096 -> 11008), then small batches."""
+    bf16 = lambda n, d_in, d_out: LSRShape(n, d_in, d_out, s=4, r=(2, 4), dtype=torch.bfloat16)  # noqa: E731
+    return [bf16(8192, 4096, 4096), bf16(8192, 768, 768), bf16(8192, 4096, 11008), bf16(512, 4096, 4096),
+            bf16(512, 768, 768), bf16(512, 4096, 11008)]
+
+
+def dry_run_shapes() -> list[LSRShape]:
+    """The GPU check's dry run on a CPU: the same stages on layers small enough for Triton's interpreter."""
+    return [LSRShape(64, 64, 64, s=4, r=(2, 4)), LSRShape(32, 64, 48, s=2, r=(2, 2))]

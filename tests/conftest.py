@@ -1,11 +1,16 @@
 import os
+import sys
 
-# Triton kernels run on the CPU only in the interpreter, chosen before anything imports triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run only in its interpreter, which must be chosen before anything imports
+# triton (importing torch does not). On a GPU the tests run the compiled kernels.
+assert "triton" not in sys.modules, "triton was imported before conftest could choose the interpreter"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +24,10 @@ def make_factors(s, r1, r2, n1, n2, m1, m2, dtype=torch.float32, requires_grad=F
     return [(scale * torch.randn(sh, dtype=torch.float64)).to(dtype).requires_grad_(requires_grad) for sh in shapes]
 
 
-def make_layer_inputs(N, s, r1, r2, n1, n2, m1, m2, dtype=torch.float32, bias=True, lead=()):
+def make_layer_inputs(N, s, r1, r2, n1, n2, m1, m2, dtype=torch.float32, bias=True, lead=(), device="cpu"):
     d_in, d_out = n1 * n2, m1 * m2
-    x = torch.randn(*lead, N, d_in, dtype=torch.float64).to(dtype)
-    W = (torch.randn(d_out, d_in, dtype=torch.float64) / d_in ** 0.5).to(dtype)
-    b = torch.randn(d_out, dtype=torch.float64).to(dtype) if bias else None
-    return x, W, b, make_factors(s, r1, r2, n1, n2, m1, m2, dtype, scale=0.3)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    x = cast(torch.randn(*lead, N, d_in, dtype=torch.float64))
+    W = cast(torch.randn(d_out, d_in, dtype=torch.float64) / d_in ** 0.5)
+    b = cast(torch.randn(d_out, dtype=torch.float64)) if bias else None
+    return x, W, b, [cast(f) for f in make_factors(s, r1, r2, n1, n2, m1, m2, dtype, scale=0.3)]

@@ -5,7 +5,9 @@ the tuner, dispatch and tests call the same code path with an explicit config.
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib.util
+import os
+from typing import Callable, Optional
 
 import torch
 
@@ -69,6 +71,30 @@ def _round_robin(lists):
         out += [l[i] for l in lists if i < len(l)]
         i += 1
     return out
+
+
+def unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` in this process (a missing package, no GPU), or None.
+    Such candidates are skipped, never counted as failures."""
+    device = torch.device(device)
+    if backend == "tvm" and importlib.util.find_spec("tvm") is None:
+        return "TVM is not installed"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on a CPU only in its interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
+def static_problem(backend: str, op: str, config: dict, key: ProblemKey, device: torch.device) -> Optional[str]:
+    """Why a candidate must not run on ``device``, known without running it (it spills, its shared memory does
+    not fit): the tuner prunes it before any timing. None when nothing is known against it."""
+    if backend == "triton":
+        from . import triton_fused
+
+        return triton_fused.static_problem(op, key, config, device)
+    return None
 
 
 def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, device: torch.device) -> Callable:

@@ -16,7 +16,15 @@ transformers may), so it is the process's environment: ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import triton
@@ -24,17 +32,18 @@ import triton.language as tl
 
 from .. import schedules
 from ..formulations import build_A, build_B, factor_grads
-from ..problem import ProblemKey
+from ..problem import DTYPES as DTYPES_TORCH, ProblemKey
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 # In the interpreter every config computes the same thing slowly; one small tile keeps tests fast.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
 @triton.jit
 def _fused_lsr_kernel(
-    # pointers
+    # pointers (bias_ptr / t_ptr are None when HAS_BIAS / WRITE_T are off: no pointer is passed twice)
     a_ptr, m_ptr, bias_ptr, p_ptr, q_ptr, out_ptr, t_ptr,
     # sizes
     M, N, K, R,
@@ -64,6 +73,7 @@ def _fused_lsr_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     tacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    # out_dtype is given explicitly: Triton 3.6 defaults it to float32 whatever the accumulator
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
@@ -75,19 +85,21 @@ def _fused_lsr_kernel(
         if UPCAST:
             a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
         if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-            tacc = tl.dot(a, p, tacc, input_precision="ieee")
+            acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=ACC)
+            tacc = tl.dot(a, p, tacc, input_precision="ieee", out_dtype=ACC)
         else:
-            acc = tl.dot(a, w, acc)
-            tacc = tl.dot(a, p, tacc)
+            acc = tl.dot(a, w, acc, out_dtype=ACC)
+            tacc = tl.dot(a, p, tacc, out_dtype=ACC)
     qm = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
                  mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
     if UPCAST:
         qm = qm.to(ACC)
+    # the adapter term accumulates into acc (no second BLOCK_M x BLOCK_N tile: that one spilled)
+    st = (tacc * scale).to(qm.dtype)
     if IEEE:
-        acc += scale * tl.dot(tacc.to(qm.dtype), qm, input_precision="ieee")
+        acc = tl.dot(st, qm, acc, input_precision="ieee", out_dtype=ACC)
     else:
-        acc += scale * tl.dot(tacc.to(qm.dtype), qm)
+        acc = tl.dot(st, qm, acc, out_dtype=ACC)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += b[None, :].to(ACC)
@@ -118,10 +130,45 @@ def _check(a, Mt, P, Q):
 
 def fused_linear(a, Mt, bias, P, Q, scale: float, config: dict, want_t: bool = False):
     """``a Mᵀ + bias + scale·(a Pᵀ) Qᵀ`` (and ``a Pᵀ``) for 2-D ``a (m, k)``, ``Mt (n, k)``, ``P (r, k)``,
-    ``Q (n, r)``, any strides; fp32 accumulation."""
+    ``Q (n, r)``, any strides; fp32 accumulation (fp64 for fp64)."""
     _check(a, Mt, P, Q)
-    out, t = _launch(a, Mt, bias, P, Q, scale, config, want_t, lambda kernel: kernel)
+    args, kwargs, grid = _launch_args(a, Mt, bias, P, Q, scale, INTERPRETER_CONFIG if INTERPRETED else config,
+                                      want_t)
+    _fused_lsr_kernel[grid](*args, **kwargs)
+    out, t = args[5], args[6]
     return (out, t) if want_t else out
+
+
+def _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
+    """The kernel's arguments for one call: what a launch passes and what ``compile_report`` compiles."""
+    m, k = a.shape
+    n, r = Mt.shape[0], P.shape[0]
+    out = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    t = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_t else None
+    st = t.stride() if want_t else (0, 0)
+    args = (a, Mt, bias, P, Q, out, t, m, n, k, r,
+            a.stride(0), a.stride(1), Mt.stride(0), Mt.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
+            out.stride(0), out.stride(1), st[0], st[1], float(scale))
+    kwargs = dict(
+        HAS_BIAS=bias is not None, WRITE_T=want_t, IEEE=a.dtype in (torch.float32, torch.float64),
+        UPCAST=INTERPRETED and a.dtype in (torch.bfloat16, torch.float16),
+        ACC=tl.float64 if a.dtype == torch.float64 else tl.float32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=max(16, triton.next_power_of_2(r)), GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    return args, kwargs, grid
+
+
+def _operands(op, key: ProblemKey, device="meta"):
+    """Tensors laid out exactly as ``forward``/``backward`` pass them (meta: no memory), for compiling."""
+    f, dt = key.shapes, DTYPES_TORCH[key.dtype]
+    e = lambda *s: torch.empty(*s, device=device, dtype=dt)  # noqa: E731
+    x, W, A, B = e(key.tokens, f.d_in), e(f.d_out, f.d_in), e(f.q, f.d_in), e(f.d_out, f.q)
+    if op == "forward":
+        return (x, W, e(f.d_out), A, B), False
+    return (e(key.tokens, f.d_out), W.T, None, B.T, A.T), True
 
 
 def forward(x, weight, bias, A1, A2, B1, B2, scale, config):
@@ -139,7 +186,8 @@ def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx, config):
 
 
 def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
-    return "fused", schedules.default("triton_cuda", op, "fused")
+    """The untuned config for the key's dtype (large bf16 tiles do not fit fp32/fp64 operands)."""
+    return "fused", schedules.default("triton_cuda", op, "fused", key.dtype if key is not None else None)
 
 
 def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
@@ -160,86 +208,96 @@ def build(op: str, variant: str, config: dict, key: ProblemKey, device):
                                                                           need_dx, config)
 
 
-# ---- Inductor-visible registration (GPU) -------------------------------------------------------
-# ``triton_op`` + ``wrap_triton`` let torch.compile see into the kernel and schedule around it; in the
-# interpreter they hand back the raw kernel and fail on FakeTensors (STACK-NOTES), so CPU runs use the
-# ``lsr::linear`` op (explicit fake implementation) instead.
+# ---- ahead-of-time compilation: resources of a config without a GPU ------------------------------
 
-def _launch(a, Mt, bias, P, Q, scale, config, want_t, launcher):
-    m, k = a.shape
-    n, r = Mt.shape[0], P.shape[0]
-    out = torch.empty((m, n), device=a.device, dtype=a.dtype)
-    t = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_t else out
-    cfg = INTERPRETER_CONFIG if INTERPRETED else config
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    launcher(_fused_lsr_kernel)[grid](
-        a, Mt, bias if bias is not None else out, P, Q, out, t, m, n, k, r,
-        a.stride(0), a.stride(1), Mt.stride(0), Mt.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
-        out.stride(0), out.stride(1), t.stride(0), t.stride(1), float(scale),
-        HAS_BIAS=bias is not None, WRITE_T=want_t, IEEE=a.dtype in (torch.float32, torch.float64),
-        UPCAST=INTERPRETED and a.dtype in (torch.bfloat16, torch.float16),
-        ACC=tl.float64 if a.dtype == torch.float64 else tl.float32,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=max(16, triton.next_power_of_2(r)), GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    return out, t
+@dataclass(frozen=True)
+class Resources:
+    """What ptxas made of one config for one GPU architecture."""
+
+    capability: int
+    shared: int  # bytes of shared memory per block
+    registers: int  # per thread
+    spilled: int  # bytes of local memory per thread (spills / stack), 0 when everything is in registers
+    tensor_cores: str  # "wgmma" (Hopper), "mma", or "" (FMA units only)
+
+    def problem(self, shared_limit: int) -> Optional[str]:
+        """Why this config must not run (spills, too much shared memory), or None."""
+        if self.shared > shared_limit:
+            return f"needs {self.shared} B of shared memory, the limit is {shared_limit}"
+        if self.spilled:
+            return f"spills ({self.registers} registers, {self.spilled} B of local memory per thread)"
+        return None
 
 
-_registered = False
+# opt-in shared memory per block by compute capability (CUDA programming guide); a real GPU is asked instead
+SHARED_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448,
+                100: 232448, 120: 101376}
 
 
-def register_inductor_ops() -> bool:
-    """Define ``lsr::triton_fused_linear`` (a ``triton_op``) with autograd; only where a GPU runs Triton."""
-    global _registered
-    if _registered or INTERPRETED or not torch.cuda.is_available():
-        return _registered
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op("lsr::triton_fused_linear", mutates_args=())
-    def triton_fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                            B: torch.Tensor, scale: float, fwd_config: list[int],
-                            bwd_config: list[int]) -> torch.Tensor:
-        return _launch(x, weight, bias, A, B, scale, _cfg(fwd_config), False, wrap_triton)[0]
-
-    @triton_op("lsr::triton_fused_dx", mutates_args=())
-    def triton_fused_dx(dy: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                        bwd_config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch(dy, weight.T, None, B.T, A.T, scale, _cfg(bwd_config), True, wrap_triton)
-
-    def setup(ctx, inputs, output):
-        x, weight, bias, A, B, scale, _, bwd_config = inputs
-        ctx.save_for_backward(x, weight, A, B)
-        ctx.scale, ctx.bwd_config = scale, bwd_config
-
-    def backward(ctx, dy):
-        x, weight, A, B = ctx.saved_tensors
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        dx, u = torch.ops.lsr.triton_fused_dx(dy2, weight, A, B, ctx.scale, ctx.bwd_config)
-        dA = torch.mm(u.T, x2).mul_(ctx.scale)
-        dB = torch.mm(torch.mm(A, x2.T), dy2).mul_(ctx.scale).T
-        return dx.reshape(x.shape), None, None, dA, dB, None, None, None
-
-    triton_fused_linear.register_autograd(backward, setup_context=setup)
-    _registered = True
-    return True
+def shared_limit(capability: int) -> int:
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major * 10 + minor == capability:
+            return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return SHARED_LIMIT.get(capability, 49152)
 
 
-_KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+@functools.lru_cache(maxsize=512)
+def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: int) -> Resources:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    config = dict(config_items)
+    (a, Mt, bias, P, Q), want_t = _operands(op, key)
+    args, kwargs, _ = _launch_args(a, Mt, bias, P, Q, 1.0, config, want_t)
+    if INTERPRETED:  # the interpreter's launch never compiles: the kernel's own arguments, on GPU terms
+        kwargs["UPCAST"] = False
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    fn = JITFunction(_fused_lsr_kernel.fn) if INTERPRETED else _fused_lsr_kernel
+    # the options a launch adds (JITFunction.run), so that Triton's disk cache serves the launch this compile
+    kwargs["debug"] = fn.debug or triton.knobs.runtime.debug
+    kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+    # the same binder a launch uses, so the signature (dtypes, alignment, constant strides) is the real one
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    regs, local = _cubin_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else ""
+    return Resources(capability, int(compiled.metadata.shared), regs, local, cores)
 
 
-def config_list(config: dict) -> list[int]:
-    return [int(config[k]) for k in _KNOBS]
+def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90) -> Resources:
+    """Compile the fused kernel for ``key`` and ``config`` for ``sm_<capability>`` with Triton's own ptxas
+    (no GPU needed) and read what it uses. Cached per process; Triton's disk cache makes the JIT reuse it."""
+    cfg = {k: int(config[k]) for k in KNOBS}
+    return _compile_report(op, key, tuple(sorted(cfg.items())), capability)
 
 
-def _cfg(values) -> dict:
-    return dict(zip(_KNOBS, (int(v) for v in values)))
+def _cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local-memory bytes) per thread, from ``cuobjdump --dump-resource-usage``."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    exe = str(tool) if tool.exists() else shutil.which("cuobjdump")
+    if exe is None:
+        raise RuntimeError("cuobjdump not found (it ships inside the triton wheel, or with the CUDA toolkit)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        text = subprocess.run([exe, "--dump-resource-usage", fh.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+    if "REG" not in fields:
+        raise RuntimeError(f"could not read cuobjdump's resource usage: {text[:300]!r}")
+    return int(fields["REG"]), int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
 
 
-def inductor_forward(x, weight, bias, A1, A2, B1, B2, scale, fwd_config: dict, bwd_config: dict):
-    """The layer through ``lsr::triton_fused_linear``: A and B built by differentiable GEMMs, so autograd
-    turns dA/dB into the four factor gradients."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.ops.lsr.triton_fused_linear(x2, weight, bias, build_A(A1, A2), build_B(B1, B2), float(scale),
-                                          config_list(fwd_config), config_list(bwd_config))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+def static_problem(op: str, key: ProblemKey, config: dict, device) -> Optional[str]:
+    """Why a config must be pruned before any timing on ``device`` (spills, shared memory), or None."""
+    if torch.device(device).type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    cap = major * 10 + minor
+    return compile_report(op, key, config, cap).problem(shared_limit(cap))

@@ -93,8 +93,7 @@ class Linear(nn.Module, LSRLayer):
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         first, *rest = active
-        y = lsr_forward(x, base.weight, base.bias, *self.factors(first), self.lsr_scale[first],
-                        self.lsr_shapes[first])
+        y = lsr_forward(x, base.weight, base.bias, *self.factors(first), self.lsr_scale[first])
         for name in rest:  # several active adapters: each adds its own update
             A1, A2, B1, B2 = self.factors(name)
             xa = x.to(A1.dtype)

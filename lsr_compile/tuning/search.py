@@ -96,13 +96,24 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     check = _inputs(shape, min(shape.tokens, CHECK_TOKENS), device, shape.dtype)
     want = _expected(op, check, scale)
     bench = _inputs(shape, shape.tokens, device, shape.dtype)
-    built, rejected = {}, {}
+    built, rejected, skipped = {}, {}, {}
     bar = tqdm(total=len(cands), desc=f"{op:8s} {shape.label()}", disable=not progress, leave=True)
     for backend, variant, config in cands:
         name = _name(backend, variant, config)
         bar.update(1)
-        if built and time.perf_counter() - started > budget_s / 2:
-            rejected[name] = "skipped: time budget"
+        why_not = kernels.unavailable(backend, device)
+        if why_not is None and built and time.perf_counter() - started > budget_s / 2:
+            why_not = "time budget"
+        if why_not is not None:
+            skipped[name] = why_not
+            continue
+        try:
+            why_not = kernels.static_problem(backend, op, config, key, torch.device(device))
+        except Exception as e:  # a config that does not even compile is a failure, like one that computes wrong
+            rejected[name] = f"failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        if why_not is not None:
+            skipped[name] = f"pruned: {why_not}"
             continue
         try:
             fn = kernels.build(backend, op, variant, config, key, torch.device(device))
@@ -116,7 +127,7 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
             built[name] = (backend, variant, config, fn)
     bar.close()
     if not built:
-        warnings.warn(f"tune: no correct candidate for {op} {shape.label()}: {rejected}", RuntimeWarning,
+        warnings.warn(f"tune: no correct candidate for {op} {shape.label()}: {rejected | skipped}", RuntimeWarning,
                       stacklevel=3)
         return None
     # the frozen layer alone is timed in the same rounds, so records carry their ratio to the floor
@@ -142,6 +153,7 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
         "floor_ms": round(med["floor"], 4),
         "candidates_ms": {n: round(med[n], 4) for n in sorted(built, key=lambda n: med[n])},
         "rejected": rejected,
+        "skipped": skipped,
         "rounds": len(times["floor"]),
         "tune_s": round(time.perf_counter() - started, 1),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

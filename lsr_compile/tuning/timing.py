@@ -3,6 +3,11 @@
 Interleaving matters here: on the 2-core CI-class machines, back-to-back runs of
 one candidate drift by 20-30% as clocks and caches settle, so candidates timed
 in separate blocks are not comparable; in one round-robin they are.
+
+On a GPU, work is asynchronous: each sample is a pair of CUDA events around
+``reps`` back-to-back calls (``reps`` chosen in the warm-up so a sample spans at
+least ``min_sample_ms``), so launch gaps the host causes are counted, as a model
+would see them, but one host synchronisation per call is not.
 """
 from __future__ import annotations
 
@@ -18,28 +23,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cuda_reps(fn: Callable[[], object], min_sample_ms: float) -> int:
+    """Calls per sample so that one sample lasts at least ``min_sample_ms`` (at most 1000)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    one = max(start.elapsed_time(end), 1e-3)
+    return int(min(1000, max(1, round(min_sample_ms / one))))
+
+
 def measure(candidates: dict[str, Callable[[], object]], device: torch.device | str = "cpu", warmup: int = 2,
-            rounds: int = 10, budget_s: Optional[float] = None, progress=None) -> dict[str, list[float]]:
-    """Per-candidate call times in ms; at least 3 rounds even past ``budget_s``."""
+            rounds: int = 10, budget_s: Optional[float] = None, progress=None,
+            min_sample_ms: float = 1.0) -> dict[str, list[float]]:
+    """Per-candidate call times in ms, one list entry per round; at least 3 rounds even past ``budget_s``."""
     device = torch.device(device)
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     _sync(device)
+    reps = {k: _cuda_reps(fn, min_sample_ms) if device.type == "cuda" else 1 for k, fn in candidates.items()}
     times: dict[str, list[float]] = {k: [] for k in candidates}
     start = time.perf_counter()
     for r in range(rounds):
         for name, fn in candidates.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(_sample(fn, device, reps[name]))
         if progress is not None:
             progress.update(1)
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
     return times
+
+
+def _sample(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def median(xs: list[float]) -> float:

@@ -1,5 +1,6 @@
-"""The Triton fused kernel in the interpreter (TRITON_INTERPRET=1, set by conftest): values, gradients,
-ragged sizes, bf16, and the compiled model through the lsr op with no graph break."""
+"""The Triton fused kernel, compiled on a GPU or in the interpreter (TRITON_INTERPRET=1, set by conftest when
+there is no GPU): values, gradients, ragged sizes, bf16, and the compiled model through the lsr op with no
+graph break."""
 import pytest
 import torch
 import torch._dynamo
@@ -15,6 +16,7 @@ from models import tiny_bert, tokens
 pytestmark = pytest.mark.skipif(not triton_fused.INTERPRETED and not torch.cuda.is_available(),
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLS = [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 4e-2)]
 # (s, r1, r2, n1, n2, m1, m2): ragged everywhere (d_in 42, d_out 45, q 6), a block multiple, tall/q=1
 DIMS = [(3, 2, 3, 6, 7, 5, 9), (2, 2, 4, 8, 8, 4, 8), (1, 1, 1, 3, 41, 2, 64)]
@@ -30,11 +32,11 @@ def _rel_close(got, want, tol):
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_forward(dims, dtype, tol, bias):
     N = 37
-    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, bias=bias)
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, bias=bias, device=DEV)
     want = reference.lsr_linear(x.double(), W.double(), None if b is None else b.double(),
                                 *[f.double() for f in factors], 0.7)
     key = ProblemKey("forward", str(dtype)[6:], token_bucket(N), *dims)
-    fn = triton_fused.build("forward", "fused", triton_fused.INTERPRETER_CONFIG, key, torch.device("cpu"))
+    fn = triton_fused.build("forward", "fused", triton_fused.default_choice("forward", key, DEV)[1], key, DEV)
     _rel_close(fn(x, W, b, *factors, 0.7), want, tol)
 
 
@@ -42,23 +44,24 @@ def test_fused_forward(dims, dtype, tol, bias):
 @pytest.mark.parametrize("dtype,tol", TOLS)
 def test_fused_backward(dims, dtype, tol):
     N = 29
-    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype)
-    g = torch.randn(N, dims[5] * dims[6], dtype=torch.float64).to(dtype)
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, device=DEV)
+    g = torch.randn(N, dims[5] * dims[6], dtype=torch.float64).to(device=DEV, dtype=dtype)
     xs = x.double().requires_grad_(True)
     fs = [f.double().requires_grad_(True) for f in factors]
     reference.lsr_linear(xs, W.double(), b.double(), *fs, 1.3).backward(g.double())
     key = ProblemKey("backward", str(dtype)[6:], token_bucket(N), *dims)
-    fn = triton_fused.build("backward", "fused", triton_fused.INTERPRETER_CONFIG, key, torch.device("cpu"))
+    fn = triton_fused.build("backward", "fused", triton_fused.default_choice("backward", key, DEV)[1], key, DEV)
     got = fn(g, x, W, *factors, 1.3, True)
     for out, want in zip(got, [xs.grad] + [f.grad for f in fs]):
         _rel_close(out, want, tol)
 
 
 def test_strided_views_are_read_in_place():
-    a = torch.randn(40, 64, dtype=torch.float64)[:, ::2]  # non-contiguous rows
-    Mt, P, Q = torch.randn(20, 32, dtype=torch.float64), torch.randn(3, 32, dtype=torch.float64), \
-        torch.randn(20, 3, dtype=torch.float64)
-    out, t = triton_fused.fused_linear(a, Mt.T.contiguous().T, None, P, Q, 0.5, {}, want_t=True)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, device=DEV)  # noqa: E731
+    a = r(40, 64)[:, ::2]  # non-contiguous rows
+    Mt, P, Q = r(20, 32), r(3, 32), r(20, 3)
+    cfg = triton_fused.schedules.default("triton_cuda", "forward", "fused", "float64")
+    out, t = triton_fused.fused_linear(a, Mt.T.contiguous().T, None, P, Q, 0.5, cfg, want_t=True)
     torch.testing.assert_close(out, a @ Mt.T + 0.5 * (a @ P.T) @ Q.T)
     torch.testing.assert_close(t, a @ P.T)
 
@@ -73,8 +76,8 @@ def test_bad_inputs():
 
 
 def test_layer_through_lsr_op_with_triton_backend_values_and_grads():
-    layer = lc.LSRLinear(42, 45, config=lc.LSRConfig(s=3, r=(2, 3), init="reference", alpha=40.0)).double()
-    x = torch.randn(2, 9, 42, dtype=torch.float64, requires_grad=True)
+    layer = lc.LSRLinear(42, 45, config=lc.LSRConfig(s=3, r=(2, 3), init="reference", alpha=40.0)).double().to(DEV)
+    x = torch.randn(2, 9, 42, dtype=torch.float64, device=DEV, requires_grad=True)
     with lc.use_backend("triton"):
         y = layer(x)
         y.square().sum().backward()
@@ -92,7 +95,7 @@ def test_layer_through_lsr_op_with_triton_backend_values_and_grads():
 def test_compiled_model_with_triton_backend_has_no_graph_break():
     model = tiny_bert(layers=1)
     lc.apply_lsr(model, lc.LSRConfig(s=2, r=2, init="reference"), target_modules=("query", "value"))
-    ids = tokens(2, 8)
+    model, ids = model.to(DEV), tokens(2, 8).to(DEV)
     with lc.use_backend("triton"):
         explanation = torch._dynamo.explain(model)(input_ids=ids)
         assert explanation.graph_break_count == 0, explanation.break_reasons
