@@ -196,27 +196,43 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
-def dispatch_overhead(calls: int = 2000) -> dict[str, float]:
-    """Eager µs per call at a tiny layer (8 tokens, 16x16), where dispatch cost is all there is:
-    the PyTorch formulation called directly, the lsr op, and the LSRLinear module."""
+def dispatch_overhead(calls: int = 2000, device="cpu") -> dict[str, float]:
+    """Host µs per eager call at a tiny layer (8 tokens, 16x16), where the host's work is all there is: the
+    frozen Linear, plain LoRA, the PyTorch formulation called directly, the lsr op, the LSRLinear module.
+    On a GPU, one synchronisation after all calls: what is measured is how fast calls can be issued."""
     import time
 
     from . import formulations
     from .ops import lsr_linear
 
-    layer = LSRLinear(16, 16, config=LSRConfig(s=1, r=2, init="reference")).requires_grad_(False)
-    x = torch.randn(8, 16)
+    layer = LSRLinear(16, 16, config=LSRConfig(s=1, r=2, init="reference")).requires_grad_(False).to(device)
+    lora = _LoRA(layer_base(layer), layer.factor_shapes.q, layer.scale).to(device)
+    x = torch.randn(8, 16, device=device)
     args = (x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
-    fns = {"formulation (direct)": lambda: formulations.forward_materialise(*args),
+    fns = {"frozen Linear": lambda: torch.nn.functional.linear(x, layer.weight, layer.bias),
+           "plain LoRA module": lambda: lora(x),
+           "formulation (direct)": lambda: formulations.forward_materialise(*args),
            "torch.ops.lsr.linear": lambda: lsr_linear(*args),
            "LSRLinear module": lambda: layer(x)}
     out = {}
+    dev = torch.device(device)
     with torch.no_grad():
         for name, fn in fns.items():
             for _ in range(100):
                 fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             out[name] = (time.perf_counter() - t0) / calls * 1e6
     return out
+
+
+def layer_base(layer: LSRLinear) -> nn.Linear:
+    """The frozen base of an LSRLinear as an nn.Linear sharing its weight and bias."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    lin.weight, lin.bias = layer.weight, layer.bias
+    return lin

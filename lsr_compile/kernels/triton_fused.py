@@ -132,6 +132,8 @@ def fused_linear(a, Mt, bias, P, Q, scale: float, config: dict, want_t: bool = F
     """``a Mᵀ + bias + scale·(a Pᵀ) Qᵀ`` (and ``a Pᵀ``) for 2-D ``a (m, k)``, ``Mt (n, k)``, ``P (r, k)``,
     ``Q (n, r)``, any strides; fp32 accumulation (fp64 for fp64)."""
     _check(a, Mt, P, Q)
+    if a.dtype == torch.float64:  # a float argument reaches the kernel as fp32: keep fp64's scale exact
+        Q, scale = Q * scale, 1.0
     args, kwargs, grid = _launch_args(a, Mt, bias, P, Q, scale, INTERPRETER_CONFIG if INTERPRETED else config,
                                       want_t)
     _fused_lsr_kernel[grid](*args, **kwargs)
@@ -186,8 +188,16 @@ def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx, config):
 
 
 def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
-    """The untuned config for the key's dtype (large bf16 tiles do not fit fp32/fp64 operands)."""
-    return "fused", schedules.default("triton_cuda", op, "fused", key.dtype if key is not None else None)
+    """The untuned config for the key's dtype (large bf16 tiles do not fit fp32/fp64 operands); on a GPU, the
+    first point, default first, that neither spills nor overflows shared memory for this very problem
+    (unaligned sizes lose the tensor-core path and need smaller tiles)."""
+    first = schedules.default("triton_cuda", op, "fused", key.dtype if key is not None else None)
+    if key is None or torch.device(device).type != "cuda":
+        return "fused", first
+    for cfg in [first] + schedules.space("triton_cuda", op, "fused"):
+        if static_problem(op, key, cfg, device) is None:
+            return "fused", cfg
+    return "fused", first
 
 
 def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
