@@ -124,6 +124,22 @@ def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Callable:
     return hit[0]
 
 
+def traced_formulation(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Optional[Callable]:
+    """While a graph is compiled: the PyTorch formulation chosen for this problem, or None when the choice is
+    a compiled kernel (Triton, TVM) that must stay an opaque call. A symbolic token count is read at its
+    example value, without a guard, so dynamic shapes do not recompile per token bucket."""
+    n = x2d.shape[0]
+    if not isinstance(n, int):
+        n = n.node.hint if getattr(n.node, "hint", None) is not None else 2048
+    s, r1, n1 = (int(v) for v in A1.shape)
+    key = ProblemKey(op, dtype_name(x2d.dtype), token_bucket(int(n)), s, r1, int(A2.shape[1]), n1,
+                     int(A2.shape[2]), int(B1.shape[1]), int(B2.shape[1]))
+    choice = choose(op, key, x2d.device)
+    if choice.backend != "torch":
+        return None
+    return kernels.build("torch", op, choice.variant, {}, key, x2d.device)
+
+
 def explain(obj, tokens: Optional[int] = None, device=None) -> str:
     """Which kernel runs for a layer or LSRShape (forward and backward), and why."""
     from .nn import LSRLinear

@@ -4,6 +4,9 @@ Each forward takes ``(x, weight, bias, A1, A2, B1, B2, scale)`` with ``x`` 2-D
 ``(N, d_in)``; each backward takes ``(dy, x, weight, A1, A2, B1, B2, scale,
 need_dx)`` and returns ``(dx | None, dA1, dA2, dB1, dB2)``. No backward forms a
 ``d_out x d_in`` matrix.
+
+They are functional (no in-place ops): under ``torch.compile`` the op is decomposed
+into the chosen formulation after functionalisation, so Inductor can fuse it.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def factor_grads(suT: Tensor, dy: Tensor, x: Tensor, A: Tensor, A1, A2, B1, B2, 
     """The four factor gradients from ``suT = scale·(dy B)ᵀ``: ``dA = suT x``, ``dBᵀ = scale·(A xᵀ) dy``
     (q-row operands throughout), then the projection."""
     dA_full = torch.mm(suT, x)
-    dBt_full = torch.mm(torch.mm(A, x.T).mul_(scale), dy)
+    dBt_full = torch.mm(torch.mm(A, x.T).mul(scale), dy)
     return project_grads(dA_full, dBt_full, A1, A2, B1, B2)
 
 
@@ -80,7 +83,7 @@ def forward_materialise(x, weight, bias, A1, A2, B1, B2, scale):
     """Build A and B, then two thin matmuls added into the base GEMM's output (the reference's algorithm)."""
     A, Bt = build_A(A1, A2), build_Bt(B1, B2)
     y = F.linear(x, weight, bias)
-    return y.addmm_(torch.mm(A, x.T).T, Bt, alpha=scale)
+    return torch.addmm(y, torch.mm(A, x.T).T, Bt, alpha=scale)
 
 
 def forward_fold(x, weight, bias, A1, A2, B1, B2, scale):
@@ -102,7 +105,7 @@ def adapter_factored(x, A1, A2, B1, B2):
 
 def forward_factored(x, weight, bias, A1, A2, B1, B2, scale):
     """Base GEMM plus the factored Kronecker adapter; wins only when q is large relative to n."""
-    return F.linear(x, weight, bias).add_(adapter_factored(x, A1, A2, B1, B2), alpha=scale)
+    return torch.add(F.linear(x, weight, bias), adapter_factored(x, A1, A2, B1, B2), alpha=scale)
 
 
 # ---- backward ---------------------------------------------------------------------------------
@@ -111,8 +114,8 @@ def backward_materialise(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
     """Token path: ``u = dy B``, ``t = x Aᵀ`` (kept as q-row ``uᵀ``, ``tᵀ``); ``dx = dy W + scale·u A``;
     ``dA = scale·uᵀ x``, ``dBᵀ = scale·tᵀ dy``; then the projection onto the factors."""
     A, Bt = build_A(A1, A2), build_Bt(B1, B2)
-    suT = torch.mm(Bt, dy.T).mul_(scale)  # scale applied to the (q, N) operands, never to an (N, d) one
-    # the adapter term first, then the GEMM accumulates onto it (beta): one pass over dx fewer than addmm_
+    suT = torch.mm(Bt, dy.T).mul(scale)  # scale applied to the (q, N) operands, never to an (N, d) one
+    # the adapter term first, then the GEMM accumulates onto it (beta): one pass over dx fewer than an addmm after
     dx = torch.addmm(torch.mm(suT.T, A), dy, weight) if need_dx else None
     return (dx, *factor_grads(suT, dy, x, A, A1, A2, B1, B2, scale))
 
@@ -123,7 +126,7 @@ def backward_fold(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
     the thin products find dy and x in cache measured no better here (1.39-1.46)."""
     A, Bt = build_A(A1, A2), build_Bt(B1, B2)
     dx = torch.mm(dy, torch.addmm(weight, Bt.T, A, alpha=scale)) if need_dx else None
-    return (dx, *factor_grads(torch.mm(Bt, dy.T).mul_(scale), dy, x, A, A1, A2, B1, B2, scale))
+    return (dx, *factor_grads(torch.mm(Bt, dy.T).mul(scale), dy, x, A, A1, A2, B1, B2, scale))
 
 
 FORWARDS = {"materialise": forward_materialise, "fold": forward_fold, "factored": forward_factored}

@@ -67,12 +67,15 @@ def test_strided_views_are_read_in_place():
 
 
 def test_bad_inputs():
-    a = torch.randn(4, 8)
+    r = lambda *s: torch.randn(*s, device=DEV)  # noqa: E731
+    a = r(4, 8)
     with pytest.raises(ValueError, match="do not chain"):
-        triton_fused.fused_linear(a, torch.randn(5, 9), None, torch.randn(2, 8), torch.randn(5, 2), 1.0, {})
+        triton_fused.fused_linear(a, r(5, 9), None, r(2, 8), r(5, 2), 1.0, {})
     with pytest.raises(ValueError, match="supports"):
-        triton_fused.fused_linear(a.int(), torch.randn(5, 8).int(), None, torch.randn(2, 8).int(),
-                                  torch.randn(5, 2).int(), 1.0, {})
+        triton_fused.fused_linear(a.int(), r(5, 8).int(), None, r(2, 8).int(), r(5, 2).int(), 1.0, {})
+    if DEV.type == "cuda":
+        with pytest.raises(ValueError, match="different devices"):
+            triton_fused.fused_linear(a, r(5, 8).cpu(), None, r(2, 8), r(5, 2), 1.0, {})
 
 
 def test_layer_through_lsr_op_with_triton_backend_values_and_grads():
