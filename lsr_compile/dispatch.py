@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lsr_bac
 _extra_dirs: list[Path] = []
 _records: dict[tuple[str, str], dict] = {}
 _kernels: dict[tuple, tuple[Callable, "Choice"]] = {}
+_logs_token: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,24 @@ class Choice:
 
 
 def invalidate() -> None:
+    global _logs_token
     _records.clear()
     _kernels.clear()
+    _logs_token = None
+
+
+def state_token() -> str:
+    """Everything a choice depends on besides the problem: the forced backend and the tuning logs in use
+    (their paths, sizes and times). Compiled graphs that baked a choice in are cached under it."""
+    global _logs_token
+    if _logs_token is None:
+        h = hashlib.sha256()
+        for d in log_dirs():
+            for p in sorted(Path(d).rglob("*.jsonl")):
+                st = p.stat()
+                h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+        _logs_token = h.hexdigest()[:16]
+    return f"{_forced.get()}:{_logs_token}"
 
 
 def load_logs(log_dir) -> int:

@@ -130,13 +130,13 @@ def _linear_backward(grad, x, weight, A1, A2, B1, B2, scale, need_dx):
 @torch.library.register_fake("lsr::linear", lib=_lib)
 def _linear_fake(x, weight, bias, A1, A2, B1, B2, scale):
     check_args(x, weight, bias, A1, A2, B1, B2)
-    _register_decompositions()
+    _prepare_inductor()
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.register_fake("lsr::linear_backward", lib=_lib)
 def _linear_backward_fake(grad, x, weight, A1, A2, B1, B2, scale, need_dx):
-    _register_decompositions()
+    _prepare_inductor()
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(A1), torch.empty_like(A2), torch.empty_like(B1), torch.empty_like(B2)
 
@@ -159,19 +159,32 @@ def _linear_backward_decomposed(grad, x, weight, A1, A2, B1, B2, scale, need_dx)
 
 
 _decompositions_registered = False
+_CACHE_SALT = "lsr_compile.dispatch"
 
 
-def _register_decompositions() -> None:
-    """Give Inductor the decompositions the first time an op is traced (importing Inductor at
-    ``import lsr_compile`` would cost every user a second)."""
+def _prepare_inductor() -> None:
+    """Runs whenever an op is traced. Gives Inductor the decompositions (the first time: importing Inductor
+    at ``import lsr_compile`` would cost every user a second), and keys Inductor's caches by the dispatch
+    state, since a cached graph holds the formulation chosen when it was traced."""
     global _decompositions_registered
-    if _decompositions_registered:
-        return
-    from torch._inductor.decomposition import register_decomposition
+    from torch._inductor import config, decomposition, lowering
 
-    register_decomposition(torch.ops.lsr.linear.default)(_linear_decomposed)
-    register_decomposition(torch.ops.lsr.linear_backward.default)(_linear_backward_decomposed)
-    _decompositions_registered = True
+    if not _decompositions_registered:
+        for op, decomposed in ((torch.ops.lsr.linear.default, _linear_decomposed),
+                               (torch.ops.lsr.linear_backward.default, _linear_backward_decomposed)):
+            decomposition.register_decomposition(op)(decomposed)
+            # where the decomposition declines (a Triton or TVM choice), Inductor calls the op itself
+            lowering.make_fallback(op, layout_constraint=None, warn=False, override_decomp=True)
+        # Inductor snapshots its table (with its random-op extras) once per process, maybe before this trace
+        snapshot = getattr(decomposition, "fast_random_decomps", None)
+        if hasattr(snapshot, "cache_clear"):
+            snapshot.cache_clear()
+        _decompositions_registered = True
+    # part of the AOTAutograd and FX-graph cache keys (documented for custom ops in torch._inductor.config)
+    marked = config.unsafe_marked_cacheable_functions
+    token = dispatch.state_token()
+    if marked.get(_CACHE_SALT) != token:
+        config.unsafe_marked_cacheable_functions = {**marked, _CACHE_SALT: token}
 
 
 def _setup_context(ctx, inputs, output):
