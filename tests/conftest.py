@@ -18,6 +18,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def fresh_dispatch():
+    """Dispatch's caches and extra log directories restored after the test."""
+    from lsr_compile import dispatch
+
+    dispatch.invalidate()
+    extra = list(dispatch._extra_dirs)
+    yield
+    dispatch._extra_dirs[:] = extra
+    dispatch.invalidate()
+
+
 def make_factors(s, r1, r2, n1, n2, m1, m2, dtype=torch.float32, requires_grad=False, scale=1.0):
     """Fresh random factor tensors in the SPEC §1 layout (never zeros)."""
     shapes = [(s, r1, n1), (s, r2, n2), (s, m1, r1), (s, m2, r2)]

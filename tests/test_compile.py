@@ -48,3 +48,57 @@ def test_graph_break_would_be_caught():
             return x * float(x.sum().item())
 
     assert torch._dynamo.explain(Leaky())(torch.randn(3)).graph_break_count >= 1
+
+
+def _compiled_code(model, *args):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(model, fullgraph=True), *args)
+    return out, "\n".join(code)
+
+
+def test_inductor_fuses_a_pytorch_formulation_and_keeps_a_compiled_kernel_opaque():
+    """A torch-formulation choice is decomposed for Inductor (no opaque op call left in its code, forward and
+    backward); a Triton choice stays one call of the op. The dispatch state keys Inductor's caches, so the
+    second compile of the same graph is not served the first one's code."""
+    layer = lc.LSRLinear(48, 40, config=lc.LSRConfig(s=2, r=2, init="reference"))
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    with lc.use_backend("torch"):
+        y, code = _compiled_code(layer, x)
+        y.sum().backward()
+    assert "torch.ops.lsr.linear" not in code and "extern_kernels" in code
+    want = lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
+    torch.testing.assert_close(y, want)
+    from lsr_compile.kernels import unavailable
+
+    if unavailable("triton", x.device) is None:
+        with lc.use_backend("triton"):
+            y2, code = _compiled_code(layer, x)
+        assert "torch.ops.lsr.linear.default" in code
+        torch.testing.assert_close(y2, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fake_cuda_model_traces_as_one_graph():
+    """The CUDA path traced on this CPU machine: fake CUDA tensors (needs a CUDA build of torch, as in the
+    GPU-image environment), bf16, Dynamo fullgraph: one graph, every LSR layer one lsr.linear node."""
+    import pytest
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not torch.backends.cuda.is_built():
+        pytest.skip("fake CUDA tensors need a CUDA build of torch (the GPU-image environment has one)")
+    model = _lsr_bert()
+    cuda = torch.device("cuda")
+    torch._dynamo.reset()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for mod in model.modules():
+            for name, p in list(mod.named_parameters(recurse=False)):
+                fake = torch.empty_strided(p.shape, p.stride(), dtype=torch.bfloat16, device=cuda)
+                mod._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+            for name, b in list(mod.named_buffers(recurse=False)):
+                mod._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=cuda)
+        ids = torch.empty(2, 9, dtype=torch.long, device=cuda)
+        explanation = torch._dynamo.explain(model)(input_ids=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    nodes = [n for g in explanation.graphs for n in g.graph.nodes if "lsr.linear" in str(n.target)]
+    assert len(nodes) == 2 * 2 + 3 * 2 + 1

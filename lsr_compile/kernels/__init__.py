@@ -87,7 +87,8 @@ def unavailable(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def static_problem(backend: str, op: str, config: dict, key: ProblemKey, device: torch.device) -> Optional[str]:
+def static_problem(backend: str, op: str, variant: str, config: dict, key: ProblemKey,
+                   device: torch.device) -> Optional[str]:
     """Why a candidate must not run on ``device``, known without running it (it spills, its shared memory does
     not fit): the tuner prunes it before any timing. None when nothing is known against it."""
     if backend == "triton":

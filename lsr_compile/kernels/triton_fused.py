@@ -71,8 +71,10 @@ def _fused_lsr_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    tacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    # tl.full, not tl.zeros: zeros is a @jit helper, which under TRITON_INTERPRET=1 is an interpreted function
+    # that leaves triton.language patched when ahead-of-time compilation calls it (compile_report)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
+    tacc = tl.full((BLOCK_M, BLOCK_R), 0, dtype=ACC)
     # out_dtype is given explicitly: Triton 3.6 defaults it to float32 whatever the accumulator
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
@@ -188,16 +190,21 @@ def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx, config):
 
 
 def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
-    """The untuned config for the key's dtype (large bf16 tiles do not fit fp32/fp64 operands); on a GPU, the
-    first point, default first, that neither spills nor overflows shared memory for this very problem
-    (unaligned sizes lose the tensor-core path and need smaller tiles)."""
-    first = schedules.default("triton_cuda", op, "fused", key.dtype if key is not None else None)
+    """The untuned config: the dtype's default (large bf16 tiles do not fit fp32/fp64 operands); on a GPU,
+    the first point, default first, that fits this very problem (unaligned sizes lose the tensor-core path
+    and need smaller tiles)."""
+    dtype = key.dtype if key is not None else None
     if key is None or torch.device(device).type != "cuda":
-        return "fused", first
+        return "fused", schedules.default("triton_cuda", op, "fused", dtype)
+    return "fused", fitting_default(op, key, _capability(device))
+
+
+def fitting_default(op: str, key: ProblemKey, capability: int) -> dict:
+    first = schedules.default("triton_cuda", op, "fused", key.dtype)
     for cfg in [first] + schedules.space("triton_cuda", op, "fused"):
-        if static_problem(op, key, cfg, device) is None:
-            return "fused", cfg
-    return "fused", first
+        if compile_report(op, key, cfg, capability).problem(shared_limit(capability)) is None:
+            return cfg
+    return first
 
 
 def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
@@ -256,7 +263,7 @@ def shared_limit(capability: int) -> int:
 def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: int) -> Resources:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton.runtime.jit import create_function_from_signature
 
     config = dict(config_items)
     (a, Mt, bias, P, Q), want_t = _operands(op, key)
@@ -265,7 +272,7 @@ def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: i
         kwargs["UPCAST"] = False
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    fn = JITFunction(_fused_lsr_kernel.fn) if INTERPRETED else _fused_lsr_kernel
+    fn = _compilable_kernel()
     # the options a launch adds (JITFunction.run), so that Triton's disk cache serves the launch this compile
     kwargs["debug"] = fn.debug or triton.knobs.runtime.debug
     kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
@@ -278,6 +285,17 @@ def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: i
     ptx = compiled.asm["ptx"]
     cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else ""
     return Resources(capability, int(compiled.metadata.shared), regs, local, cores)
+
+
+@functools.lru_cache(maxsize=1)
+def _compilable_kernel():
+    """The kernel as a JITFunction even under the interpreter (where ``triton.jit`` returns an interpreted
+    one); one object per process: Triton's frontend failed on fresh JITFunctions of one function after a few."""
+    if not INTERPRETED:
+        return _fused_lsr_kernel
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(_fused_lsr_kernel.fn)
 
 
 def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90) -> Resources:
@@ -308,6 +326,10 @@ def static_problem(op: str, key: ProblemKey, config: dict, device) -> Optional[s
     """Why a config must be pruned before any timing on ``device`` (spills, shared memory), or None."""
     if torch.device(device).type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
-    cap = major * 10 + minor
+    cap = _capability(device)
     return compile_report(op, key, config, cap).problem(shared_limit(cap))
+
+
+def _capability(device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor

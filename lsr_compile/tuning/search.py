@@ -108,7 +108,7 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
             skipped[name] = why_not
             continue
         try:
-            why_not = kernels.static_problem(backend, op, config, key, torch.device(device))
+            why_not = kernels.static_problem(backend, op, variant, config, key, torch.device(device))
         except Exception as e:  # a config that does not even compile is a failure, like one that computes wrong
             rejected[name] = f"failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             continue

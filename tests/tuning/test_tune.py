@@ -13,15 +13,6 @@ from lsr_compile.tuning.device import device_id
 SHAPE = lc.LSRShape(96, 48, 32, s=2, r=(2, 2))
 
 
-@pytest.fixture
-def fresh_dispatch():
-    dispatch.invalidate()
-    extra = list(dispatch._extra_dirs)
-    yield
-    dispatch._extra_dirs[:] = extra
-    dispatch.invalidate()
-
-
 def test_tiny_tuning_run_writes_log_and_winner_is_dispatched(tmp_path, fresh_dispatch):
     recs = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=2, time_budget_s=60, progress=False)
     assert [r["key"]["op"] for r in recs] == ["forward", "backward"]
@@ -49,6 +40,23 @@ def test_wrong_candidate_is_rejected_not_recorded(tmp_path, fresh_dispatch, monk
     recs = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=0, ops=("forward",), progress=False)
     assert "torch:fold" in recs[0]["rejected"] and "off by" in recs[0]["rejected"]["torch:fold"]
     assert recs[0]["variant"] != "fold"
+
+
+def test_statically_pruned_candidate_is_never_built_or_timed(tmp_path, fresh_dispatch, monkeypatch):
+    """What the tuner knows without running a candidate (it spills, its shared memory does not fit) keeps it out
+    of the race: reported as pruned, never built or timed."""
+    from lsr_compile import kernels
+
+    built = []
+    real_build = kernels.build
+    monkeypatch.setattr(kernels, "build", lambda backend, op, variant, *a: built.append(variant) or
+                        real_build(backend, op, variant, *a))
+    monkeypatch.setattr(kernels, "static_problem", lambda backend, op, variant, *a:
+                        "spills (255 registers)" if variant == "factored" else None)
+    rec, = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=0, ops=("forward",), progress=False)
+    assert rec["skipped"] == {"torch:factored": "pruned: spills (255 registers)"}
+    assert "torch:factored" not in rec["candidates_ms"] and "factored" not in built
+    assert {"torch:fold", "torch:materialise"} <= set(rec["candidates_ms"])
 
 
 def test_a_tvm_record_is_built_and_used(tmp_path, fresh_dispatch):

@@ -1,0 +1,67 @@
+"""Every Triton config compiled ahead of time for the H200 (sm_90) on this CPU machine, with the Triton in this
+environment (3.7 with the project's pins, 3.6 in the GPU-image environment): ptxas accepts it, nothing spills,
+shared memory fits, bf16/fp16 use Hopper's wgmma. A GPU never sees a config that fails here."""
+import pytest
+
+from lsr_compile import schedules
+from lsr_compile.kernels import triton_fused
+from lsr_compile.problem import ProblemKey
+
+pytest.importorskip("triton")
+
+SM90 = 90
+LIMIT = triton_fused.SHARED_LIMIT[SM90]
+# (s, r1, r2, n1, n2, m1, m2): a 16-aligned 4096² layer (q = 8), and ragged sizes (no 16-byte alignment)
+ALIGNED = (4, 2, 4, 64, 64, 64, 64)
+RAGGED = (3, 2, 3, 6, 7, 5, 9)
+
+
+def _report(op, dtype, dims, cfg, tokens=8192):
+    return triton_fused.compile_report(op, ProblemKey(op, dtype, tokens, *dims), cfg, SM90)
+
+
+POINTS = [(op, cfg) for op in ("forward", "backward") for cfg in schedules.space("triton_cuda", op, "fused")]
+
+
+@pytest.mark.parametrize("op,cfg", POINTS, ids=[f"{op}-" + "x".join(str(c[k]) for k in triton_fused.KNOBS)
+                                               for op, c in POINTS])
+def test_every_point_fits_sm90_in_bf16_and_uses_wgmma(op, cfg):
+    r = _report(op, "bfloat16", ALIGNED, cfg)
+    assert r.problem(LIMIT) is None, r
+    assert r.tensor_cores == "wgmma" or cfg["BLOCK_M"] < 64, r  # wgmma needs 64-row tiles
+    assert 0 < r.registers <= 255 and r.shared > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dims", [ALIGNED, RAGGED], ids=["aligned", "ragged"])
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_fp32_and_fp64_defaults_fit_aligned_and_ragged_problems(op, dims, dtype):
+    cfg = schedules.default("triton_cuda", op, "fused", dtype)
+    r = _report(op, dtype, dims, cfg, tokens=512)
+    assert r.problem(LIMIT) is None, (cfg, r)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_half_default_on_a_gpu_is_the_first_point_that_fits(op, dtype):
+    """Aligned: the declared default. Ragged (no wgmma, more registers): a smaller point that does not spill."""
+    aligned = triton_fused.fitting_default(op, ProblemKey(op, dtype, 8192, *ALIGNED), SM90)
+    assert aligned == schedules.default("triton_cuda", op, "fused", dtype)
+    ragged = triton_fused.fitting_default(op, ProblemKey(op, dtype, 512, *RAGGED), SM90)
+    assert _report(op, dtype, RAGGED, ragged, tokens=512).problem(LIMIT) is None
+
+
+def test_problems_are_reported_not_hidden():
+    """An fp32 128x256 tile spills and a 64x256x64 fp32 tile overflows shared memory: both are named."""
+    spill = _report("forward", "float32", ALIGNED, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8,
+                                                         num_warps=8, num_stages=3))
+    assert "spills" in spill.problem(10**9)
+    big = _report("forward", "float32", ALIGNED, dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8,
+                                                       num_warps=8, num_stages=4))
+    assert big.shared > LIMIT and "shared memory" in big.problem(LIMIT)
+
+
+def test_static_problem_is_silent_off_the_gpu():
+    key = ProblemKey("forward", "float32", 512, *ALIGNED)
+    assert triton_fused.static_problem("forward", key, schedules.default("triton_cuda", "forward", "fused"),
+                                       "cpu") is None

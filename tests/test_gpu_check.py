@@ -1,0 +1,47 @@
+"""The GPU check's dry run: the same stages on this CPU (Triton in its interpreter, tiny shapes), so that the
+check's first run is never on the GPU. Also: the budget is a hard plan (stages that do not fit are skipped and
+listed), and rows are on disk as soon as they are measured."""
+import json
+
+from lsr_compile import gpu_check
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+
+
+def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "240"]) == 0
+    rows = _rows(out)
+    kinds = {r["kind"] for r in rows}
+    assert {"env", "correctness", "overhead", "tune", "bench", "model"} <= kinds, kinds
+    assert not [r for r in rows if r["kind"] == "failure"]
+    assert next(r for r in rows if r["kind"] == "correctness")["passed"] > 20
+    providers = {r["provider"] for r in rows if r["kind"] == "bench"}
+    assert {"floor", "lsr", "lsr_compiled", "reference", "lora", "peft_lokr"} <= providers
+    md = (out / "gpu_check.md").read_text()
+    assert "| shape (d_out x d_in, N)" in md and "## Whole model" in md and "Correctness failures: 0" in md
+    assert (out / "tuning-forward.jsonl").exists() and (out / "tuning-backward.jsonl").exists()
+    stages = [r["name"] for r in rows if r["kind"] == "stage"]
+    assert stages[:3] == ["environment", "correctness", "compiled layer"]  # the cheap checks first
+
+
+def test_a_budget_too_small_skips_stages_and_still_writes_the_report(tmp_path, fresh_dispatch):
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "3"]) == 0
+    rows = _rows(out)
+    skipped = [r["what"] for r in rows if r["kind"] == "skipped"]
+    assert any(s.startswith("shape ") and "left in the budget" in s for s in skipped)
+    assert not [r for r in rows if r["kind"] in ("bench", "model")]
+    assert "Skipped" in (out / "gpu_check.md").read_text()
+
+
+def test_without_a_gpu_the_real_check_refuses(tmp_path, capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the real check would run")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "--dry-run" in capsys.readouterr().out
