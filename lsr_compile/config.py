@@ -54,15 +54,35 @@ def _nearby_factorable(d: int) -> str:
     return "a power of two"
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def _as_pair(v, name) -> Optional[tuple[int, int]]:
     if v is None:
         return None
-    if isinstance(v, int):
+    if _is_count(v):
         return (v, v)
-    t = tuple(v)
-    if len(t) != 2 or not all(isinstance(i, int) and i >= 1 for i in t):
+    try:
+        t = tuple(v)
+    except TypeError:
+        t = ()
+    if len(t) != 2 or not all(_is_count(i) for i in t):
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
     return t
+
+
+def _names(v, name):
+    """target_modules / exclude_modules: None, a regex string, or names (a set)."""
+    if v is None or isinstance(v, str):
+        return v
+    try:
+        names = set(v)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{name} must be a regex string or a list of module names, got {v!r}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -104,7 +124,7 @@ class FactorShapes:
 
 def resolve_shapes(d_in: int, d_out: int, s: int, r, n=None, m=None) -> FactorShapes:
     """Factor shapes for a (d_out x d_in) layer; ``n``/``m`` pin them, ``None`` = automatic."""
-    if not isinstance(s, int) or s < 1:
+    if not _is_count(s):
         raise ValueError(f"separation rank s must be a positive int, got {s!r}")
     r1, r2 = _as_pair(r, "r")
     n1, n2 = _as_pair(n, "n") or factor_pair(d_in, "d_in")
@@ -133,10 +153,13 @@ class LSRConfig(PeftConfig):
     m: Optional[tuple] = field(
         default=None, metadata={"help": "(m1, m2) with m1*m2 = d_out; None chooses the most balanced split per layer."}
     )
-    alpha: float = field(default=8.0, metadata={"help": "Scaling numerator; see `scaling`."})
+    alpha: Optional[float] = field(
+        default=None, metadata={"help": "Scaling numerator; see `scaling`. None: scale 1 (alpha = sqrt(q) with "
+                                        "'rslora', q with 'lora'), LoRA's default scale."})
     init: str = field(
         default="zeros",
-        metadata={"help": "'zeros': B2 = 0 so the update is zero at step 0 (all factors still train); "
+        metadata={"help": "'zeros': B2 = 0 so the update is zero at step 0 (all factors still train), the "
+                          "others scaled so a first SGD step moves the output about as much as LoRA's does; "
                           "'reference': every factor ~ N(0, 0.01²) as in the method's reference code."},
     )
     scaling: str = field(
@@ -164,15 +187,20 @@ class LSRConfig(PeftConfig):
         self.r = _as_pair(self.r, "r")
         self.n = _as_pair(self.n, "n")
         self.m = _as_pair(self.m, "m")
-        if not isinstance(self.s, int) or self.s < 1:
+        if not _is_count(self.s):
             raise ValueError(f"s must be a positive int, got {self.s!r}")
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
+        if self.alpha is not None:
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or \
+                    not math.isfinite(self.alpha) or self.alpha <= 0:
+                raise ValueError(f"alpha must be a finite number > 0 (or None for scale 1), got {self.alpha!r}")
+            self.alpha = float(self.alpha)
+        self.target_modules = _names(self.target_modules, "target_modules")
+        self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
 
     def shapes_for(self, d_in: int, d_out: int) -> FactorShapes:
         return resolve_shapes(d_in, d_out, self.s, self.r, self.n, self.m)
 
     def scale_for(self, q: int) -> float:
+        if self.alpha is None:
+            return 1.0
         return self.alpha / math.sqrt(q) if self.scaling == "rslora" else self.alpha / q

@@ -85,7 +85,7 @@ def log_dirs() -> list[Path]:
 def records(target: str, dev_id: str) -> dict:
     k = (target, dev_id)
     if k not in _records:
-        _records[k] = logs.read(logs.files_for(log_dirs(), target, dev_id), dev_id)
+        _records[k] = logs.read(logs.files_for(log_dirs(), target, dev_id), dev_id, target)
     return _records[k]
 
 
@@ -116,19 +116,49 @@ def choose(op: str, key: ProblemKey, device: torch.device) -> Choice:
 
 
 def _build(op: str, key: ProblemKey, device: torch.device) -> tuple[Callable, Choice]:
+    """The chosen kernel, or (with a warning) the PyTorch default when the choice cannot run here: its
+    backend is missing or cannot run on this device, it is known not to fit the GPU, or it fails to build.
+    A choice forced by ``use_backend`` raises instead."""
     choice = choose(op, key, device)
     try:
+        if choice.backend != "torch":
+            why = kernels.unavailable(choice.backend, device) or kernels.static_problem(
+                choice.backend, op, choice.variant, dict(choice.config), key, device)
+            if why is not None:
+                raise RuntimeError(why)
         fn = kernels.build(choice.backend, op, choice.variant, dict(choice.config), key, device)
     except Exception as e:
         if _forced.get() is not None:
             raise
-        warnings.warn(f"lsr_compile: could not build {choice} ({type(e).__name__}: {e}); "
-                      f"using the PyTorch default instead", RuntimeWarning, stacklevel=3)
-        variant, _ = kernels.default_choice("torch", op, key, device)
-        choice = Choice("torch", variant, (), f"fallback: build of {choice.backend}:{choice.variant} failed")
-        fn = kernels.build("torch", op, variant, {}, key, device)
+        return _fallback(op, key, device, choice, f"build failed ({type(e).__name__}: {str(e)[:200]})")
+    if choice.backend != "torch" and _forced.get() is None:
+        fn = _guarded(fn, op, key, device, choice)
     log.debug("lsr %s %s -> %s", op, key, choice)
     return fn, choice
+
+
+def _fallback(op: str, key: ProblemKey, device: torch.device, failed: Choice, why: str):
+    warnings.warn(f"lsr_compile: {failed.backend}:{failed.variant} for {op} {key} cannot run here: {why}; "
+                  f"using the PyTorch default instead", RuntimeWarning, stacklevel=4)
+    variant, _ = kernels.default_choice("torch", op, key, device)
+    choice = Choice("torch", variant, (), f"fallback: {failed.backend}:{failed.variant} {why}")
+    return kernels.build("torch", op, variant, {}, key, device), choice
+
+
+def _guarded(fn: Callable, op: str, key: ProblemKey, device: torch.device, choice: Choice) -> Callable:
+    """A compiled kernel whose first failure at run time (a driver or runtime error the build could not
+    see) replaces it, for this problem, by the PyTorch default, instead of failing every later call."""
+    def run(*args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            torch_fn, fallback = _fallback(op, key, device, choice, f"failed at run time ({type(e).__name__}: "
+                                                                     f"{str(e)[:200]})")
+            for k, (f, c) in list(_kernels.items()):
+                if c is choice:
+                    _kernels[k] = (torch_fn, fallback)
+            return torch_fn(*args)
+    return run
 
 
 def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Callable:

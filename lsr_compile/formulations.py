@@ -108,6 +108,12 @@ def forward_factored(x, weight, bias, A1, A2, B1, B2, scale):
     return torch.add(F.linear(x, weight, bias), adapter_factored(x, A1, A2, B1, B2), alpha=scale)
 
 
+def lsr_linear(x, weight, bias, A1, A2, B1, B2, scale):
+    """The layer for any leading dims, differentiable by autograd and by torch.func transforms."""
+    return forward_materialise(x.reshape(-1, x.shape[-1]), weight, bias, A1, A2, B1, B2,
+                               scale).reshape(*x.shape[:-1], weight.shape[0])
+
+
 # ---- backward ---------------------------------------------------------------------------------
 
 def backward_materialise(dy, x, weight, A1, A2, B1, B2, scale, need_dx):

@@ -9,8 +9,10 @@ with a warning, never applied.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -54,7 +56,6 @@ class Record:
     config: dict
     time_ms: float
     source: str  # "file:line", for explain()
-    raw: dict
 
 
 def log_path(log_dir: Path, target: str, device_id: str, op: str) -> Path:
@@ -75,47 +76,103 @@ def append(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def _parse(line: str, where: str, device_id: str, versions: dict) -> Optional[Record]:
-    try:
-        d = json.loads(line)
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA}")
-        key = ProblemKey(**d["key"])
-        if key.op not in OPS:
-            raise ValueError(f"unknown op {key.op!r}")
-        rec = Record(key, d["backend"], d["variant"], dict(d["config"]), float(d["time_ms"]), where, d)
-        if rec.backend not in ("torch", "tvm", "triton"):
-            raise ValueError(f"unknown backend {rec.backend!r}")
-    except Exception as e:  # any malformed line: skip, keep working
-        warnings.warn(f"tuning log {where}: corrupt record skipped ({type(e).__name__}: {e})", TuningLogWarning,
-                      stacklevel=3)
-        return None
-    if d.get("device", {}).get("id") != device_id:
-        warnings.warn(f"tuning log {where}: record for device {d.get('device', {}).get('id')!r}, this is "
-                      f"{device_id!r}; skipped", TuningLogWarning, stacklevel=3)
-        return None
-    if not _version_ok(rec.backend, d.get("versions", {}), versions):
-        warnings.warn(f"tuning log {where}: recorded with {d.get('versions')}, running {versions}; skipped "
-                      f"(re-tune with lsr-compile tune)", TuningLogWarning, stacklevel=3)
-        return None
-    return rec
+BACKENDS = {"llvm": ("torch", "tvm"), "cuda": ("torch", "tvm", "triton")}
+_MAX_DIM = 1 << 24  # bigger than any layer dimension or token bucket a record could honestly hold
 
 
-def read(paths: Iterable[Path], device_id: str) -> dict[ProblemKey, Record]:
-    """Valid records for this device; for a key tuned more than once, the last one read wins."""
+def _count(v, what: str, limit: int = _MAX_DIM) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+        raise ValueError(f"{what} must be an int in [1, {limit}], got {v!r}")
+    return v
+
+
+def _validate(d, target: str) -> Record:
+    """Every field of a record, or ValueError naming the first one that is wrong. A config must be a point
+    of the current schedule space (so every knob is bounded before a kernel is built from it)."""
+    from . import formulations, schedules
+    from .problem import DTYPES
+
+    if not isinstance(d, dict):
+        raise ValueError(f"a record is a JSON object, got {type(d).__name__}")
+    if d.get("schema") != SCHEMA:
+        raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA}")
+    k = d.get("key")
+    if not isinstance(k, dict) or set(k) != set(ProblemKey.__dataclass_fields__):
+        raise ValueError(f"key must hold exactly {sorted(ProblemKey.__dataclass_fields__)}, got {k!r}")
+    if k["op"] not in OPS:
+        raise ValueError(f"unknown op {k['op']!r}; known: {OPS}")
+    if k["dtype"] not in DTYPES:
+        raise ValueError(f"unknown dtype {k['dtype']!r}; known: {sorted(DTYPES)}")
+    tokens = _count(k["tokens"], "key.tokens")
+    if tokens < 16 or tokens & (tokens - 1):
+        raise ValueError(f"key.tokens is a token bucket (a power of two >= 16), got {tokens}")
+    for f in ("s", "r1", "r2", "n1", "n2", "m1", "m2"):
+        _count(k[f], f"key.{f}")
+    key = ProblemKey(**k)
+    backend, variant, config = d.get("backend"), d.get("variant"), d.get("config")
+    if backend not in BACKENDS[target]:
+        raise ValueError(f"backend {backend!r} is not one a {target} log can hold ({BACKENDS[target]})")
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be an object, got {config!r}")
+    if backend == "torch":
+        known = sorted(formulations.FORWARDS if key.op == "forward" else formulations.BACKWARDS)
+        if variant not in known or config:
+            raise ValueError(f"torch {key.op} variant must be one of {known} with an empty config, got "
+                             f"{variant!r} {config!r}")
+    else:
+        space = {"tvm": "llvm" if target == "llvm" else "cuda", "triton": "triton_cuda"}[backend]
+        known = schedules.variants(space, key.op)
+        if variant not in known:
+            raise ValueError(f"{backend} {key.op} variant must be one of {known}, got {variant!r}")
+        entry = schedules.load(space)[key.op][variant]
+        points = schedules.space(space, key.op, variant) + list(entry.get("default_by_dtype", {}).values())
+        if config not in points:
+            raise ValueError(f"config {config!r} is not a point of the {space} schedule space for "
+                             f"{key.op}/{variant} (re-tune)")
+    t = d.get("time_ms")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ValueError(f"time_ms must be a finite number > 0, got {t!r}")
+    if not isinstance(d.get("device"), dict) or not isinstance(d["device"].get("id"), str):
+        raise ValueError("device.id must be a string")
+    if not isinstance(d.get("versions", {}), dict):
+        raise ValueError(f"versions must be an object, got {d.get('versions')!r}")
+    return Record(key, backend, variant, dict(config), float(t), "")
+
+
+def read(paths: Iterable[Path], device_id: str, target: str) -> dict[ProblemKey, Record]:
+    """Valid records of ``target`` for this device; for a key tuned more than once, the last one read wins.
+    Nothing in a log can make this raise: an unreadable file, bytes that are not UTF-8, a line that is not a
+    valid record are skipped with a warning naming the file and line; records of another device or library
+    version are skipped with one warning per file."""
     versions = library_versions()
     out: dict[ProblemKey, Record] = {}
     for path in paths:
         try:
-            text = Path(path).read_text()
+            data = Path(path).read_bytes()
         except OSError as e:
             warnings.warn(f"tuning log {path} unreadable ({e}); skipped", TuningLogWarning, stacklevel=2)
             continue
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                rec = _parse(line, f"{path}:{i}", device_id, versions)
-                if rec is not None:
-                    out[rec.key] = rec
+        foreign: dict[str, list[int]] = {}
+        for i, raw in enumerate(data.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw.decode("utf-8"))
+                rec = _validate(d, target)
+            except Exception as e:  # any malformed line: skip, keep working
+                warnings.warn(f"tuning log {path}:{i}: corrupt record skipped ({type(e).__name__}: "
+                              f"{str(e)[:300]})", TuningLogWarning, stacklevel=2)
+                continue
+            if d["device"]["id"] != device_id:
+                foreign.setdefault(f"device {d['device']['id']!r} (this is {device_id!r})", []).append(i)
+            elif not _version_ok(rec.backend, d.get("versions", {}), versions):
+                foreign.setdefault(f"versions {d.get('versions')} (running {versions}; re-tune with "
+                                   f"lsr-compile tune)", []).append(i)
+            else:
+                out[rec.key] = dataclasses.replace(rec, source=f"{path}:{i}")
+        for why, lines in foreign.items():
+            warnings.warn(f"tuning log {path}: {len(lines)} record(s) of {why} skipped (lines {lines[:5]}"
+                          f"{' ...' if len(lines) > 5 else ''})", TuningLogWarning, stacklevel=2)
     return out
 
 

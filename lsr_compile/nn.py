@@ -27,6 +27,14 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
         with torch.autocast(x.device.type, enabled=False):
             args = [None if t is None else t.to(dt) for t in (x, weight, bias, A1, A2, B1, B2)]
             return lsr_linear(*args, scale)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func.grad / vmap / jvp: the op's autograd is not a functorch-transformable Function, the
+        # plain-PyTorch formulation is (same function, every transform)
+        return formulations.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
+    if A1.dtype != weight.dtype:
+        # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): compute in
+        # the base's dtype, as the base layer does; gradients reach the float32 factors through the cast
+        A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
     return lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
 
 
@@ -34,16 +42,20 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
 def init_factors(A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, f: FactorShapes, init: str) -> None:
     """``"reference"``: every factor ~ N(0, 0.01²), as the method's code (ΔW ≠ 0 at step 0).
     ``"zeros"``: B2 = 0, so ΔW = 0 at step 0; A1, A2, B1 are random so every factor still trains
-    (a Kronecker term with both factors zero would get no gradient in either)."""
+    (a Kronecker term with both factors zero would get no gradient in either). Their variances make a
+    first SGD step move the output about as much as LoRA's default does at the same learning rate
+    (0.4-1.4x at 768², 384x1536, 4096² for s = 4, 16 and r = 2, (2, 4), with the default scale 1):
+    ``x Aᵀ`` has LoRA's per-component variance 1/3 for unit-variance x, and B1's variance 1/(2·s·r1)
+    keeps the step B2's gradient makes in B from growing with s and the layer's size."""
     if init == "reference":
         for p in (A1, A2, B1, B2):
             p.normal_(0.0, 0.01)
         return
-    # Var(A1)·Var(A2)·s = 1/d_in gives x Aᵀ unit variance for unit-variance x, like LoRA's A init.
+    # Var(A1)·Var(A2)·s·d_in = 1/3
     root_s = math.sqrt(f.s)
-    A1.normal_(0.0, 1.0 / math.sqrt(root_s * f.n1))
-    A2.normal_(0.0, 1.0 / math.sqrt(root_s * f.n2))
-    B1.normal_(0.0, 1.0 / math.sqrt(root_s * f.r1))
+    A1.normal_(0.0, 1.0 / math.sqrt(3 ** 0.5 * root_s * f.n1))
+    A2.normal_(0.0, 1.0 / math.sqrt(3 ** 0.5 * root_s * f.n2))
+    B1.normal_(0.0, 1.0 / math.sqrt(2.0 * f.s * f.r1))
     B2.zero_()
 
 
@@ -103,6 +115,24 @@ class LSRLinear(nn.Module):
         B = formulations.build_B(self.B1, self.B2)
         A = formulations.build_A(self.A1, self.A2)
         return self.scale * (B @ A)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A state dict always holds the unmerged base weight, so loading it never applies ΔW twice."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            w = self._unmerged_weight
+            destination[prefix + "weight"] = w if keep_vars else w.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loading into a merged layer loads the unmerged weights, then merges the loaded adapter."""
+        merged = self.merged
+        if merged:
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if merged:
+            self.merge()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -170,38 +200,43 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
     ``config.target_modules``, then to peft's defaults for the architecture.
     With ``freeze``, every other parameter is frozen except modules named in
     ``trainable`` (e.g. a classifier head). Logs the trainable-parameter count.
+    All or nothing: every target is checked before the model is touched, so a call that raises (a layer
+    that does not factor, a second call, a target that is not a Linear) leaves the model as it was.
     """
     config = config or LSRConfig()
     targets = target_modules or config.target_modules or default_target_modules(model)
     matches = _matcher(targets)
     excluded = _matcher(exclude_modules or config.exclude_modules or ())
-    if freeze:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    replaced = []
-    for name, module in list(model.named_modules()):
+    chosen = []
+    for name, module in model.named_modules():
         if not name or not matches(name) or excluded(name):
             continue
         if isinstance(module, LSRLinear):
-            raise ValueError(f"{name} is already an LSRLinear; apply_lsr was called twice on this model")
+            raise ValueError(f"{name} is already an LSRLinear; apply_lsr was called twice on this model "
+                             f"(the model was left as it was)")
         if not isinstance(module, nn.Linear):
             raise TypeError(f"target module {name} is a {type(module).__name__}, not an nn.Linear; "
-                            f"narrow target_modules to linear layers")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LSRLinear.from_linear(module, config))
-        replaced.append(name)
-    if not replaced:
+                            f"narrow target_modules")
+        config.shapes_for(module.in_features, module.out_features)  # FactorizationError before any change
+        chosen.append(name)
+    if not chosen:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(f"no nn.Linear matched target_modules={targets!r}; some linear layers of this model: "
                          f"{linears}")
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LSRLinear.from_linear(model.get_submodule(name), config))
     keep = _matcher(trainable)
     for name, module in model.named_modules():
         if name and keep(name):
             for p in module.parameters():
                 p.requires_grad_(True)
     n_train, n_total = count_parameters(model)
-    log.info("apply_lsr: %d layers wrapped; trainable params %d / %d (%.3f%%)", len(replaced), n_train, n_total,
+    log.info("apply_lsr: %d layers wrapped; trainable params %d / %d (%.3f%%)", len(chosen), n_train, n_total,
              100.0 * n_train / max(n_total, 1))
     return model
 

@@ -19,6 +19,28 @@ def _seed():
 
 
 @pytest.fixture
+def time_limit():
+    """``with time_limit(s):`` fails the test if the block runs longer than ``s`` seconds (a hang fails
+    fast instead of stalling CI)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def limit(seconds: int):
+        def expired(signum, frame):
+            raise TimeoutError(f"still running after {seconds} s")
+
+        old = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    return limit
+
+
+@pytest.fixture
 def fresh_dispatch():
     """Dispatch's caches and extra log directories restored after the test."""
     from lsr_compile import dispatch

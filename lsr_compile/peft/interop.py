@@ -3,6 +3,8 @@ the method's public reference code (``lora_A1 (s, r, n1)``, ``lora_A2``, ``lora_
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -15,14 +17,23 @@ from ..nn import LSRLinear
 from .layer import LSRLayer
 
 
-def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None) -> Path:
+def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None, overwrite: bool = False) -> Path:
     """Write the LSR adapter as a standard peft LoRA adapter of rank q with identical outputs.
 
     ``ΔW = scale·B·A`` is exactly a rank-q LoRA: ``lora_A = A (q, d_in)``, ``lora_B = scale·B (d_out, q)``,
     ``lora_alpha = r = q`` (LoRA scaling 1). Trained ``modules_to_save`` (e.g. a classifier head) are kept.
     Load it with ``peft.PeftModel.from_pretrained(base_model, out_dir)``.
+
+    A folder that already holds files is refused unless ``overwrite=True``; the adapter is written next to
+    it first and moved in place whole, so a failure never leaves a half-written folder.
     """
     from peft import LoraConfig, get_peft_model
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        held = sorted(p.name for p in out_dir.iterdir())[:5] if out_dir.is_dir() else [out_dir.name]
+        raise FileExistsError(f"{out_dir} already holds {held}; export_lora(..., overwrite=True) replaces it, "
+                              f"or choose another folder")
 
     adapter_name = adapter_name or peft_model.active_adapter
     cfg = peft_model.peft_config.get(adapter_name)
@@ -49,8 +60,20 @@ def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None) -> Path
             target = mods[name]
             target.lora_A["default"].weight.copy_(formulations.build_A(A1, A2))
             target.lora_B["default"].weight.copy_(m.lsr_scale[adapter_name] * formulations.build_B(B1, B2))
-    out_dir = Path(out_dir)
-    lora.save_pretrained(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        lora.save_pretrained(staging)
+        if out_dir.exists():
+            old = staging.with_name(staging.name + ".old")
+            out_dir.rename(old)
+            staging.rename(out_dir)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return out_dir
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -167,6 +168,27 @@ def summary(rec: dict) -> str:
             f"{rec['variant']} {rec['config']} {rec['time_ms']:.3f} ms = {rec['time_ms'] / rec['floor_ms']:.3f}x floor")
 
 
+def _token_counts(tokens) -> tuple[int, ...]:
+    try:
+        out = tuple(tokens)
+    except TypeError:
+        out = ()
+    if not out or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in out):
+        raise TuningError(f"tokens must be positive token counts, e.g. (2048,), got {tokens!r}")
+    return out
+
+
+def _check_writable(log_dir: Path) -> None:
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        probe = log_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TuningError(f"tuning log directory {log_dir} is not writable ({e}); pass log_dir= a directory "
+                          f"you can write, or set $LSR_TUNING_LOGS") from None
+
+
 def _name(backend, variant, config) -> str:
     cfg = ",".join(f"{k}={v}" for k, v in sorted(config.items()))
     return f"{backend}:{variant}" + (f"[{cfg}]" if cfg else "")
@@ -186,16 +208,25 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     """
     if target not in TARGETS:
         raise TuningError(f"unknown target {target!r}; choose one of {sorted(TARGETS)}")
+    tokens = _token_counts(tokens)
     if isinstance(shapes, nn.Module):
         shapes = shapes_of(shapes, tokens)
     elif isinstance(shapes, LSRShape):
         shapes = [shapes]
-    shapes = list(shapes)
+    try:
+        shapes = list(shapes)
+    except TypeError:
+        raise TuningError(f"shapes must be LSRShape objects or a model with LSR layers, got {shapes!r}") from None
     if not shapes or not all(isinstance(s, LSRShape) for s in shapes):
         raise TuningError("shapes must be LSRShape objects (or a model with LSR layers)")
     ops = tuple(ops)
-    if any(op not in OPS for op in ops):
+    if not ops or any(op not in OPS for op in ops):
         raise TuningError(f"ops must be among {OPS}, got {ops}")
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 0):
+        raise TuningError(f"trials must be None or an int >= 0, got {trials!r}")
+    if time_budget_s is not None and (isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float))
+                                      or not math.isfinite(time_budget_s) or time_budget_s <= 0):
+        raise TuningError(f"time_budget_s must be None or a finite number of seconds > 0, got {time_budget_s!r}")
     if target == "cuda" and not torch.cuda.is_available():
         from ..kernels.cuda_build import build_cuda_sources
 
@@ -203,8 +234,9 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
         warnings.warn(f"tune(target='cuda'): no GPU here, so nothing was timed or recorded; "
                       f"{len(reports)} CUDA kernels generated and compiled with nvcc", RuntimeWarning, stacklevel=2)
         return []
-    device = TARGETS[target]
     log_dir = Path(log_dir) if log_dir is not None else logs.PROJECT_LOG_DIR
+    _check_writable(log_dir)  # before the work, not after it
+    device = TARGETS[target]
     jobs = [(s, op) for s in shapes for op in ops]
     budget = (time_budget_s / len(jobs)) if time_budget_s else DEFAULT_BUDGET_S
     written = []

@@ -1,5 +1,7 @@
 """LSR as a peft method: get_peft_model, save/load, merge_and_unload, named adapters, LoRA export,
 reference-code import."""
+from pathlib import Path
+
 import peft
 import pytest
 import torch
@@ -145,3 +147,59 @@ def test_reference_import_errors_name_the_layer():
         lc.load_reference_adapter(model, sd)
     with pytest.raises(ValueError, match="no lora_A1"):
         lc.load_reference_adapter(model, {"x.weight": torch.zeros(1)})
+
+
+def test_export_lora_refuses_a_folder_that_holds_files_and_replaces_it_whole_when_asked(tmp_path):
+    pm = _peft_model()
+    _set_nontrivial(pm)
+    ids = tokens(2, 7)
+    want = pm(input_ids=ids).logits
+    saved = tmp_path / "adapter"
+    pm.save_pretrained(saved)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        lc.export_lora(pm, saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # the saved LSR adapter is intact
+    lc.export_lora(pm, saved, overwrite=True)
+    assert isinstance(peft.PeftConfig.from_pretrained(saved), peft.LoraConfig)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left behind
+    torch.testing.assert_close(PeftModel.from_pretrained(tiny_bert(), saved).eval()(input_ids=ids).logits, want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_export_lora_that_fails_leaves_nothing_half_written(tmp_path, monkeypatch):
+    pm = _peft_model()
+    out = tmp_path / "lora"
+
+    def broken(self, path, **kw):
+        (Path(path) / "adapter_config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lc.export_lora(pm, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("order", ["save-load-export", "merge-unmerge-save-load", "export-save-load",
+                                   "save-merge-load"])
+def test_round_trips_keep_the_adapter_in_any_order(tmp_path, order):
+    pm = _peft_model()
+    _set_nontrivial(pm)
+    ids = tokens(2, 8)
+    want = pm(input_ids=ids).logits
+    current = pm
+    for i, step in enumerate(order.split("-")):
+        folder = tmp_path / f"{i}-{step}"
+        if step == "save":
+            current.save_pretrained(folder)
+            saved = folder
+        elif step == "load":
+            current = PeftModel.from_pretrained(tiny_bert(), saved).eval()
+        elif step == "export":
+            lc.export_lora(current, folder)
+            lora = PeftModel.from_pretrained(tiny_bert(), folder).eval()
+            torch.testing.assert_close(lora(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        else:
+            getattr(current, step + "_adapter" if step == "merge" else "unmerge_adapter")()
+        torch.testing.assert_close(current(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)

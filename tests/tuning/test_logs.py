@@ -20,7 +20,7 @@ def test_round_trip_and_last_record_wins(tmp_path):
     path = logs.log_path(tmp_path, "llvm", DEV, "forward")
     logs.append(path, _record(variant="materialise"))
     logs.append(path, _record(variant="fold"))
-    recs = logs.read(logs.files_for([tmp_path], "llvm", DEV), DEV)
+    recs = logs.read(logs.files_for([tmp_path], "llvm", DEV), DEV, "llvm")
     assert len(recs) == 1 and next(iter(recs.values())).variant == "fold"
     assert next(iter(recs.values())).source.endswith("forward.jsonl:2")
 
@@ -30,8 +30,14 @@ def test_round_trip_and_last_record_wins(tmp_path):
     (json.dumps(_record() | {"schema": 99}), "corrupt"),
     (json.dumps(_record(backend="cuDNN")), "corrupt"),
     (json.dumps({k: v for k, v in _record().items() if k != "key"}), "corrupt"),
-    (json.dumps(_record(device="other-gpu-sm90")), "record for device"),
-    (json.dumps(_record() | {"versions": {"torch": "1.0", "tvm": "0.1", "triton": None}}), "recorded with"),
+    (json.dumps(_record(device="other-gpu-sm90")), "record.s. of device 'other-gpu-sm90'"),
+    (json.dumps(_record() | {"versions": {"torch": "1.0", "tvm": "0.1", "triton": None}}), "of versions"),
+    (json.dumps(_record(backend="triton", variant="fused")), "not one a llvm log can hold"),
+    (json.dumps(_record(backend="tvm", variant="adapter", config={"vec": 16, "rows": 10**9, "unroll": 0})),
+     "not a point of the llvm schedule space"),
+    (json.dumps(_record(time_ms=float("nan"))), "time_ms"),
+    (json.dumps(_record() | {"key": _record()["key"] | {"tokens": "64"}}), "key.tokens"),
+    (json.dumps(_record() | {"key": _record()["key"] | {"s": True}}), "key.s"),
 ])
 def test_bad_lines_are_skipped_with_a_warning_and_good_ones_kept(tmp_path, line, match):
     path = logs.log_path(tmp_path, "llvm", DEV, "forward")
@@ -40,7 +46,18 @@ def test_bad_lines_are_skipped_with_a_warning_and_good_ones_kept(tmp_path, line,
         fh.write(line + "\n")
     logs.append(path, _record(tokens=256))
     with pytest.warns(logs.TuningLogWarning, match=match):
-        recs = logs.read([path], DEV)
+        recs = logs.read([path], DEV, "llvm")
+    assert sorted(k.tokens for k in recs) == [128, 256]
+
+
+def test_bytes_that_are_not_utf8_skip_one_line_only(tmp_path):
+    path = logs.log_path(tmp_path, "llvm", DEV, "forward")
+    logs.append(path, _record(tokens=128))
+    with open(path, "ab") as fh:
+        fh.write(b'{"schema": 1, "\xff\xfe broken"}\n')
+    logs.append(path, _record(tokens=256))
+    with pytest.warns(logs.TuningLogWarning, match=r"forward.jsonl:2: corrupt record skipped \(UnicodeDecodeError"):
+        recs = logs.read([path], DEV, "llvm")
     assert sorted(k.tokens for k in recs) == [128, 256]
 
 
