@@ -8,7 +8,7 @@ GPU_PY := $(GPU_VENV)/bin/python
 GPU_IMAGE_TESTS := tests/test_ops.py tests/test_nn.py tests/test_compile.py tests/kernels/test_triton_fused.py \
 	tests/kernels/test_triton_aot.py tests/test_gpu_check.py tests/peft_glue/test_peft_glue.py tests/test_robustness.py
 
-.PHONY: setup setup-gpu-image demo test test-main test-gpu-image test-all bench gpu-check
+.PHONY: setup setup-gpu-image demo test test-main test-gpu-image test-all bench gpu-artifacts gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -47,6 +47,13 @@ test-all: setup
 
 bench: setup
 	$(PY) -m lsr_compile.cli bench
+
+# Before a GPU session, here: TVM's CUDA kernels for the GPU shapes (build/tvm-cuda/sm_90) and the wheels the
+# GPU machine lacks (.whl/: TVM's runtime alone, peft at the tested version). The session carries both.
+gpu-artifacts: setup
+	$(PY) -m lsr_compile.cli build-tvm-cuda --set gpu --arch sm_90
+	$(PY) -m lsr_compile.cli tvm-runtime-wheels --out .whl --python 3.12
+	$(PY) -m pip download -q --no-deps -c constraints.txt -d .whl peft
 
 # On a GPU machine (writes to $OUT, else results/gpu): see README, "On a GPU".
 gpu-check:

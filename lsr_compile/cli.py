@@ -1,4 +1,4 @@
-"""lsr-compile tune | bench | explain | logs | demo"""
+"""lsr-compile tune | bench | explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels"""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,16 @@ def main(argv=None) -> int:
     _shape_args(e)
     lg = sub.add_parser("logs", help="list this machine's tuning records")
     lg.add_argument("--log-dir", type=Path, default=None)
+    bt = sub.add_parser("build-tvm-cuda", help="build TVM's CUDA kernels here (nvcc, no GPU needed) for a GPU "
+                                                 "machine whose TVM is the runtime alone")
+    bt.add_argument("--arch", default="sm_90")
+    bt.add_argument("--set", choices=["demo", "bench", "gpu", "one"], default="gpu")
+    bt.add_argument("--configs", choices=["space", "default"], default="space")
+    bt.add_argument("--out", type=Path, default=None, help="default: $LSR_TVM_ARTIFACTS, else build/tvm-cuda")
+    _shape_args(bt)
+    rw = sub.add_parser("tvm-runtime-wheels", help="wheels of TVM's runtime alone (no compiler) for a GPU machine")
+    rw.add_argument("--out", type=Path, default=Path(".whl"))
+    rw.add_argument("--python", default="3.12", help="the GPU machine's Python version")
     d = sub.add_parser("demo", help="the main job: tune defaults, run a compiled LSR transformer")
     d.add_argument("--retune", action="store_true")
     d.add_argument("--batch", type=int, default=32)
@@ -54,9 +64,10 @@ def main(argv=None) -> int:
     from .tuning import tune
     from .tuning.search import summary
 
+    shape_sets = {"demo": workloads.demo_shapes, "bench": workloads.bench_shapes, "gpu": workloads.gpu_shapes,
+                  "one": lambda: [_shape(a)]}
     if a.cmd == "tune":
-        shapes = {"demo": workloads.demo_shapes, "bench": workloads.bench_shapes, "gpu": workloads.gpu_shapes,
-                  "one": lambda: [_shape(a)]}[a.set]()
+        shapes = shape_sets[a.set]()
         recs = tune(shapes, target=a.target, log_dir=a.log_dir, trials=a.trials, time_budget_s=a.budget)
         for r in recs:
             print(summary(r))
@@ -73,6 +84,17 @@ def main(argv=None) -> int:
         over = bench.dispatch_overhead()
         print("\neager µs per call at 8x16x16 (dispatch overhead): " +
               ", ".join(f"{k} {v:.1f}" for k, v in over.items()))
+    elif a.cmd == "build-tvm-cuda":
+        from .kernels import tvm_cuda
+
+        recs = tvm_cuda.build_artifacts(shape_sets[a.set](), arch=a.arch, out_dir=a.out, configs=a.configs)
+        print(f"{len(recs)} new TVM-CUDA artifacts for {a.arch} in {tvm_cuda.artifact_dir(a.out) / a.arch} "
+              f"({len(tvm_cuda.index(a.arch, a.out))} usable there in all)")
+    elif a.cmd == "tvm-runtime-wheels":
+        from .kernels import tvm_cuda
+
+        for w in tvm_cuda.runtime_wheels(a.out, a.python):
+            print(f"{w} ({w.stat().st_size / 1e6:.1f} MB)")
     elif a.cmd == "explain":
         print(dispatch.explain(_shape(a)))
     elif a.cmd == "logs":

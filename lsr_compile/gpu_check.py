@@ -133,10 +133,29 @@ def stage_env(run: Run) -> None:
     info = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device_info(dev)["model"],
             "device_id": device_id(dev), "device_info": device_info(dev), "versions": logs.library_versions(),
             "python": sys.version.split()[0], "dry_run": run.dry}
+    info["tvm"] = tvm_status(dev)
     if dev.type == "cuda":
         info |= ceilings(dev)
     run.row("env", **info)
     run.say(json.dumps(info, default=str))
+
+
+def tvm_status(dev) -> str:
+    """TVM here: compiler and runtime, runtime alone (then only prebuilt artifacts run), or none."""
+    import importlib.util
+
+    if importlib.util.find_spec("tvm") is None:
+        return "not installed: TVM candidates are skipped"
+    import tvm.base
+
+    from .kernels import tvm_cuda
+
+    kind = "runtime only" if tvm.base._RUNTIME_ONLY else "compiler and runtime"
+    if dev.type != "cuda":
+        return f"{tvm.__version__}, {kind}"
+    arch = "sm_{}{}".format(*torch.cuda.get_device_capability(dev))
+    return (f"{tvm.__version__}, {kind}; {len(tvm_cuda.index(arch))} prebuilt {arch} artifacts in "
+            f"{tvm_cuda.artifact_dir() / arch}")
 
 
 def ceilings(dev) -> dict:
@@ -203,8 +222,8 @@ def correctness_candidates(op, key, dev, every_point: bool) -> list[tuple[str, s
 
     table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
     out = [("torch", v, {}) for v in sorted(table)]
-    if key.dtype in ("float32", "float64"):
-        space = "cuda" if dev.type == "cuda" else "llvm"
+    space = "cuda" if dev.type == "cuda" else "llvm"
+    if key.dtype in kernels.TVM_DTYPES[space]:
         out += [("tvm", v, schedules.default(space, op, v)) for v in schedules.variants(space, op)]
     if dev.type == "cuda" and key.dtype == "bfloat16" and every_point:
         from .kernels import triton_fused

@@ -1,4 +1,4 @@
-"""TVM tensor expressions of the LSR adapter, forward and backward (SPEC §2).
+"""TVM tensor expressions of the LSR adapter, forward and backward (docs/design.md, "Ways to compute it").
 
 The base GEMM ``x Wᵀ`` (and ``dy W``) stays with the vendor BLAS: on these CPUs a
 TVM GEMM measured 4x slower than oneDNN at 768² (2 threads). The expressions
@@ -10,10 +10,14 @@ Reductions over a contiguous axis are written in two stages (``*_part`` with a
 spatial lane axis, then a short sum over lanes) so that schedules can vectorise
 them: an rfactor done in the expression, which also keeps them TE-only.
 
-Argument order of each PrimFunc is given by ``Expression.args``; a tensor named
-``*_io`` is the base GEMM's output, and the caller passes it again as the
-output, so the adapter is added in place. Blocks named ``*_acc`` hold a
-per-row partial result that schedules compute at the consumer's row loop.
+Argument order of each PrimFunc is given by ``Expression.args``. A tensor named
+``*_io`` is the base GEMM's output and the expression's last output is its
+updated value: once scheduled, the two are bound to one buffer
+(``kernels.tvm_kernels.lower``), so the compiled function takes that tensor once
+and adds the adapter in place, with no pointer passed twice. Blocks named
+``*_acc`` hold a per-row partial result that schedules compute at the consumer's
+row loop. Half-precision operands (bf16, fp16) are read as stored and
+accumulated in float32, as the vendor GEMM does.
 """
 from __future__ import annotations
 
@@ -42,17 +46,28 @@ def _lanes(d: int) -> int:
     return LANES if d % LANES == 0 else 1
 
 
+def acc_dtype(dtype: str) -> str:
+    """The type sums are accumulated in: float32 for half-precision operands."""
+    return "float32" if dtype in ("bfloat16", "float16") else dtype
+
+
+def _up(v, acc: str):
+    return v if v.dtype == acc else v.astype(acc)
+
+
 def _factors(f: FactorShapes, dtype: str):
-    """Placeholders for the four factor tensors in the SPEC §1 layout."""
+    """Placeholders for the four factor tensors in the layout of docs/design.md (A1 (s, r1, n1), ...)."""
     return [te.placeholder(shape, dtype, name=name) for name, shape in f.factor_sizes().items()]
 
 
 def _dot_rows(name, X, M, n, rows, d, dtype):
-    """``out[i, a] = Σ_k X[i, k] · M[a, k]`` (both contiguous in k), reduced in two vectorisable stages."""
+    """``out[i, a] = Σ_k X[i, k] · M[a, k]`` (both contiguous in k), reduced in two vectorisable stages;
+    the result is in the accumulation type."""
+    acc = acc_dtype(dtype)
     L = _lanes(d)
     ko = te.reduce_axis((0, d // L), name=f"{name}_ko")
-    part = te.compute((n, rows, L), lambda i, a, v: te.sum(X[i, ko * L + v] * M[a, ko * L + v], axis=ko),
-                      name=f"{name}_part")
+    part = te.compute((n, rows, L), lambda i, a, v: te.sum(_up(X[i, ko * L + v], acc) * _up(M[a, ko * L + v], acc),
+                                                          axis=ko), name=f"{name}_part")
     lv = te.reduce_axis((0, L), name=f"{name}_lane")
     return te.compute((n, rows), lambda i, a: te.sum(part[i, a, lv], axis=lv), name=name)
 
@@ -64,11 +79,12 @@ def forward_adapter(f: FactorShapes, dtype: str):
     A = te.placeholder((f.q, f.d_in), dtype, name="A")
     Bt = te.placeholder((f.q, f.d_out), dtype, name="Bt")
     y_io = te.placeholder((n, f.d_out), dtype, name="y_io")
-    scale = te.var("scale", dtype)
+    ac = acc_dtype(dtype)
+    scale = te.var("scale", ac)
     t = _dot_rows("t", x, A, n, f.q, f.d_in, dtype)
     a = te.reduce_axis((0, f.q), name="a")
-    acc = te.compute((n, f.d_out), lambda i, j: te.sum(t[i, a] * Bt[a, j], axis=a), name="y_acc")
-    y = te.compute((n, f.d_out), lambda i, j: y_io[i, j] + scale * acc[i, j], name="y")
+    acc = te.compute((n, f.d_out), lambda i, j: te.sum(t[i, a] * _up(Bt[a, j], ac), axis=a), name="y_acc")
+    y = te.compute((n, f.d_out), lambda i, j: (_up(y_io[i, j], ac) + scale * acc[i, j]).astype(dtype), name="y")
     return [x, A, Bt, scale, y_io, y]
 
 
@@ -78,32 +94,42 @@ def forward_kron(f: FactorShapes, dtype: str):
     x = te.placeholder((n, f.d_in), dtype, name="x")
     A1, A2, B1, B2 = _factors(f, dtype)
     y_io = te.placeholder((n, f.d_out), dtype, name="y_io")
-    scale = te.var("scale", dtype)
+    ac = acc_dtype(dtype)
+    scale = te.var("scale", ac)
     j = te.reduce_axis((0, f.n2), name="j")
-    u = te.compute((f.s, n, f.n1, f.r2), lambda l, i, p, b: te.sum(x[i, p * f.n2 + j] * A2[l, b, j], axis=j),
-                   name="u")
+    u = te.compute((f.s, n, f.n1, f.r2), lambda l, i, p, b: te.sum(
+        _up(x[i, p * f.n2 + j], ac) * _up(A2[l, b, j], ac), axis=j), name="u")
     l1, p1 = te.reduce_axis((0, f.s), name="l1"), te.reduce_axis((0, f.n1), name="p1")
-    t = te.compute((n, f.r1, f.r2), lambda i, a, b: te.sum(u[l1, i, p1, b] * A1[l1, a, p1], axis=[l1, p1]),
-                   name="t")
+    t = te.compute((n, f.r1, f.r2), lambda i, a, b: te.sum(u[l1, i, p1, b] * _up(A1[l1, a, p1], ac),
+                                                          axis=[l1, p1]), name="t")
     a2 = te.reduce_axis((0, f.r1), name="a2")
-    w = te.compute((f.s, n, f.m1, f.r2), lambda l, i, c, b: te.sum(B1[l, c, a2] * t[i, a2, b], axis=a2), name="w")
+    w = te.compute((f.s, n, f.m1, f.r2), lambda l, i, c, b: te.sum(_up(B1[l, c, a2], ac) * t[i, a2, b], axis=a2),
+                   name="w")
     l3, b3 = te.reduce_axis((0, f.s), name="l3"), te.reduce_axis((0, f.r2), name="b3")
     acc = te.compute((n, f.d_out), lambda i, o: te.sum(
-        w[l3, i, o // f.m2, b3] * B2[l3, o % f.m2, b3], axis=[l3, b3]), name="y_acc")
-    y = te.compute((n, f.d_out), lambda i, o: y_io[i, o] + scale * acc[i, o], name="y")
+        w[l3, i, o // f.m2, b3] * _up(B2[l3, o % f.m2, b3], ac), axis=[l3, b3]), name="y_acc")
+    y = te.compute((n, f.d_out), lambda i, o: (_up(y_io[i, o], ac) + scale * acc[i, o]).astype(dtype), name="y")
     return [x, A1, A2, B1, B2, scale, y_io, y]
 
 
 def _project_pair(g, X1, X2, names):
-    """Gradients of ``X1 (s, p, u)`` and ``X2 (s, k, v)`` from ``g(p, u, k, v)``, the gradient of their
-    Kronecker sum at ``[(p, u), (k, v)]``: ``dX1[l,p,u] = Σ_{k,v} g · X2[l,k,v]`` and the mirror."""
+    """Gradients of ``X1 (s, p, u)`` and ``X2 (s, k, v)`` from ``g(p, u, k, v)`` (in the accumulation type),
+    the gradient of their Kronecker sum at ``[(p, u), (k, v)]``: ``dX1[l,p,u] = Σ_{k,v} g · X2[l,k,v]`` and
+    the mirror; results in the factors' type."""
     s, P, U = X1.shape
     K, V = X2.shape[1:]
+    ac = acc_dtype(X1.dtype)
+    sfx = "" if ac == X1.dtype else "_sum"
     k, v = te.reduce_axis((0, K), name=f"{names[0]}_k"), te.reduce_axis((0, V), name=f"{names[0]}_v")
-    dX1 = te.compute((s, P, U), lambda l, p, u: te.sum(g(p, u, k, v) * X2[l, k, v], axis=[k, v]), name=names[0])
+    dX1 = te.compute((s, P, U), lambda l, p, u: te.sum(g(p, u, k, v) * _up(X2[l, k, v], ac), axis=[k, v]),
+                     name=names[0] + sfx)
     p, u = te.reduce_axis((0, P), name=f"{names[1]}_p"), te.reduce_axis((0, U), name=f"{names[1]}_u")
-    dX2 = te.compute((s, K, V), lambda l, k, v: te.sum(g(p, u, k, v) * X1[l, p, u], axis=[p, u]), name=names[1])
-    return dX1, dX2
+    dX2 = te.compute((s, K, V), lambda l, k, v: te.sum(g(p, u, k, v) * _up(X1[l, p, u], ac), axis=[p, u]),
+                     name=names[1] + sfx)
+    if ac == X1.dtype:
+        return dX1, dX2
+    down = lambda t, name: te.compute(t.shape, lambda *i: t(*i).astype(X1.dtype), name=name)  # noqa: E731
+    return down(dX1, names[0]), down(dX2, names[1])
 
 
 def _project(f: FactorShapes, dA, dB, A1, A2, B1, B2):
@@ -123,17 +149,21 @@ def backward_adapter(f: FactorShapes, dtype: str):
     A = te.placeholder((f.q, f.d_in), dtype, name="A")
     Bt = te.placeholder((f.q, f.d_out), dtype, name="Bt")
     A1, A2, B1, B2 = _factors(f, dtype)
-    scale = te.var("scale", dtype)
+    ac = acc_dtype(dtype)
+    scale = te.var("scale", ac)
     u = _dot_rows("u", dy, Bt, n, f.q, f.d_out, dtype)
     t = _dot_rows("t", x, A, n, f.q, f.d_in, dtype)
     su = te.compute((n, f.q), lambda i, a: scale * u[i, a], name="su")
     st = te.compute((n, f.q), lambda i, a: scale * t[i, a], name="st")
     a = te.reduce_axis((0, f.q), name="a")
-    dxa = te.compute((n, f.d_in), lambda i, k: te.sum(su[i, a] * A[a, k], axis=a), name="dx_adapter")
+    dxa_acc = te.compute((n, f.d_in), lambda i, k: te.sum(su[i, a] * _up(A[a, k], ac), axis=a),
+                         name="dx_adapter" if ac == dtype else "dx_adapter_sum")
+    dxa = dxa_acc if ac == dtype else te.compute((n, f.d_in), lambda i, k: dxa_acc[i, k].astype(dtype),
+                                                 name="dx_adapter")
     i1 = te.reduce_axis((0, n), name="i1")
-    dA = te.compute((f.q, f.d_in), lambda a, k: te.sum(su[i1, a] * x[i1, k], axis=i1), name="dA")
+    dA = te.compute((f.q, f.d_in), lambda a, k: te.sum(su[i1, a] * _up(x[i1, k], ac), axis=i1), name="dA")
     i2 = te.reduce_axis((0, n), name="i2")
-    dBt = te.compute((f.q, f.d_out), lambda a, j: te.sum(st[i2, a] * dy[i2, j], axis=i2), name="dBt")
+    dBt = te.compute((f.q, f.d_out), lambda a, j: te.sum(st[i2, a] * _up(dy[i2, j], ac), axis=i2), name="dBt")
     return [dy, x, A, Bt, A1, A2, B1, B2, scale, dxa, *_project(f, dA, dBt, A1, A2, B1, B2)]
 
 

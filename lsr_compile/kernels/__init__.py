@@ -15,6 +15,8 @@ from .. import formulations
 from ..problem import ProblemKey
 
 BACKENDS = ("torch", "tvm", "triton")
+# TVM's llvm bf16 path is not one this project checks; on CUDA half precision is read and accumulated in fp32
+TVM_DTYPES = {"llvm": ("float32", "float64"), "cuda": ("float32", "float64", "bfloat16", "float16")}
 
 
 def torch_default_variant(op: str, key: ProblemKey) -> str:
@@ -53,8 +55,8 @@ def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None)
     table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
     out = [("torch", v, {}) for v in sorted(table)]
     compiled = []
-    if key.dtype in ("float32", "float64"):
-        name = "llvm" if target == "llvm" else "cuda"
+    name = "llvm" if target == "llvm" else "cuda"
+    if key.dtype in TVM_DTYPES[name]:
         per_variant = [[("tvm", v, c) for c in schedules.space(name, op, v)] for v in schedules.variants(name, op)]
         compiled += _round_robin(per_variant)
     if target == "cuda":
@@ -95,6 +97,11 @@ def static_problem(backend: str, op: str, variant: str, config: dict, key: Probl
         from . import triton_fused
 
         return triton_fused.static_problem(op, key, config, device)
+    if backend == "tvm" and torch.device(device).type == "cuda":
+        from . import tvm_cuda
+        from .tvm_kernels import target_dict
+
+        return tvm_cuda.static_problem(op, variant, config, key.shapes, key.dtype, target_dict(device)["arch"])
     return None
 
 

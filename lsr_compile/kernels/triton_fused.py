@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-import re
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -33,6 +28,7 @@ import triton.language as tl
 from .. import schedules
 from ..formulations import build_A, build_B, factor_grads
 from ..problem import DTYPES as DTYPES_TORCH, ProblemKey
+from .cubin import resource_usage
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -306,20 +302,9 @@ def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90)
 
 
 def _cubin_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, local-memory bytes) per thread, from ``cuobjdump --dump-resource-usage``."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    exe = str(tool) if tool.exists() else shutil.which("cuobjdump")
-    if exe is None:
-        raise RuntimeError("cuobjdump not found (it ships inside the triton wheel, or with the CUDA toolkit)")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(cubin)
-        fh.flush()
-        text = subprocess.run([exe, "--dump-resource-usage", fh.name], capture_output=True, text=True,
-                              check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
-    if "REG" not in fields:
-        raise RuntimeError(f"could not read cuobjdump's resource usage: {text[:300]!r}")
-    return int(fields["REG"]), int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
+    """(registers, local-memory bytes) per thread of the kernel in ``cubin``."""
+    (usage,) = resource_usage(cubin).values()
+    return usage["registers"], usage["spilled"]
 
 
 def static_problem(op: str, key: ProblemKey, config: dict, device) -> Optional[str]:

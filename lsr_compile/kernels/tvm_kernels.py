@@ -1,7 +1,10 @@
 """TVM kernels: expression (expr/) + schedule config (schedules/) -> compiled function -> layer kernel.
 
 The vendor GEMM does ``x Wᵀ`` / ``dy W``; the TVM function adds the adapter into
-its output in place (zero-copy: torch tensors go straight in through DLPack).
+its output in place (zero-copy: torch tensors go straight in through DLPack, and
+on a GPU the kernels run on PyTorch's current stream). On a GPU the function is
+an artifact built ahead of time when one exists (``tvm_cuda``: TVM's runtime
+alone loads it), else it is compiled here.
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ from ..expr import EXPRESSIONS
 from ..formulations import build_A, build_Bt
 from ..problem import ProblemKey
 from ..tuning.device import llvm_target
+from . import TVM_DTYPES
 
 # TVM's worker threads spin after each kernel by default and then starve PyTorch's OpenMP threads, which
 # run the base GEMM right before: at 768², N=2048 on 2 cores the GEMM's median went from 1.3 ms to 18 ms.
 # Not spinning costs the TVM kernel nothing measurable there.
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
-DTYPES = ("float32", "float64")  # TVM's llvm bf16 path is not one this project checks
+DTYPES = TVM_DTYPES
 
 
 def target_dict(device: torch.device) -> dict:
@@ -35,30 +39,38 @@ def target_dict(device: torch.device) -> dict:
     raise ValueError(f"TVM backend has no target for device {device}")
 
 
-def space_name(target: dict) -> str:
-    return "llvm" if target["kind"] == "llvm" else "cuda"
-
-
 def default_choice(op: str, key: ProblemKey, device: torch.device) -> tuple[str, dict]:
     name = "llvm" if device.type == "cpu" else "cuda"
     return "adapter", schedules.default(name, op, "adapter")
 
 
 def lower(op: str, variant: str, config: dict, f: FactorShapes, dtype: str, target: dict):
-    """Schedule the expression for ``target``; returns the IRModule to compile."""
+    """Schedule the expression for ``target``; returns the IRModule to compile. An expression's ``*_io``
+    input and its updated value are then bound to one buffer: the function takes that tensor once and
+    updates it in place (never one tensor behind two ``__restrict__`` pointers)."""
+    import tvm
     from tvm import te
 
     from .tvm_schedule import schedule_cuda, schedule_llvm
 
-    if dtype not in DTYPES:
-        raise ValueError(f"TVM kernels support {DTYPES}, not {dtype}")
+    kind = target["kind"]
+    if dtype not in DTYPES[kind]:
+        raise ValueError(f"TVM {kind} kernels support {DTYPES[kind]}, not {dtype}")
     if (op, variant) not in EXPRESSIONS:
         raise ValueError(f"no TVM expression for {op}/{variant}; known: {sorted(EXPRESSIONS)}")
-    # the *_io input is also passed as the output (in-place add): the function must not assume noalias
-    func = te.create_prim_func(EXPRESSIONS[op, variant].build(f, dtype)).with_attr("tirx.noalias", False)
-    if target["kind"] == "llvm":
-        return schedule_llvm(func, config).mod
-    return schedule_cuda(func, config)
+    expr = EXPRESSIONS[op, variant]
+    func = te.create_prim_func(expr.build(f, dtype))
+    mod = schedule_llvm(func, config).mod if kind == "llvm" else schedule_cuda(func, config)
+    if "y_io" in expr.args:
+        main = mod["main"]
+        params = dict(zip(expr.args, main.params))
+        mod = tvm.IRModule({"main": main.specialize({params["y"]: params["y_io"]})})
+    return mod
+
+
+def args_of(op: str, variant: str) -> tuple[str, ...]:
+    """The compiled function's arguments, in order (the in-place output is passed once, as ``y_io``)."""
+    return tuple(a for a in EXPRESSIONS[op, variant].args if a != "y")
 
 
 @functools.lru_cache(maxsize=256)
@@ -66,30 +78,55 @@ def _compiled(op, variant, config_items, f, dtype, target_items):
     import tvm
 
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # nvrtc needs cuda-bindings; nvcc is on CUDA hosts
     target = dict(target_items)
-    return tvm.compile(lower(op, variant, dict(config_items), f, dtype, target), target=target)["main"]
+    with tvm.target.Target(target):
+        lib = tvm.compile(lower(op, variant, dict(config_items), f, dtype, target), target=target)
+    if target["kind"] == "cuda" and not all(m.is_runnable() for m in lib.mod.imports):
+        raise RuntimeError("TVM built a source-only CUDA module (no CUDA runtime library here): build the "
+                           "kernels ahead of time with `lsr-compile build-tvm-cuda` instead")
+    return lib["main"]
 
 
 def compile_for(op, variant, config, f, dtype, target):
     return _compiled(op, variant, tuple(sorted(config.items())), f, dtype, tuple(sorted(target.items())))
 
 
+def _function(op, variant, config, f, dtype, device):
+    """The compiled TVM function for ``device``: on a GPU a prebuilt artifact when there is one (TVM's
+    runtime alone runs it), else compiled here; calls run on PyTorch's current CUDA stream."""
+    target = target_dict(device)
+    if target["kind"] != "cuda":
+        return compile_for(op, variant, config, f, dtype, target)
+    import tvm_ffi
+
+    from . import tvm_cuda
+
+    rec = tvm_cuda.find(op, variant, config, f, dtype, target["arch"])
+    fn = tvm_cuda.load(rec) if rec is not None else compile_for(op, variant, config, f, dtype, target)
+
+    def on_torch_stream(*args):
+        with tvm_ffi.use_torch_stream():
+            return fn(*args)
+    return on_torch_stream
+
+
 def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.device):
     """A layer kernel (signature of ``lsr_compile.formulations``) running the compiled TVM function."""
     f = key.shapes
-    fn = compile_for(op, variant, config, f, key.dtype, target_dict(device))
+    fn = _function(op, variant, config, f, key.dtype, device)
     if op == "forward" and variant == "adapter":
         def forward(x, weight, bias, A1, A2, B1, B2, scale):
             x = x.contiguous()
             y = F.linear(x, weight, bias)
-            fn(x, build_A(A1, A2), build_Bt(B1, B2), scale, y, y)
+            fn(x, build_A(A1, A2), build_Bt(B1, B2), scale, y)
             return y
         return forward
     if op == "forward" and variant == "kron":
         def forward(x, weight, bias, A1, A2, B1, B2, scale):
             x = x.contiguous()
             y = F.linear(x, weight, bias)
-            fn(x, A1.contiguous(), A2.contiguous(), B1.contiguous(), B2.contiguous(), scale, y, y)
+            fn(x, A1.contiguous(), A2.contiguous(), B1.contiguous(), B2.contiguous(), scale, y)
             return y
         return forward
     if op == "backward" and variant == "adapter":

@@ -228,11 +228,12 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
                                       or not math.isfinite(time_budget_s) or time_budget_s <= 0):
         raise TuningError(f"time_budget_s must be None or a finite number of seconds > 0, got {time_budget_s!r}")
     if target == "cuda" and not torch.cuda.is_available():
-        from ..kernels.cuda_build import build_cuda_sources
+        from ..kernels import tvm_cuda
 
-        reports = build_cuda_sources(shapes, ops)
-        warnings.warn(f"tune(target='cuda'): no GPU here, so nothing was timed or recorded; "
-                      f"{len(reports)} CUDA kernels generated and compiled with nvcc", RuntimeWarning, stacklevel=2)
+        built = tvm_cuda.build_artifacts(shapes, ops)
+        warnings.warn(f"tune(target='cuda'): no GPU here, so nothing was timed or recorded; {len(built)} TVM-CUDA "
+                      f"kernels built for sm_90 into {tvm_cuda.artifact_dir()} for a GPU machine to time",
+                      RuntimeWarning, stacklevel=2)
         return []
     log_dir = Path(log_dir) if log_dir is not None else logs.PROJECT_LOG_DIR
     _check_writable(log_dir)  # before the work, not after it
