@@ -1,7 +1,7 @@
 """Adds ``PeftType.LSR`` to peft's enum; peft only registers methods it knows by name.
 
 peft 0.21 refuses ``register_peft_method`` for a name outside ``PeftType``
-(STACK-NOTES), and ``PeftModel.from_pretrained`` resolves configs through it,
+(docs/design.md §5), and ``PeftModel.from_pretrained`` resolves configs through it,
 so the member has to exist as soon as ``lsr_compile`` is imported.
 """
 from peft.utils.peft_types import PeftType

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark (SPEC §3.5): frozen base, reference eager / compiled, LoRA of the same inner rank,
+"""Side-by-side benchmark (docs/design.md §2, "the floor"): frozen base, reference eager / compiled, LoRA of the same inner rank,
 LSRLinear (autotuned dispatch), forward and forward+backward, timed in one interleaved run per shape.
 
 Writes long-form rows (JSON lines, with device, versions and git revision), prints a ratio table

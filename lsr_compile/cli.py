@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     rw = sub.add_parser("tvm-runtime-wheels", help="wheels of TVM's runtime alone (no compiler) for a GPU machine")
     rw.add_argument("--out", type=Path, default=Path(".whl"))
     rw.add_argument("--python", default="3.12", help="the GPU machine's Python version")
-    d = sub.add_parser("demo", help="the main job: tune defaults, run a compiled LSR transformer")
+    d = sub.add_parser("demo", help="tune the default shapes, then run a compiled LSR transformer (make demo)")
     d.add_argument("--retune", action="store_true")
     d.add_argument("--batch", type=int, default=32)
     d.add_argument("--seq", type=int, default=64)

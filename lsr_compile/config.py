@@ -87,7 +87,7 @@ def _names(v, name):
 
 @dataclass(frozen=True)
 class FactorShapes:
-    """Resolved shapes of one layer's adapter (SPEC §1)."""
+    """Resolved shapes of one layer's adapter (docs/design.md §1)."""
 
     s: int
     r1: int

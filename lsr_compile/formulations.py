@@ -1,4 +1,4 @@
-"""The PyTorch formulations of the layer (SPEC §2): the ``torch`` backend's kernels.
+"""The PyTorch formulations of the layer (docs/design.md §2): the ``torch`` backend's kernels.
 
 Each forward takes ``(x, weight, bias, A1, A2, B1, B2, scale)`` with ``x`` 2-D
 ``(N, d_in)``; each backward takes ``(dy, x, weight, A1, A2, B1, B2, scale,
@@ -59,7 +59,7 @@ def _project_pair(G: Tensor, X1: Tensor, X2: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def project_grads(dA_full: Tensor, dBt_full: Tensor, A1, A2, B1, B2):
-    """Gradients of the four factors from those of ``A (q, d_in)`` and ``Bᵀ (q, d_out)`` (SPEC §2), e.g.
+    """Gradients of the four factors from those of ``A (q, d_in)`` and ``Bᵀ (q, d_out)`` (docs/design.md §2), e.g.
     ``dA1[l][a,i] = Σ_{b,j} dA[a·r2+b, i·n2+j] · A2[l][b,j]``."""
     r1, n1 = A1.shape[1:]
     r2, n2 = A2.shape[1:]

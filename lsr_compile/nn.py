@@ -63,7 +63,7 @@ class LSRLinear(nn.Module):
     """A frozen linear layer plus the LSR-Adapt update: ``y = x Wᵀ + b + scale·(x Aᵀ) Bᵀ``.
 
     ``A = Σ_l A1[l] ⊗ A2[l]`` (``A1 (s, r1, n1)``, ``A2 (s, r2, n2)``) and
-    ``B = Σ_l B1[l] ⊗ B2[l]`` (``B1 (s, m1, r1)``, ``B2 (s, m2, r2)``), as in SPEC §1.
+    ``B = Σ_l B1[l] ⊗ B2[l]`` (``B1 (s, m1, r1)``, ``B2 (s, m2, r2)``), as in docs/design.md §1.
     The forward runs ``torch.ops.lsr.linear``, i.e. the kernel tuned for this shape.
     """
 

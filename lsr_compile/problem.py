@@ -57,7 +57,7 @@ class ProblemKey:
 
 @dataclass(frozen=True)
 class LSRShape:
-    """One layer problem to tune: tokens x (d_out x d_in) with its adapter shapes (SPEC §5)."""
+    """One layer problem to tune: tokens x (d_out x d_in) with its adapter shapes (docs/design.md §1)."""
 
     tokens: int
     d_in: int

@@ -1,4 +1,4 @@
-"""The plain-PyTorch ground truth of SPEC §1: materialise A and B with torch.kron, two thin matmuls.
+"""The plain-PyTorch ground truth of docs/design.md §1: materialise A and B with torch.kron, two thin matmuls.
 
 Every kernel in the project is checked against ``lsr_linear``. It is written
 for clarity, not speed: it is what the method's public reference code computes

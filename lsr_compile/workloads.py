@@ -1,16 +1,16 @@
-"""The project's one list of shapes: what the main job tunes, what the benchmark and the GPU check measure."""
+"""The project's one list of shapes: what `make demo` tunes, what the benchmark and the GPU check measure."""
 from __future__ import annotations
 
 import torch
 
 from .problem import LSRShape
 
-# SPEC §4's CPU rows are stated at 768², N = 2048, r1 = 2, r2 = 4, s = 4 (STACK-NOTES).
+# The CPU targets are stated at 768², N = 2048, r1 = 2, r2 = 4, s = 4 (docs/design.md §4).
 CPU_LAYER = dict(s=4, r=(2, 4))
 
 
 def demo_shapes() -> list[LSRShape]:
-    """The main job's tuning set: the demo model's layers (MiniLM-sized, 384 wide) and SPEC's 768² layer."""
+    """`make demo`'s tuning set: the demo model's layers (MiniLM-sized, 384 wide) and the 768² target layer."""
     return [LSRShape(n, d_in, d_out, **CPU_LAYER) for n in (512, 2048)
             for d_in, d_out in ((384, 384), (768, 768))]
 

@@ -53,7 +53,7 @@ def fresh_dispatch():
 
 
 def make_factors(s, r1, r2, n1, n2, m1, m2, dtype=torch.float32, requires_grad=False, scale=1.0):
-    """Fresh random factor tensors in the SPEC §1 layout (never zeros)."""
+    """Fresh random factor tensors in the docs/design.md §1 layout (never zeros)."""
     shapes = [(s, r1, n1), (s, r2, n2), (s, m1, r1), (s, m2, r2)]
     return [(scale * torch.randn(sh, dtype=torch.float64)).to(dtype).requires_grad_(requires_grad) for sh in shapes]
 

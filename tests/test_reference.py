@@ -29,7 +29,7 @@ def test_matches_reference_code_layout_and_scale():
 
 
 def test_kron_convention_pairs_feature_index():
-    # feature i*n2 + j of x pairs with A1[:, :, i] and A2[:, :, j] (SPEC §1)
+    # feature i*n2 + j of x pairs with A1[:, :, i] and A2[:, :, j] (docs/design.md §1)
     A1, A2 = torch.randn(1, 2, 3, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
     A = reference.kron_sum(A1, A2)
     a, b, i, j = 1, 0, 2, 3

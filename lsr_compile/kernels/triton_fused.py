@@ -8,7 +8,7 @@
 x is read once: ``a @ Pᵀ`` is accumulated in the base GEMM's K-loop and ``t Qᵀ`` added in
 the epilogue. Transposes are strides, never copies. The factor gradients
 (``dA = scale·uᵀ x``, ``dB = scale·dyᵀ t``, then the Kronecker projections) are
-q-wide GEMMs (``formulations.factor_grads``); no d_out x d_in matrix is formed (SPEC §2).
+q-wide GEMMs (``formulations.factor_grads``); no d_out x d_in matrix is formed (docs/design.md §2).
 
 Without a GPU the kernel runs in Triton's interpreter: correct and slow, for
 tests. The interpreter must be chosen before anything imports triton (torch and

@@ -62,7 +62,7 @@ def device_id(device: torch.device | str = "cpu") -> str:
 
 
 def llvm_target(cores: int | None = None) -> dict:
-    """The TVM llvm target for this CPU (0.27 wants dicts, STACK-NOTES)."""
+    """The TVM llvm target for this CPU (0.27 wants dicts, docs/design.md §5)."""
     target = {"kind": "llvm", "num-cores": cores or torch.get_num_threads()}
     host_cpu = os.environ.get("LSR_LLVM_MCPU")
     if host_cpu is None:

@@ -21,7 +21,7 @@ from .timing import measure, median
 log = logging.getLogger(__name__)
 
 TARGETS = {"llvm": "cpu", "cuda": "cuda"}
-DEFAULT_BUDGET_S = 85.0  # per (shape, op) job, so forward + backward stay within SPEC §4's 3 minutes per shape
+DEFAULT_BUDGET_S = 85.0  # per (shape, op) job, so forward + backward stay within 3 minutes per shape (docs/design.md §4)
 CHECK_TOKENS = 259  # correctness is checked on this many rows (ragged on purpose); kernels are generic in N
 TOL = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 3e-3}
 
