@@ -174,23 +174,17 @@ def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Callable:
 
 def traced_formulation(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Optional[Callable]:
     """While a graph is compiled: the PyTorch formulation chosen for this problem, or None when the choice is
-    a compiled kernel (Triton, TVM) that must stay an opaque call. Nothing is built here (the tensors are
-    fake): a kernel's own checks run when the op runs. A symbolic token count is read at its example value,
-    without a guard, so dynamic shapes do not recompile per token bucket."""
-    forced = _forced.get()
-    if forced not in (None, "torch"):
+    a compiled kernel (Triton, TVM) that must stay an opaque call. Nothing is built for those here (the
+    tensors are fake): a kernel's own checks run when the op runs. A symbolic token count is read at its
+    example value, without a guard, so dynamic shapes do not recompile per token bucket."""
+    if _forced.get() not in (None, "torch"):
         return None
     n = x2d.shape[0]
     if not isinstance(n, int):
         n = n.node.hint if getattr(n.node, "hint", None) is not None else 2048
-    s, r1, n1 = (int(v) for v in A1.shape)
-    key = ProblemKey(op, dtype_name(x2d.dtype), token_bucket(int(n)), s, r1, int(A2.shape[1]), n1,
-                     int(A2.shape[2]), int(B1.shape[1]), int(B2.shape[1]))
-    rec = None if forced else records(target_of(x2d.device), device_id(x2d.device)).get(key)
-    if rec is not None and rec.backend != "torch":
-        return None
-    variant = rec.variant if rec is not None else kernels.torch_default_variant(op, key)
-    return kernels.build("torch", op, variant, {}, key, x2d.device)
+    key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2, tokens=int(n))
+    choice = choose(op, key, x2d.device)
+    return kernels.build("torch", op, choice.variant, {}, key, x2d.device) if choice.backend == "torch" else None
 
 
 def explain(obj, tokens: Optional[int] = None, device=None) -> str:

@@ -181,7 +181,7 @@ def check_dims(dry: bool) -> list[tuple]:
 def stage_correctness(run: Run) -> None:
     """Every kernel (PyTorch formulations, Triton, TVM) on fresh random inputs against the float64
     reference, values and gradients; outputs are poisoned with NaN before each call."""
-    from . import kernels, reference
+    from . import kernels
     from .problem import ProblemKey, token_bucket
 
     dev = run.device
@@ -203,7 +203,7 @@ def stage_correctness(run: Run) -> None:
                         continue
                     try:
                         fn = kernels.build(backend, op, variant, cfg, key, dev)
-                        err = _max_error(op, fn, dims, N, dtype, dev, reference)
+                        err = _max_error(op, fn, dims, N, dtype, dev)
                     except Exception as e:
                         run.fail(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                         continue
@@ -232,26 +232,17 @@ def correctness_candidates(op, key, dev, every_point: bool) -> list[tuple[str, s
     return out + [("triton", "fused", kernels.default_choice("triton", op, key, dev)[1])]
 
 
-def _max_error(op, fn, dims, N, dtype, dev, reference) -> float:
-    """Max over outputs of max |got - ref| / max(1, max |ref|), fresh inputs, NaN-poisoned output memory."""
+def _max_error(op, fn, dims, N, dtype, dev) -> float:
+    """The largest relative error over the outputs, on fresh inputs, with NaN-poisoned output memory."""
+    from .problem import LSRShape
+    from .tuning import harness
+
     s, r1, r2, n1, n2, m1, m2 = dims
-    d_in, d_out = n1 * n2, m1 * m2
-    r = lambda *sh: torch.randn(*sh, dtype=torch.float64)  # noqa: E731
-    x, W, b, g = r(N, d_in), r(d_out, d_in) / d_in**0.5, r(d_out), r(N, d_out)
-    fs = [r(*sh) * 0.3 for sh in [(s, r1, n1), (s, r2, n2), (s, m1, r1), (s, m2, r2)]]
-    xr = x.clone().requires_grad_(True)
-    fr = [f.clone().requires_grad_(True) for f in fs]
-    y_ref = reference.lsr_linear(xr, W, b, *fr, SCALE)
-    y_ref.backward(g)
-    cast = lambda t: t.to(device=dev, dtype=dtype)  # noqa: E731
-    shapes = [(N, d_out)] if op == "forward" else [(N, d_in)] + [tuple(f.shape) for f in fs]
-    poison(shapes, dtype, dev)
-    if op == "forward":
-        got, want = [fn(cast(x), cast(W), cast(b), *map(cast, fs), SCALE)], [y_ref.detach()]
-    else:
-        got, want = list(fn(cast(g), cast(x), cast(W), *map(cast, fs), SCALE, True)), [xr.grad] + [f.grad for f in fr]
-    return max((o.double().cpu() - w).abs().max().item() / max(1.0, w.abs().max().item())
-               for o, w in zip(got, want))
+    shape = LSRShape(N, n1 * n2, m1 * m2, s, (r1, r2), (n1, n2), (m1, m2), dtype)
+    d = harness.inputs(shape, N, dev, dtype)
+    want = harness.expected(op, d, SCALE)
+    poison([tuple(w.shape) for w in want], dtype, dev)
+    return max(harness.errors(op, harness.call(op, fn, d, SCALE)(), want))
 
 
 def poison(shapes, dtype, dev) -> None:

@@ -124,9 +124,7 @@ def _validate(d, target: str) -> Record:
         known = schedules.variants(space, key.op)
         if variant not in known:
             raise ValueError(f"{backend} {key.op} variant must be one of {known}, got {variant!r}")
-        entry = schedules.load(space)[key.op][variant]
-        points = schedules.space(space, key.op, variant) + list(entry.get("default_by_dtype", {}).values())
-        if config not in points:
+        if config not in schedules.points(space, key.op, variant):
             raise ValueError(f"config {config!r} is not a point of the {space} schedule space for "
                              f"{key.op}/{variant} (re-tune)")
     t = d.get("time_ms")

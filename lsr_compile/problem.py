@@ -49,9 +49,11 @@ class ProblemKey:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @staticmethod
-    def from_tensors(op: str, x2d, A1, A2, B1, B2) -> "ProblemKey":
+    def from_tensors(op: str, x2d, A1, A2, B1, B2, tokens: Optional[int] = None) -> "ProblemKey":
+        """The key of a call; ``tokens`` overrides the row count (a traced graph's symbolic one)."""
         s, r1, n1 = A1.shape
-        return ProblemKey(op, dtype_name(x2d.dtype), token_bucket(x2d.shape[0]), s, r1, A2.shape[1], n1,
+        n = x2d.shape[0] if tokens is None else tokens
+        return ProblemKey(op, dtype_name(x2d.dtype), token_bucket(n), s, r1, A2.shape[1], n1,
                           A2.shape[2], B1.shape[1], B2.shape[1])
 
 

@@ -37,3 +37,9 @@ def space(name: str, op: str, variant: str) -> list[dict]:
         points = [dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())]
     d = entry["default"]
     return [d] + [p for p in points if p != d]
+
+
+def points(name: str, op: str, variant: str) -> list[dict]:
+    """Every config a record may hold: the space and the per-dtype defaults."""
+    entry = load(name)[op][variant]
+    return space(name, op, variant) + [dict(p) for p in entry.get("default_by_dtype", {}).values()]

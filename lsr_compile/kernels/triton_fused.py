@@ -277,16 +277,16 @@ def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: i
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    regs, local = _cubin_usage(compiled.asm["cubin"])
+    (usage,) = resource_usage(compiled.asm["cubin"]).values()
     ptx = compiled.asm["ptx"]
     cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else ""
-    return Resources(capability, int(compiled.metadata.shared), regs, local, cores)
+    return Resources(capability, int(compiled.metadata.shared), usage["registers"], usage["spilled"], cores)
 
 
 @functools.lru_cache(maxsize=1)
 def _compilable_kernel():
     """The kernel as a JITFunction even under the interpreter (where ``triton.jit`` returns an interpreted
-    one); one object per process: Triton's frontend failed on fresh JITFunctions of one function after a few."""
+    one), made once per process."""
     if not INTERPRETED:
         return _fused_lsr_kernel
     from triton.runtime.jit import JITFunction
@@ -299,12 +299,6 @@ def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90)
     (no GPU needed) and read what it uses. Cached per process; Triton's disk cache makes the JIT reuse it."""
     cfg = {k: int(config[k]) for k in KNOBS}
     return _compile_report(op, key, tuple(sorted(cfg.items())), capability)
-
-
-def _cubin_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, local-memory bytes) per thread of the kernel in ``cubin``."""
-    (usage,) = resource_usage(cubin).values()
-    return usage["registers"], usage["spilled"]
 
 
 def static_problem(op: str, key: ProblemKey, config: dict, device) -> Optional[str]:

@@ -217,11 +217,15 @@ def build_artifacts(shapes: Iterable, ops: Iterable[str] = ("forward", "backward
 
 
 def _load_driver(folder: Path) -> str:
+    """The real CUDA driver when this machine has one, else the stand-in (built once into ``folder``)."""
     try:
         ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
         return "libcuda.so.1"
     except OSError:
-        pass
+        return _load_stand_in(folder)
+
+
+def _load_stand_in(folder: Path) -> str:
     stub_dir = folder / ".driver-stub"
     stub = stub_dir / "libcuda.so.1"
     if not stub.exists():

@@ -13,7 +13,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .. import dispatch, kernels, logs, reference
+from .. import dispatch, kernels, logs
+from . import harness
 from ..problem import OPS, LSRShape
 from .device import device_id, device_info
 from .timing import measure, median
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 TARGETS = {"llvm": "cpu", "cuda": "cuda"}
 DEFAULT_BUDGET_S = 85.0  # per (shape, op) job, so forward + backward stay within 3 minutes per shape (docs/design.md §4)
 CHECK_TOKENS = 259  # correctness is checked on this many rows (ragged on purpose); kernels are generic in N
-TOL = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 3e-3}
 
 
 class TuningError(ValueError):
@@ -46,46 +46,6 @@ def shapes_of(model: nn.Module, tokens: Iterable[int], dtype=None) -> list[LSRSh
     return list(seen.values())
 
 
-def _inputs(shape: LSRShape, tokens: int, device, dtype):
-    f = shape.factors
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh data on every call
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x = r(tokens, f.d_in)
-    W = r(f.d_out, f.d_in) / math.sqrt(f.d_in)
-    b = r(f.d_out)
-    factors = [r(*sz) * 0.3 for sz in f.factor_sizes().values()]
-    dy = r(tokens, f.d_out)
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return dict(x=cast(x), W=cast(W), b=cast(b), factors=[cast(t) for t in factors], dy=cast(dy),
-                ref=(x, W, b, factors, dy))
-
-
-def _call(op, fn, d, scale):
-    if op == "forward":
-        return lambda: fn(d["x"], d["W"], d["b"], *d["factors"], scale)
-    return lambda: fn(d["dy"], d["x"], d["W"], *d["factors"], scale, True)
-
-
-def _expected(op, d, scale):
-    x, W, b, factors, dy = d["ref"]
-    if op == "forward":
-        return [reference.lsr_linear(x, W, b, *factors, scale)]
-    x = x.clone().requires_grad_(True)
-    fs = [t.clone().requires_grad_(True) for t in factors]
-    reference.lsr_linear(x, W, b, *fs, scale).backward(dy)
-    return [x.grad] + [t.grad for t in fs]
-
-
-def _check(op, out, want, dtype) -> Optional[str]:
-    got = [out] if op == "forward" else list(out)
-    for i, (g, w) in enumerate(zip(got, want)):
-        g = g.double().cpu()
-        err = (g - w).abs().max().item() / max(1.0, w.abs().max().item())
-        if not math.isfinite(err) or err > TOL[dtype]:
-            return f"output {i} off by {err:.3g} (relative to max |ref|; tolerance {TOL[dtype]})"
-    return None
-
-
 def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progress: bool) -> Optional[dict]:
     from tqdm.auto import tqdm
 
@@ -94,9 +54,9 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     scale = 0.7
     cands = kernels.candidates(target, op, key, trials)
     started = time.perf_counter()
-    check = _inputs(shape, min(shape.tokens, CHECK_TOKENS), device, shape.dtype)
-    want = _expected(op, check, scale)
-    bench = _inputs(shape, shape.tokens, device, shape.dtype)
+    check = harness.inputs(shape, min(shape.tokens, CHECK_TOKENS), device, shape.dtype)
+    want = harness.expected(op, check, scale)
+    bench = harness.inputs(shape, shape.tokens, device, shape.dtype)
     built, rejected, skipped = {}, {}, {}
     bar = tqdm(total=len(cands), desc=f"{op:8s} {shape.label()}", disable=not progress, leave=True)
     for backend, variant, config in cands:
@@ -118,7 +78,7 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
             continue
         try:
             fn = kernels.build(backend, op, variant, config, key, torch.device(device))
-            problem = _check(op, _call(op, fn, check, scale)(), want, dtype)
+            problem = harness.problem(op, harness.call(op, fn, check, scale)(), want, dtype)
         except Exception as e:  # a candidate that does not build or run is reported, never recorded
             problem = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if problem:
@@ -134,7 +94,7 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     # the frozen layer alone is timed in the same rounds, so records carry their ratio to the floor
     floor_fn = (lambda: torch.nn.functional.linear(bench["x"], bench["W"], bench["b"])) if op == "forward" else \
         (lambda: bench["dy"] @ bench["W"])
-    calls = {n: _call(op, c[3], bench, scale) for n, c in built.items()} | {"floor": floor_fn}
+    calls = {n: harness.call(op, c[3], bench, scale) for n, c in built.items()} | {"floor": floor_fn}
     left = max(budget_s - (time.perf_counter() - started), 1.0)
     times = measure(calls, device, rounds=30, budget_s=left)
     med = {n: median(t) for n, t in times.items()}
