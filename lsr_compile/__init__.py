@@ -1,22 +1,24 @@
 """lsr_compile: autotuned kernels for LSR-Adapt layers (ΔW = scale · B · A, each factor a sum of Kronecker products).
 
-The pipeline, one module per stage:
+The pipeline, one module per stage, in import order (each imports only from the lines above it):
 
-    expr/         TVM tensor expressions of the layer (forward variants, backward)
-    schedules/    (top level) the knobs tuning searches, per target, as data
-    kernels/      schedule + build a config: TVM (llvm, cuda), Triton, PyTorch formulations
-    tuning/       device fingerprints, timing, the search: tune()
-    logs.py       tuning records (JSON lines under tuning_logs/)
-    dispatch.py   run-time choice per (device, op, shape): forced > tuned > default
-    ops.py        torch.ops.lsr.* custom ops (fake impls, autograd) -> torch.compile without graph breaks
-    nn.py         LSRLinear, apply_lsr
-    peft/         peft integration (get_peft_model, save/load, LoRA export)
+    config.py, problem.py, reference.py, formulations.py, device.py, shipped.py
+                        the function, its key, the PyTorch formulations, where it runs and where data lives
+    expr/               TVM tensor expressions of the layer (forward variants, backward)
+    schedule_spaces.py  the knobs tuning searches (schedules/*.json, data)
+    kernels/            lower + build a config: TVM (llvm, cuda), Triton, PyTorch formulations
+    logs.py             the tuning-record format (JSON lines)
+    tuning/             timing, the correctness harness, the search: tune()
+    dispatch.py         run-time choice per (device, op, shape): forced > tuned > default
+    ops.py              torch.ops.lsr.* custom ops (fake impls, autograd) -> torch.compile without graph breaks
+    nn.py               LSRLinear, apply_lsr, explain
+    peft/               peft integration (get_peft_model, save/load, LoRA export)
 """
 from . import _peft_type  # noqa: F401  (PeftType.LSR must exist before any peft lookup)
 from . import reference
 from .config import FactorizationError, FactorShapes, LSRConfig, factor_pair
-from .dispatch import explain, load_logs, use_backend
-from .nn import LSRLinear, apply_lsr, count_parameters, lsr_layers
+from .dispatch import load_logs, use_backend
+from .nn import LSRLinear, apply_lsr, count_parameters, explain, lsr_layers
 from .ops import LSRInputError, lsr_linear
 from .problem import LSRShape
 from .tuning import tune

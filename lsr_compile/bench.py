@@ -20,7 +20,7 @@ from . import logs, reference
 from .config import LSRConfig
 from .nn import LSRLinear
 from .problem import LSRShape, dtype_name
-from .tuning.device import device_id, device_info
+from .device import device_id, device_info
 from .tuning.timing import measure, median
 
 PROVIDERS = ("floor", "lsr", "lsr_compiled", "reference", "reference_compiled", "lora", "peft_lora", "peft_lokr")
@@ -135,20 +135,29 @@ def bench_shape(shape: LSRShape, modes=("forward", "forward+backward"), device="
     return rows
 
 
+def provenance(device="cpu") -> dict:
+    """What every benchmark row carries, so rows from different runs and machines are never confused."""
+    return {"device": device_id(device), "device_info": device_info(device), "versions": logs.library_versions(),
+            "git": _git_rev(), "threads": torch.get_num_threads(),
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_rows(path: Path, rows: Iterable[dict], append: bool = False) -> None:
+    """The one benchmark-row writer (this module's tables and the GPU check): JSON lines, sorted keys."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if append else "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, sort_keys=True, default=str) + "\n")
+
+
 def run(shapes: Iterable[LSRShape], out: Path, device="cpu", rounds=15, budget_s=60.0, progress=True) -> list[dict]:
     from tqdm.auto import tqdm
 
-    meta = {"device": device_id(device), "device_info": device_info(device), "versions": logs.library_versions(),
-            "git": _git_rev(), "threads": torch.get_num_threads(),
-            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta = provenance(device)
     rows = []
-    shapes = list(shapes)
-    for shape in tqdm(shapes, desc="bench", disable=not progress):
+    for shape in tqdm(list(shapes), desc="bench", disable=not progress):
         rows += [r | meta for r in bench_shape(shape, device=device, rounds=rounds, budget_s=budget_s)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, sort_keys=True) + "\n")
+    write_rows(out, rows)
     return rows
 
 

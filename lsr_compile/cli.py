@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             print(summary(r))
     elif a.cmd == "bench":
         from . import bench
-        from .tuning.device import device_id
+        from .device import device_id
 
         shapes = workloads.bench_shapes(quick=a.quick)
         stem = a.out / f"bench-llvm-{device_id('cpu')}"
@@ -98,14 +98,14 @@ def main(argv=None) -> int:
     elif a.cmd == "explain":
         print(dispatch.explain(_shape(a)))
     elif a.cmd == "logs":
-        from .tuning.device import device_id
+        from .device import device_id
 
         if a.log_dir:
             dispatch.load_logs(a.log_dir)
         recs = dispatch.records("llvm", device_id("cpu"))
         print(f"{len(recs)} records for llvm/{device_id('cpu')}")
         for key, r in sorted(recs.items(), key=lambda kv: str(kv[0])):
-            print(f"  {key.op:8s} {key.dtype} N<={key.tokens:5d} {key.m1 * key.m2}x{key.n1 * key.n2} s={key.s} "
+            print(f"  {key.op:8s} {key.dtype} N<={key.token_bucket:5d} {key.m1 * key.m2}x{key.n1 * key.n2} s={key.s} "
                   f"r=({key.r1},{key.r2}) -> {r.backend}:{r.variant} {json.dumps(r.config)} ({r.source})")
     elif a.cmd == "demo":
         from .demo import main as demo_main

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Union
 
 from peft.config import PeftConfig
@@ -136,6 +137,23 @@ def resolve_shapes(d_in: int, d_out: int, s: int, r, n=None, m=None) -> FactorSh
     return FactorShapes(s, r1, r2, n1, n2, m1, m2)
 
 
+LOADING_NOTE_HEADING = "## Loading this LSR-Adapt adapter"
+LOADING_NOTE = f"""{LOADING_NOTE_HEADING}
+
+This adapter's `peft_type` is `LSR`, which peft learns from the `lsr_compile` package: import it before
+loading, or peft stops with `KeyError: 'LSR'`.
+
+```python
+import lsr_compile  # registers PeftType.LSR with peft
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/to/this/folder")
+```
+
+A stack that knows only LoRA can take the same adapter exactly as a rank-q LoRA: `lsr_compile.export_lora`.
+"""
+
+
 @dataclass
 class LSRConfig(PeftConfig):
     """Configuration of LSR-Adapt adapters; also a peft config (``get_peft_model(model, cfg)``).
@@ -196,6 +214,15 @@ class LSRConfig(PeftConfig):
             self.alpha = float(self.alpha)
         self.target_modules = _names(self.target_modules, "target_modules")
         self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """peft's save, plus a note in the folder's model card: peft learns the "LSR" type only when
+        lsr_compile is imported, and ``PeftModel.from_pretrained`` without it fails with ``KeyError: 'LSR'``."""
+        super().save_pretrained(save_directory, **kwargs)
+        card = Path(save_directory) / "README.md"
+        text = card.read_text() if card.exists() else ""
+        if LOADING_NOTE_HEADING not in text:
+            card.write_text(text.rstrip("\n") + ("\n\n" if text else "") + LOADING_NOTE)
 
     def shapes_for(self, d_in: int, d_out: int) -> FactorShapes:
         return resolve_shapes(d_in, d_out, self.s, self.r, self.n, self.m)

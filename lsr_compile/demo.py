@@ -1,4 +1,4 @@
-"""The main job: tune this machine's default shapes, then run a transformer with LSR layers eager and under
+"""The demo (`make demo`): tune this machine's default shapes, then run a transformer with LSR layers eager and under
 torch.compile, and print throughput against the frozen base."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import types
 import torch
 from torch import nn
 
-from . import dispatch, reference, workloads
+from . import dispatch, reference, shipped, workloads
 from .config import LSRConfig
-from .nn import apply_lsr, lsr_layers
+from .nn import apply_lsr, explain, lsr_layers
 from .tuning import tune
-from .tuning.device import device_id
+from .device import device_id
 from .tuning.timing import measure, median
 
 log = logging.getLogger(__name__)
@@ -125,16 +125,17 @@ def main(batch: int = 32, seq: int = 64, retune: bool = False, budget_s: float =
     shapes = workloads.demo_shapes()
     todo = shapes if retune else untuned(shapes)
     if todo:
-        print(f"tuning {len(todo)} shapes for llvm/{device_id('cpu')} (budget {budget_s:.0f} s)")
+        print(f"tuning {len(todo)} shapes for llvm/{device_id('cpu')} (budget {budget_s:.0f} s) into "
+              f"{shipped.user_log_dir()}")
         tune(todo, target="llvm", time_budget_s=budget_s, trials=8)
     else:
-        print(f"all {len(shapes)} default shapes already tuned for llvm/{device_id('cpu')} (tuning_logs/); "
-              f"--retune to tune again")
+        print(f"all {len(shapes)} default shapes already tuned for llvm/{device_id('cpu')} (shipped or in "
+              f"{shipped.user_log_dir()}); --retune to tune again")
     base, name = minilm_encoder()
     models = model_variants(base, LSRConfig(s=4, r=(2, 4), init="reference"))
     layer = next(iter(lsr_layers(models["LSR autotuned ops (eager)"]).values()))
     print(f"\nmodel: {name}; LSR on query/key/value/attention-output, s=4, r=(2,4); batch {batch} x seq {seq}")
-    print(dispatch.explain(layer, tokens=batch * seq))
+    print(explain(layer, tokens=batch * seq))
     ids = torch.randint(1000, 20000, (batch, seq))
     out = "\n" + throughput_table(throughput(models, ids))
     print(out)

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from . import kernels, logs
-from .problem import ProblemKey, token_bucket, dtype_name
-from .tuning.device import device_id, target_of
+from .problem import LSRShape, ProblemKey, dtype_name, token_bucket
+from .device import device_id, target_of
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ _extra_dirs: list[Path] = []
 _records: dict[tuple[str, str], dict] = {}
 _kernels: dict[tuple, tuple[Callable, "Choice"]] = {}
 _logs_token: Optional[str] = None
+_appends_seen = 0  # logs.appends() when the caches were last valid: a record written since drops them
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,31 @@ class Choice:
 
 
 def invalidate() -> None:
-    global _logs_token
+    """Drop cached records and kernels: the next call re-reads the logs (after editing them by hand)."""
+    global _logs_token, _appends_seen
     _records.clear()
     _kernels.clear()
     _logs_token = None
+    _appends_seen = logs.appends()
+
+
+def reset() -> None:
+    """Back to the default log directories (forget every ``load_logs``) with empty caches."""
+    _extra_dirs.clear()
+    invalidate()
+
+
+def cached_choices() -> list[tuple[str, "Choice"]]:
+    """(op, choice) of every kernel built so far in this process, for inspection."""
+    return [(k[0], choice) for k, (_, choice) in _kernels.items()]
 
 
 def state_token() -> str:
     """Everything a choice depends on besides the problem: the forced backend and the tuning logs in use
     (their paths, sizes and times). Compiled graphs that baked a choice in are cached under it."""
     global _logs_token
+    if _appends_seen != logs.appends():
+        invalidate()
     if _logs_token is None:
         h = hashlib.sha256()
         for d in log_dirs():
@@ -83,6 +99,8 @@ def log_dirs() -> list[Path]:
 
 
 def records(target: str, dev_id: str) -> dict:
+    if _appends_seen != logs.appends():
+        invalidate()
     k = (target, dev_id)
     if k not in _records:
         _records[k] = logs.read(logs.files_for(log_dirs(), target, dev_id), dev_id, target)
@@ -112,7 +130,7 @@ def choose(op: str, key: ProblemKey, device: torch.device) -> Choice:
                       f"tuned: {rec.source}, {rec.time_ms:.3g} ms")
     variant, config = kernels.default_choice("torch", op, key, device)
     return Choice("torch", variant, tuple(sorted(config.items())),
-                  f"default: no tuning record for {target_of(device)}/{device_id(device)} {key.tokens}-token bucket")
+                  f"default: no tuning record for {target_of(device)}/{device_id(device)} {key.token_bucket}-token bucket")
 
 
 def _build(op: str, key: ProblemKey, device: torch.device) -> tuple[Callable, Choice]:
@@ -165,6 +183,8 @@ def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Callable:
     """The kernel for this call (hot path: one tuple, one dict lookup)."""
     fast = (op, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), A1.shape, A2.shape, B1.shape[1], B2.shape[1],
             _forced.get())
+    if _appends_seen != logs.appends():  # this process wrote a tuning record since: choices may change
+        invalidate()
     hit = _kernels.get(fast)
     if hit is None:
         key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2)
@@ -187,23 +207,13 @@ def traced_formulation(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Optional[C
     return kernels.build("torch", op, choice.variant, {}, key, x2d.device) if choice.backend == "torch" else None
 
 
-def explain(obj, tokens: Optional[int] = None, device=None) -> str:
-    """Which kernel runs for a layer or LSRShape (forward and backward), and why."""
-    from .nn import LSRLinear
-    from .problem import LSRShape
-
-    if isinstance(obj, LSRLinear):
-        f = obj.factor_shapes
-        device = torch.device(device or obj.weight.device)
-        dtype = obj.A1.dtype
-        tokens = tokens or 2048
-    elif isinstance(obj, LSRShape):
-        f, dtype, tokens, device = obj.factors, obj.dtype, tokens or obj.tokens, torch.device(device or "cpu")
-    else:
-        raise TypeError(f"explain() takes an LSRLinear or an LSRShape, got {type(obj).__name__}")
+def explain(shape: LSRShape, device=None) -> str:
+    """Which kernel runs for ``shape`` on ``device`` (default: the CPU), forward and backward, and why.
+    (``lsr_compile.explain`` also takes a layer.)"""
+    device = torch.device(device or "cpu")
+    f = shape.factors
     lines = [f"{f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) "
-             f"{dtype_name(dtype)}, N={tokens}, on {target_of(device)}/{device_id(device)}:"]
+             f"{dtype_name(shape.dtype)}, N={shape.tokens}, on {target_of(device)}/{device_id(device)}:"]
     for op in ("forward", "backward"):
-        key = ProblemKey(op, dtype_name(dtype), token_bucket(tokens), f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2)
-        lines.append(f"  {op:8s} {choose(op, key, device)}")
+        lines.append(f"  {op:8s} {choose(op, shape.key(op), device)}")
     return "\n".join(lines)

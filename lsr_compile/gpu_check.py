@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -42,6 +43,7 @@ class Run:
         self.failures: list[str] = []
         self.skipped: list[str] = []
         self.rows: list[dict] = []
+        self.meta: Optional[dict] = None
         out.mkdir(parents=True, exist_ok=True)
         self.rows_path = out / "gpu_check.jsonl"
         self.rows_path.write_text("")
@@ -56,10 +58,13 @@ class Run:
         print(f"[{self.elapsed():6.1f}s]", *a, flush=True)
 
     def row(self, kind: str, **fields) -> dict:
-        r = {"kind": kind, **fields}
+        from .bench import provenance, write_rows
+
+        if self.meta is None:
+            self.meta = provenance(self.device)
+        r = {"kind": kind, **fields} | self.meta
         self.rows.append(r)
-        with open(self.rows_path, "a") as fh:
-            fh.write(json.dumps(r, default=str) + "\n")
+        write_rows(self.rows_path, [r], append=True)
         return r
 
     def fail(self, what: str) -> None:
@@ -127,7 +132,7 @@ class Run:
 
 def stage_env(run: Run) -> None:
     from . import logs
-    from .tuning.device import device_id, device_info
+    from .device import device_id, device_info
 
     dev = run.device
     info = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else device_info(dev)["model"],
@@ -182,18 +187,20 @@ def stage_correctness(run: Run) -> None:
     """Every kernel (PyTorch formulations, Triton, TVM) on fresh random inputs against the float64
     reference, values and gradients; outputs are poisoned with NaN before each call."""
     from . import kernels
-    from .problem import ProblemKey, token_bucket
+    from .config import FactorShapes
+    from .problem import ProblemKey
+    from .tuning.harness import TOL
 
     dev = run.device
-    dtypes = [(torch.float64, 1e-9), (torch.float32, 2e-4)] + ([(torch.bfloat16, 4e-2)] if dev.type == "cuda"
-                                                               else [])
+    dtypes = [torch.float64, torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
     N = 37 if run.dry else 301
     ok = 0
     for dims in check_dims(run.dry):
-        for dtype, tol in dtypes:
+        for dtype in dtypes:
             dt = str(dtype).removeprefix("torch.")
+            tol = TOL[dt]
             for op in ("forward", "backward"):
-                key = ProblemKey(op, dt, token_bucket(N), *dims)
+                key = ProblemKey.of(op, dtype, N, FactorShapes(*dims))
                 cands = correctness_candidates(op, key, dev, every_point=dims == check_dims(run.dry)[-1])
                 for backend, variant, cfg in cands:
                     name = f"{op} {backend}:{variant} {cfg} dims={dims} {dt}"
@@ -218,13 +225,14 @@ def stage_correctness(run: Run) -> None:
 def correctness_candidates(op, key, dev, every_point: bool) -> list[tuple[str, str, dict]]:
     """Every PyTorch formulation, each TVM expression at its default schedule, Triton at the dtype's default
     (on a GPU in bf16 with ``every_point``: every point of its space, as tuning would run them)."""
-    from . import formulations, kernels, schedules
+    from . import formulations, kernels, schedule_spaces
+    from .device import space_name, target_of
 
     table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
     out = [("torch", v, {}) for v in sorted(table)]
-    space = "cuda" if dev.type == "cuda" else "llvm"
-    if key.dtype in kernels.TVM_DTYPES[space]:
-        out += [("tvm", v, schedules.default(space, op, v)) for v in schedules.variants(space, op)]
+    space = space_name("tvm", target_of(dev))
+    if key.dtype in schedule_spaces.dtypes(space):
+        out += [("tvm", v, schedule_spaces.default(space, op, v)) for v in schedule_spaces.variants(space, op)]
     if dev.type == "cuda" and key.dtype == "bfloat16" and every_point:
         from .kernels import triton_fused
 
@@ -263,8 +271,11 @@ def stage_overhead(run: Run) -> None:
 
 def stage_compiled(run: Run) -> None:
     """torch.compile(fullgraph=True) of an LSR layer, per backend: values and gradients against float64."""
-    import lsr_compile as lc
+    from . import reference
+    from .config import LSRConfig
+    from .dispatch import use_backend
     from .kernels import unavailable
+    from .nn import LSRLinear
 
     dev = run.device
     dtype, tol = (torch.bfloat16, 4e-2) if dev.type == "cuda" else (torch.float32, 1e-4)
@@ -276,16 +287,16 @@ def stage_compiled(run: Run) -> None:
             run.skip(f"{label}: {why_not}")
             continue
         torch._dynamo.reset()
-        layer = lc.LSRLinear(d, d, config=lc.LSRConfig(s=4, r=(2, 4), init="reference")).to(dev, dtype)
+        layer = LSRLinear(d, d, config=LSRConfig(s=4, r=(2, 4), init="reference")).to(dev, dtype)
         x = torch.randn(4, 32 if run.dry else 128, d, device=dev, dtype=dtype, requires_grad=True)
         try:
-            with lc.use_backend(backend):
+            with use_backend(backend):
                 y = torch.compile(layer, fullgraph=True)(x)
                 y.float().square().sum().backward()
             params = [x] + [getattr(layer, n) for n in ("A1", "A2", "B1", "B2")]
             got = [y] + [p.grad for p in params]
             ref_in = [p.detach().double().requires_grad_(True) for p in params]
-            want_y = lc.reference.lsr_linear(ref_in[0], layer.weight.double(), layer.bias.double(), *ref_in[1:],
+            want_y = reference.lsr_linear(ref_in[0], layer.weight.double(), layer.bias.double(), *ref_in[1:],
                                               layer.scale)
             want_y.square().sum().backward()
             for name, o, w in zip(("y", "dx", "dA1", "dA2", "dB1", "dB2"), got, [want_y] + [p.grad for p in ref_in]):
@@ -333,9 +344,9 @@ def stage_shape(run: Run, shape, target: str, tune_s: float, bench_s: float, log
 
 def copy_logs(run: Run, log_dir, target: str) -> None:
     from . import logs
-    from .tuning.device import device_id
+    from .device import device_id
 
-    folder = logs.log_path(log_dir or logs.PROJECT_LOG_DIR, target, device_id(run.device), "forward").parent
+    folder = logs.log_path(log_dir, target, device_id(run.device), "forward").parent
     for p in sorted(folder.glob("*.jsonl")):
         shutil.copy(p, run.out / f"tuning-{p.name}")
 
@@ -377,7 +388,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="run the same stages on this machine's CPU with tiny shapes (CI: the check's own test)")
     ap.add_argument("--log-dir", type=Path, default=None,
-                    help="tuning-log directory (default: the project's tuning_logs/; the dry run uses OUT/logs)")
+                    help="tuning-log directory (default: OUT/logs)")
     a = ap.parse_args(argv)
     if not a.dry_run and not torch.cuda.is_available():
         print("no GPU visible; use --dry-run to run the check's code on this CPU", flush=True)
@@ -385,7 +396,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if not a.dry_run else "cpu")
     run = Run(a.out, a.budget, device, a.dry_run)
     target = "cuda" if device.type == "cuda" else "llvm"
-    log_dir = a.log_dir or (a.out / "logs" if a.dry_run else None)
+    log_dir = a.log_dir or a.out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    from .dispatch import load_logs
+
+    load_logs(log_dir)  # what the shape stages tune is what their benchmarks run
     torch.manual_seed(0)
     run.stage("environment", 0, stage_env, run)
     run.stage("correctness", 20 if a.dry_run else 60, stage_correctness, run)

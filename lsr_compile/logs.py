@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from . import shipped
 from .problem import OPS, ProblemKey
 
-SCHEMA = 1
-PROJECT_LOG_DIR = Path(__file__).resolve().parent.parent / "tuning_logs"
-ENV_VAR = "LSR_TUNING_LOGS"
+SCHEMA = 2
+_appends = 0
 
 
 class TuningLogWarning(UserWarning):
@@ -62,8 +62,14 @@ def log_path(log_dir: Path, target: str, device_id: str, op: str) -> Path:
     return Path(log_dir) / target / device_id / f"{op}.jsonl"
 
 
+def appends() -> int:
+    """How many records this process has appended (readers that cache records compare it)."""
+    return _appends
+
+
 def append(path: Path, record: dict) -> None:
     """Append one record atomically (exclusive lock, single write); never rewrites existing lines."""
+    global _appends
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -74,6 +80,7 @@ def append(path: Path, record: dict) -> None:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+    _appends += 1
 
 
 BACKENDS = {"llvm": ("torch", "tvm"), "cuda": ("torch", "tvm", "triton")}
@@ -86,12 +93,28 @@ def _count(v, what: str, limit: int = _MAX_DIM) -> int:
     return v
 
 
+_RENAMED_VARIANTS = {"adapter": "materialise", "kron": "factored"}  # TVM's names in schema 1
+
+
+def upgrade(d):
+    """A schema-1 record in schema 2 (the key's ``tokens`` became ``token_bucket``; TVM's variants took the
+    names of the PyTorch formulations that compute the same algorithm); anything else unchanged."""
+    if not isinstance(d, dict) or d.get("schema") != 1 or not isinstance(d.get("key"), dict):
+        return d
+    d = dict(d, schema=2, key={("token_bucket" if k == "tokens" else k): v for k, v in d["key"].items()})
+    if d.get("backend") == "tvm" and d.get("variant") in _RENAMED_VARIANTS:
+        d["variant"] = _RENAMED_VARIANTS[d["variant"]]
+    return d
+
+
 def _validate(d, target: str) -> Record:
     """Every field of a record, or ValueError naming the first one that is wrong. A config must be a point
     of the current schedule space (so every knob is bounded before a kernel is built from it)."""
-    from . import formulations, schedules
+    from . import formulations, schedule_spaces
+    from .device import space_name
     from .problem import DTYPES
 
+    d = upgrade(d)
     if not isinstance(d, dict):
         raise ValueError(f"a record is a JSON object, got {type(d).__name__}")
     if d.get("schema") != SCHEMA:
@@ -103,9 +126,9 @@ def _validate(d, target: str) -> Record:
         raise ValueError(f"unknown op {k['op']!r}; known: {OPS}")
     if k["dtype"] not in DTYPES:
         raise ValueError(f"unknown dtype {k['dtype']!r}; known: {sorted(DTYPES)}")
-    tokens = _count(k["tokens"], "key.tokens")
+    tokens = _count(k["token_bucket"], "key.token_bucket")
     if tokens < 16 or tokens & (tokens - 1):
-        raise ValueError(f"key.tokens is a token bucket (a power of two >= 16), got {tokens}")
+        raise ValueError(f"key.token_bucket must be a power of two >= 16, got {tokens}")
     for f in ("s", "r1", "r2", "n1", "n2", "m1", "m2"):
         _count(k[f], f"key.{f}")
     key = ProblemKey(**k)
@@ -120,11 +143,11 @@ def _validate(d, target: str) -> Record:
             raise ValueError(f"torch {key.op} variant must be one of {known} with an empty config, got "
                              f"{variant!r} {config!r}")
     else:
-        space = {"tvm": "llvm" if target == "llvm" else "cuda", "triton": "triton_cuda"}[backend]
-        known = schedules.variants(space, key.op)
+        space = space_name(backend, target)
+        known = schedule_spaces.variants(space, key.op)
         if variant not in known:
             raise ValueError(f"{backend} {key.op} variant must be one of {known}, got {variant!r}")
-        if config not in schedules.points(space, key.op, variant):
+        if config not in schedule_spaces.points(space, key.op, variant):
             raise ValueError(f"config {config!r} is not a point of the {space} schedule space for "
                              f"{key.op}/{variant} (re-tune)")
     t = d.get("time_ms")
@@ -182,6 +205,6 @@ def files_for(log_dirs: Iterable[Path], target: str, device_id: str) -> list[Pat
 
 
 def default_log_dirs() -> list[Path]:
-    dirs = [PROJECT_LOG_DIR]
-    dirs += [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    return dirs
+    """The shipped logs, the user's (where tune() writes by default) and ``$LSR_TUNING_LOGS``'s."""
+    dirs = [shipped.data_dir("tuning_logs"), shipped.user_log_dir()] + shipped.env_log_dirs()
+    return list(dict.fromkeys(dirs))

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import formulations
+from . import dispatch
 from .config import FactorShapes, LSRConfig
 from .ops import lsr_linear
+from .problem import LSRShape
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +114,11 @@ class LSRLinear(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """``scale · B · A``, shape ``(d_out, d_in)``."""
-        B = formulations.build_B(self.B1, self.B2)
-        A = formulations.build_A(self.A1, self.A2)
-        return self.scale * (B @ A)
+        return formulations.delta_weight(self.A1, self.A2, self.B1, self.B2, self.scale)
+
+    def lsr_shape(self, tokens: int, dtype=None) -> LSRShape:
+        """The problem this layer runs for ``tokens`` rows (what ``tune(model)`` tunes)."""
+        return LSRShape.of_factors(tokens, self.factor_shapes, dtype or self.A1.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """A state dict always holds the unmerged base weight, so loading it never applies ΔW twice."""
@@ -249,3 +253,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def lsr_layers(model: nn.Module) -> dict[str, LSRLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LSRLinear)}
+
+
+def explain(obj, tokens: Optional[int] = None, device=None) -> str:
+    """Which kernel runs for a layer (at ``tokens`` rows, default 2048, on its device) or an LSRShape (on
+    ``device``, default the CPU), forward and backward, and why."""
+    if isinstance(obj, LSRLinear):
+        return dispatch.explain(obj.lsr_shape(tokens or 2048), device or obj.weight.device)
+    if isinstance(obj, LSRShape):
+        shape = obj if tokens is None else LSRShape.of_factors(tokens, obj.factors, obj.dtype)
+        return dispatch.explain(shape, device)
+    raise TypeError(f"explain() takes an LSRLinear or an LSRShape, got {type(obj).__name__}")

@@ -32,7 +32,7 @@ class ProblemKey:
 
     op: str
     dtype: str
-    tokens: int  # a token bucket, see token_bucket
+    token_bucket: int  # the token count rounded up by token_bucket()
     s: int
     r1: int
     r2: int
@@ -49,12 +49,18 @@ class ProblemKey:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @staticmethod
+    def of(op: str, dtype, tokens: int, f: FactorShapes) -> "ProblemKey":
+        """The key of ``tokens`` rows through a layer with factor shapes ``f`` (``dtype``: torch or name)."""
+        name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+        return ProblemKey(op, name, token_bucket(tokens), f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2)
+
+    @staticmethod
     def from_tensors(op: str, x2d, A1, A2, B1, B2, tokens: Optional[int] = None) -> "ProblemKey":
         """The key of a call; ``tokens`` overrides the row count (a traced graph's symbolic one)."""
         s, r1, n1 = A1.shape
         n = x2d.shape[0] if tokens is None else tokens
-        return ProblemKey(op, dtype_name(x2d.dtype), token_bucket(n), s, r1, A2.shape[1], n1,
-                          A2.shape[2], B1.shape[1], B2.shape[1])
+        return ProblemKey.of(op, x2d.dtype, n, FactorShapes(s, r1, A2.shape[1], n1, A2.shape[2], B1.shape[1],
+                                                            B2.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -78,10 +84,12 @@ class LSRShape:
             object.__setattr__(self, "dtype", DTYPES[self.dtype])
         object.__setattr__(self, "factors", resolve_shapes(self.d_in, self.d_out, self.s, self.r, self.n, self.m))
 
+    @staticmethod
+    def of_factors(tokens: int, f: FactorShapes, dtype=torch.float32) -> "LSRShape":
+        return LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dtype)
+
     def key(self, op: str) -> ProblemKey:
-        f = self.factors
-        return ProblemKey(op, dtype_name(self.dtype), token_bucket(self.tokens), f.s, f.r1, f.r2, f.n1, f.n2,
-                          f.m1, f.m2)
+        return ProblemKey.of(op, self.dtype, self.tokens, self.factors)
 
     def label(self) -> str:
         f = self.factors

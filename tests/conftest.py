@@ -9,6 +9,9 @@ assert "triton" not in sys.modules, "triton was imported before conftest could c
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tuning's default log directory (the user's) is a fresh one: tests neither read nor write the real one.
+os.environ["XDG_DATA_HOME"] = __import__("tempfile").mkdtemp(prefix="lsr-test-data-")
+os.environ.pop("LSR_TUNING_LOGS", None)
 
 import pytest  # noqa: E402
 
@@ -42,14 +45,12 @@ def time_limit():
 
 @pytest.fixture
 def fresh_dispatch():
-    """Dispatch's caches and extra log directories restored after the test."""
+    """Dispatch back to its default log directories and empty caches, before and after the test."""
     from lsr_compile import dispatch
 
-    dispatch.invalidate()
-    extra = list(dispatch._extra_dirs)
+    dispatch.reset()
     yield
-    dispatch._extra_dirs[:] = extra
-    dispatch.invalidate()
+    dispatch.reset()
 
 
 def make_factors(s, r1, r2, n1, n2, m1, m2, dtype=torch.float32, requires_grad=False, scale=1.0):

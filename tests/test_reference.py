@@ -36,7 +36,7 @@ def test_kron_convention_pairs_feature_index():
     assert A[a * 2 + b, i * 4 + j] == A1[0, a, i] * A2[0, b, j]
 
 
-def test_einsum_builders_equal_kron():
+def test_formulation_builders_equal_kron():
     A1, A2 = torch.randn(3, 2, 5, dtype=torch.float64), torch.randn(3, 4, 7, dtype=torch.float64)
     B1, B2 = torch.randn(3, 6, 2, dtype=torch.float64), torch.randn(3, 5, 4, dtype=torch.float64)
     torch.testing.assert_close(build_A(A1, A2), reference.kron_sum(A1, A2))

@@ -33,13 +33,10 @@ LANES = 16  # rfactor lanes: one AVX-512 float32 vector; 16 divides every d this
 
 @dataclass(frozen=True)
 class Expression:
-    """A named TE program: ``build(shapes, dtype)`` -> list of placeholders/vars/outputs, in call order."""
+    """A TE program: ``build(shapes, dtype)`` -> its placeholders/vars/outputs, in the order of ``args``."""
 
-    name: str
-    op: str
     args: tuple[str, ...]
     build: Callable[[FactorShapes, str], list]
-    doc: str
 
 
 def _lanes(d: int) -> int:
@@ -72,7 +69,7 @@ def _dot_rows(name, X, M, n, rows, d, dtype):
     return te.compute((n, rows), lambda i, a: te.sum(part[i, a, lv], axis=lv), name=name)
 
 
-def forward_adapter(f: FactorShapes, dtype: str):
+def forward_materialise(f: FactorShapes, dtype: str):
     """``y_io += scale · (x Aᵀ) Bᵀ`` with A (q, d_in) and Bᵀ (q, d_out) materialised by the caller."""
     n = te.var("n", "int64")
     x = te.placeholder((n, f.d_in), dtype, name="x")
@@ -88,7 +85,7 @@ def forward_adapter(f: FactorShapes, dtype: str):
     return [x, A, Bt, scale, y_io, y]
 
 
-def forward_kron(f: FactorShapes, dtype: str):
+def forward_factored(f: FactorShapes, dtype: str):
     """``y_io += scale · adapter(x)`` contracting the Kronecker modes directly; A and B are never formed."""
     n = te.var("n", "int64")
     x = te.placeholder((n, f.d_in), dtype, name="x")
@@ -140,7 +137,7 @@ def _project(f: FactorShapes, dA, dB, A1, A2, B1, B2):
     return dA1, dA2, dB1, dB2
 
 
-def backward_adapter(f: FactorShapes, dtype: str):
+def backward_materialise(f: FactorShapes, dtype: str):
     """Adapter part of the backward, token path: u = dy B; t = x Aᵀ; dx_adapter = scale·u A (the vendor GEMM
     then accumulates ``dy W`` onto it); dA = scale·uᵀ x; dBᵀ = scale·tᵀ dy; then the projections."""
     n = te.var("n", "int64")
@@ -167,13 +164,11 @@ def backward_adapter(f: FactorShapes, dtype: str):
     return [dy, x, A, Bt, A1, A2, B1, B2, scale, dxa, *_project(f, dA, dBt, A1, A2, B1, B2)]
 
 
-EXPRESSIONS = {
-    ("forward", "adapter"): Expression("adapter", "forward", ("x", "A", "Bt", "scale", "y_io", "y"),
-                                       forward_adapter, forward_adapter.__doc__),
-    ("forward", "kron"): Expression("kron", "forward", ("x", "A1", "A2", "B1", "B2", "scale", "y_io", "y"),
-                                    forward_kron, forward_kron.__doc__),
-    ("backward", "adapter"): Expression(
-        "adapter", "backward",
+EXPRESSIONS = {  # (op, variant) -> expression; the variants are named as the PyTorch formulations that
+    # compute the same algorithm (lsr_compile.formulations)
+    ("forward", "materialise"): Expression(("x", "A", "Bt", "scale", "y_io", "y"), forward_materialise),
+    ("forward", "factored"): Expression(("x", "A1", "A2", "B1", "B2", "scale", "y_io", "y"), forward_factored),
+    ("backward", "materialise"): Expression(
         ("dy", "x", "A", "Bt", "A1", "A2", "B1", "B2", "scale", "dx_adapter", "dA1", "dA2", "dB1", "dB2"),
-        backward_adapter, backward_adapter.__doc__),
+        backward_materialise),
 }

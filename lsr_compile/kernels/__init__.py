@@ -11,12 +11,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import formulations
+from .. import formulations, schedule_spaces
+from ..device import space_name, tvm_target
 from ..problem import ProblemKey
 
 BACKENDS = ("torch", "tvm", "triton")
-# TVM's llvm bf16 path is not one this project checks; on CUDA half precision is read and accumulated in fp32
-TVM_DTYPES = {"llvm": ("float32", "float64"), "cuda": ("float32", "float64", "bfloat16", "float16")}
 
 
 def torch_default_variant(op: str, key: ProblemKey) -> str:
@@ -28,8 +27,8 @@ def torch_default_variant(op: str, key: ProblemKey) -> str:
     """
     d_in, d_out = key.n1 * key.n2, key.m1 * key.m2
     if op == "backward":
-        return "fold" if key.tokens >= d_out else "materialise"
-    return "fold" if key.tokens * (d_in + 2 * d_out) > 2 * d_out * d_in else "materialise"
+        return "fold" if key.token_bucket >= d_out else "materialise"
+    return "fold" if key.token_bucket * (d_in + 2 * d_out) > 2 * d_out * d_in else "materialise"
 
 
 def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device) -> tuple[str, dict]:
@@ -50,14 +49,13 @@ def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device)
 def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None) -> list[tuple[str, str, dict]]:
     """(backend, variant, config) triples to try for ``key`` on ``target``: every PyTorch formulation, then
     up to ``trials`` points of each compiled backend's schedule spaces (defaults first)."""
-    from .. import schedules
-
     table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
     out = [("torch", v, {}) for v in sorted(table)]
     compiled = []
-    name = "llvm" if target == "llvm" else "cuda"
-    if key.dtype in TVM_DTYPES[name]:
-        per_variant = [[("tvm", v, c) for c in schedules.space(name, op, v)] for v in schedules.variants(name, op)]
+    name = space_name("tvm", target)
+    if key.dtype in schedule_spaces.dtypes(name):
+        per_variant = [[("tvm", v, c) for c in schedule_spaces.space(name, op, v)]
+                       for v in schedule_spaces.variants(name, op)]
         compiled += _round_robin(per_variant)
     if target == "cuda":
         from . import triton_fused
@@ -99,9 +97,8 @@ def static_problem(backend: str, op: str, variant: str, config: dict, key: Probl
         return triton_fused.static_problem(op, key, config, device)
     if backend == "tvm" and torch.device(device).type == "cuda":
         from . import tvm_cuda
-        from .tvm_kernels import target_dict
 
-        return tvm_cuda.static_problem(op, variant, config, key.shapes, key.dtype, target_dict(device)["arch"])
+        return tvm_cuda.static_problem(op, variant, config, key.shapes, key.dtype, tvm_target(device)["arch"])
     return None
 
 

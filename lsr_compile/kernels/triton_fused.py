@@ -25,15 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import schedules
+from .. import schedule_spaces
+from ..device import space_name
 from ..formulations import build_A, build_B, factor_grads
 from ..problem import DTYPES as DTYPES_TORCH, ProblemKey
 from .cubin import resource_usage
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-# In the interpreter every config computes the same thing slowly; one small tile keeps tests fast.
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+SPACE = space_name("triton", "cuda")
+DTYPES = tuple(schedule_spaces.dtypes(SPACE))
 KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
@@ -126,13 +126,22 @@ def _check(a, Mt, P, Q):
                          f"P {tuple(P.shape)}, Q {tuple(Q.shape)}")
 
 
+def launch_config(config: dict) -> dict:
+    """The config a launch uses. The interpreter runs a tile as numpy arrays, so there each block is a
+    quarter of the config's (at least 16, what ``tl.dot`` takes): tile shapes, their ratios and grouping keep
+    varying with the config, so tests on a CPU exercise every tuned point at a size the interpreter runs fast."""
+    if not INTERPRETED:
+        return config
+    return {k: max(16, v // 4) if k.startswith("BLOCK_") else v for k, v in config.items()}
+
+
 def fused_linear(a, Mt, bias, P, Q, scale: float, config: dict, want_t: bool = False):
     """``a Mᵀ + bias + scale·(a Pᵀ) Qᵀ`` (and ``a Pᵀ``) for 2-D ``a (m, k)``, ``Mt (n, k)``, ``P (r, k)``,
     ``Q (n, r)``, any strides; fp32 accumulation (fp64 for fp64)."""
     _check(a, Mt, P, Q)
     if a.dtype == torch.float64:  # a float argument reaches the kernel as fp32: keep fp64's scale exact
         Q, scale = Q * scale, 1.0
-    args, kwargs, grid = _launch_args(a, Mt, bias, P, Q, scale, INTERPRETER_CONFIG if INTERPRETED else config,
+    args, kwargs, grid = _launch_args(a, Mt, bias, P, Q, scale, launch_config(config),
                                       want_t)
     _fused_lsr_kernel[grid](*args, **kwargs)
     out, t = args[5], args[6]
@@ -165,10 +174,10 @@ def _operands(op, key: ProblemKey, device="meta"):
     """Tensors laid out exactly as ``forward``/``backward`` pass them (meta: no memory), for compiling."""
     f, dt = key.shapes, DTYPES_TORCH[key.dtype]
     e = lambda *s: torch.empty(*s, device=device, dtype=dt)  # noqa: E731
-    x, W, A, B = e(key.tokens, f.d_in), e(f.d_out, f.d_in), e(f.q, f.d_in), e(f.d_out, f.q)
+    x, W, A, B = e(key.token_bucket, f.d_in), e(f.d_out, f.d_in), e(f.q, f.d_in), e(f.d_out, f.q)
     if op == "forward":
         return (x, W, e(f.d_out), A, B), False
-    return (e(key.tokens, f.d_out), W.T, None, B.T, A.T), True
+    return (e(key.token_bucket, f.d_out), W.T, None, B.T, A.T), True
 
 
 def forward(x, weight, bias, A1, A2, B1, B2, scale, config):
@@ -191,13 +200,13 @@ def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
     and need smaller tiles)."""
     dtype = key.dtype if key is not None else None
     if key is None or torch.device(device).type != "cuda":
-        return "fused", schedules.default("triton_cuda", op, "fused", dtype)
+        return "fused", schedule_spaces.default(SPACE, op, "fused", dtype)
     return "fused", fitting_default(op, key, _capability(device))
 
 
 def fitting_default(op: str, key: ProblemKey, capability: int) -> dict:
-    first = schedules.default("triton_cuda", op, "fused", key.dtype)
-    for cfg in [first] + schedules.space("triton_cuda", op, "fused"):
+    first = schedule_spaces.default(SPACE, op, "fused", key.dtype)
+    for cfg in [first] + schedule_spaces.space(SPACE, op, "fused"):
         if compile_report(op, key, cfg, capability).problem(shared_limit(capability)) is None:
             return cfg
     return first
@@ -206,7 +215,7 @@ def fitting_default(op: str, key: ProblemKey, capability: int) -> dict:
 def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
     if key.dtype not in DTYPES:
         return []
-    return [("triton", "fused", c) for c in schedules.space("triton_cuda", op, "fused")]
+    return [("triton", "fused", c) for c in schedule_spaces.space(SPACE, op, "fused")]
 
 
 def build(op: str, variant: str, config: dict, key: ProblemKey, device):

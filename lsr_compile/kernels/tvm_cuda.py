@@ -35,10 +35,10 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .. import shipped
 from ..config import FactorShapes
 
 ENV_VAR = "LSR_TVM_ARTIFACTS"
-PROJECT_DIR = Path(__file__).resolve().parent.parent.parent / "build" / "tvm-cuda"
 SCHEMA = 1
 
 _DRIVER_STUB = r"""
@@ -60,7 +60,14 @@ int cuGetErrorString(int e, const char **s) { *s = "no CUDA driver here (build-t
 
 
 def artifact_dir(out_dir=None) -> Path:
-    return Path(out_dir or os.environ.get(ENV_VAR) or PROJECT_DIR)
+    """``out_dir``, else ``$LSR_TVM_ARTIFACTS``, else ``build/tvm-cuda`` of a source checkout (what a GPU
+    session carries), else the user's cache (``$XDG_CACHE_HOME/lsr_compile/tvm-cuda``)."""
+    if out_dir or os.environ.get(ENV_VAR):
+        return Path(out_dir or os.environ[ENV_VAR])
+    checkout = shipped.checkout()
+    if checkout is not None:
+        return checkout / "build" / "tvm-cuda"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lsr_compile" / "tvm-cuda"
 
 
 def artifact_name(op: str, variant: str, config: dict, f: FactorShapes, dtype: str, arch: str) -> str:
@@ -202,11 +209,11 @@ def build_artifacts(shapes: Iterable, ops: Iterable[str] = ("forward", "backward
     the defaults with ``configs="default"``) for ``arch`` with nvcc, export each for TVM's runtime, and
     record it in ``<dir>/<arch>/index.jsonl``. Artifacts already built by this TVM are kept. Runs in a fresh
     process (see the module's docstring); returns the index records of this build's artifacts."""
-    from .tvm_kernels import DTYPES
+    from .. import schedule_spaces
 
     spec = {"arch": arch, "out_dir": str(artifact_dir(out_dir)), "configs": configs, "ops": list(ops),
             "problems": [{"dtype": str(s.dtype).removeprefix("torch."), **vars(s.factors)} for s in shapes
-                         if str(s.dtype).removeprefix("torch.") in DTYPES["cuda"]]}
+                         if str(s.dtype).removeprefix("torch.") in schedule_spaces.dtypes("cuda")]}
     if configs not in ("space", "default"):
         raise ValueError(f"configs must be 'space' or 'default', got {configs!r}")
     proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(spec), capture_output=True,
@@ -240,7 +247,7 @@ def _load_stand_in(folder: Path) -> str:
 
 def _build(spec: dict) -> None:
     """The build process: one JSON record per artifact on stdout."""
-    from .. import schedules
+    from .. import schedule_spaces
 
     arch = spec["arch"]
     folder = Path(spec["out_dir"]) / arch
@@ -253,7 +260,7 @@ def _build(spec: dict) -> None:
     from tvm.support import nvcc
 
     from .cubin import resource_usage
-    from .tvm_kernels import lower
+    from .tvm_lower import lower
 
     if "tvm_runtime_cuda" not in _LOADED_LIBS:
         raise RuntimeError("TVM's CUDA runtime library did not load (it needs libcudart.so.13 and a driver or "
@@ -272,9 +279,9 @@ def _build(spec: dict) -> None:
         dtype = p.pop("dtype")
         f = FactorShapes(**p)
         for op in spec["ops"]:
-            for variant in schedules.variants("cuda", op):
-                points = ([schedules.default("cuda", op, variant)] if spec["configs"] == "default"
-                          else schedules.space("cuda", op, variant))
+            for variant in schedule_spaces.variants("cuda", op):
+                points = ([schedule_spaces.default("cuda", op, variant)] if spec["configs"] == "default"
+                          else schedule_spaces.space("cuda", op, variant))
                 for config in points:
                     name = artifact_name(op, variant, config, f, dtype, arch)
                     if name in have:

@@ -14,63 +14,19 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .. import schedules
+from .. import schedule_spaces
 from ..config import FactorShapes
-from ..expr import EXPRESSIONS
 from ..formulations import build_A, build_Bt
 from ..problem import ProblemKey
-from ..tuning.device import llvm_target
-from . import TVM_DTYPES
+from ..device import space_name, target_of, tvm_target
 
 # TVM's worker threads spin after each kernel by default and then starve PyTorch's OpenMP threads, which
 # run the base GEMM right before: at 768², N=2048 on 2 cores the GEMM's median went from 1.3 ms to 18 ms.
 # Not spinning costs the TVM kernel nothing measurable there.
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
-DTYPES = TVM_DTYPES
-
-
-def target_dict(device: torch.device) -> dict:
-    if device.type == "cpu":
-        return llvm_target()
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return {"kind": "cuda", "arch": f"sm_{major}{minor}"}
-    raise ValueError(f"TVM backend has no target for device {device}")
-
-
 def default_choice(op: str, key: ProblemKey, device: torch.device) -> tuple[str, dict]:
-    name = "llvm" if device.type == "cpu" else "cuda"
-    return "adapter", schedules.default(name, op, "adapter")
-
-
-def lower(op: str, variant: str, config: dict, f: FactorShapes, dtype: str, target: dict):
-    """Schedule the expression for ``target``; returns the IRModule to compile. An expression's ``*_io``
-    input and its updated value are then bound to one buffer: the function takes that tensor once and
-    updates it in place (never one tensor behind two ``__restrict__`` pointers)."""
-    import tvm
-    from tvm import te
-
-    from .tvm_schedule import schedule_cuda, schedule_llvm
-
-    kind = target["kind"]
-    if dtype not in DTYPES[kind]:
-        raise ValueError(f"TVM {kind} kernels support {DTYPES[kind]}, not {dtype}")
-    if (op, variant) not in EXPRESSIONS:
-        raise ValueError(f"no TVM expression for {op}/{variant}; known: {sorted(EXPRESSIONS)}")
-    expr = EXPRESSIONS[op, variant]
-    func = te.create_prim_func(expr.build(f, dtype))
-    mod = schedule_llvm(func, config).mod if kind == "llvm" else schedule_cuda(func, config)
-    if "y_io" in expr.args:
-        main = mod["main"]
-        params = dict(zip(expr.args, main.params))
-        mod = tvm.IRModule({"main": main.specialize({params["y"]: params["y_io"]})})
-    return mod
-
-
-def args_of(op: str, variant: str) -> tuple[str, ...]:
-    """The compiled function's arguments, in order (the in-place output is passed once, as ``y_io``)."""
-    return tuple(a for a in EXPRESSIONS[op, variant].args if a != "y")
+    return "materialise", schedule_spaces.default(space_name("tvm", target_of(device)), op, "materialise")
 
 
 @functools.lru_cache(maxsize=256)
@@ -80,12 +36,19 @@ def _compiled(op, variant, config_items, f, dtype, target_items):
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")  # nvrtc needs cuda-bindings; nvcc is on CUDA hosts
     target = dict(target_items)
+    from .tvm_lower import lower
+
     with tvm.target.Target(target):
         lib = tvm.compile(lower(op, variant, dict(config_items), f, dtype, target), target=target)
     if target["kind"] == "cuda" and not all(m.is_runnable() for m in lib.mod.imports):
         raise RuntimeError("TVM built a source-only CUDA module (no CUDA runtime library here): build the "
                            "kernels ahead of time with `lsr-compile build-tvm-cuda` instead")
     return lib["main"]
+
+
+def compile_count() -> int:
+    """How many TVM functions this process has compiled (not counting the ones served from memory)."""
+    return _compiled.cache_info().misses
 
 
 def compile_for(op, variant, config, f, dtype, target):
@@ -95,7 +58,7 @@ def compile_for(op, variant, config, f, dtype, target):
 def _function(op, variant, config, f, dtype, device):
     """The compiled TVM function for ``device``: on a GPU a prebuilt artifact when there is one (TVM's
     runtime alone runs it), else compiled here; calls run on PyTorch's current CUDA stream."""
-    target = target_dict(device)
+    target = tvm_target(device)
     if target["kind"] != "cuda":
         return compile_for(op, variant, config, f, dtype, target)
     import tvm_ffi
@@ -115,21 +78,21 @@ def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.de
     """A layer kernel (signature of ``lsr_compile.formulations``) running the compiled TVM function."""
     f = key.shapes
     fn = _function(op, variant, config, f, key.dtype, device)
-    if op == "forward" and variant == "adapter":
+    if op == "forward" and variant == "materialise":
         def forward(x, weight, bias, A1, A2, B1, B2, scale):
             x = x.contiguous()
             y = F.linear(x, weight, bias)
             fn(x, build_A(A1, A2), build_Bt(B1, B2), scale, y)
             return y
         return forward
-    if op == "forward" and variant == "kron":
+    if op == "forward" and variant == "factored":
         def forward(x, weight, bias, A1, A2, B1, B2, scale):
             x = x.contiguous()
             y = F.linear(x, weight, bias)
             fn(x, A1.contiguous(), A2.contiguous(), B1.contiguous(), B2.contiguous(), scale, y)
             return y
         return forward
-    if op == "backward" and variant == "adapter":
+    if op == "backward" and variant == "materialise":
         def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
             dy, x = dy.contiguous(), x.contiguous()
             dx = torch.empty_like(x)

@@ -44,12 +44,19 @@ class LSRLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def lsr_shape(self, tokens: int, dtype=None):
+        """The problem the first active adapter runs for ``tokens`` rows (what ``tune(model)`` tunes)."""
+        from ..problem import LSRShape
+
+        name = next(a for a in self.active_adapters if a in self.lsr_A1)
+        return LSRShape.of_factors(tokens, self.lsr_shapes[name], dtype or self.lsr_A1[name].dtype)
+
     def factors(self, adapter: str):
         return self.lsr_A1[adapter], self.lsr_A2[adapter], self.lsr_B1[adapter], self.lsr_B2[adapter]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         A1, A2, B1, B2 = self.factors(adapter)
-        return self.lsr_scale[adapter] * (formulations.build_B(B1, B2) @ formulations.build_A(A1, A2))
+        return formulations.delta_weight(A1, A2, B1, B2, self.lsr_scale[adapter])
 
 
 class Linear(nn.Module, LSRLayer):

@@ -13,15 +13,14 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .. import dispatch, kernels, logs
-from . import harness
+from .. import kernels, logs, shipped
+from ..device import TARGET_DEVICES, device_id, device_info
 from ..problem import OPS, LSRShape
-from .device import device_id, device_info
+from . import harness
 from .timing import measure, median
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"llvm": "cpu", "cuda": "cuda"}
 DEFAULT_BUDGET_S = 85.0  # per (shape, op) job, so forward + backward stay within 3 minutes per shape (docs/design.md §4)
 CHECK_TOKENS = 259  # correctness is checked on this many rows (ragged on purpose); kernels are generic in N
 
@@ -31,16 +30,16 @@ class TuningError(ValueError):
 
 
 def shapes_of(model: nn.Module, tokens: Iterable[int], dtype=None) -> list[LSRShape]:
-    """One LSRShape per distinct LSR layer shape in ``model`` and token count."""
-    from ..nn import lsr_layers
-
+    """One LSRShape per distinct LSR layer shape in ``model`` and token count: every module that can say
+    what it runs (``lsr_shape(tokens, dtype)``: LSRLinear, the peft LSR layer) is asked."""
     seen = {}
-    for layer in lsr_layers(model).values():
-        f = layer.factor_shapes
+    for module in model.modules():
+        shape_of = getattr(module, "lsr_shape", None)
+        if not callable(shape_of):
+            continue
         for n in tokens:
-            s = LSRShape(n, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2),
-                         dtype or layer.A1.dtype)
-            seen[(n, f, s.dtype)] = s
+            s = shape_of(n, dtype)
+            seen[(n, s.factors, s.dtype)] = s
     if not seen:
         raise TuningError("the model has no LSRLinear layers; wrap it with apply_lsr first")
     return list(seen.values())
@@ -53,17 +52,20 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     dtype = key.dtype
     scale = 0.7
     cands = kernels.candidates(target, op, key, trials)
+    firsts = {}  # each (backend, variant)'s first point (its default) is never skipped for time
+    for i, (backend, variant, _) in enumerate(cands):
+        firsts.setdefault((backend, variant), i)
     started = time.perf_counter()
     check = harness.inputs(shape, min(shape.tokens, CHECK_TOKENS), device, shape.dtype)
     want = harness.expected(op, check, scale)
     bench = harness.inputs(shape, shape.tokens, device, shape.dtype)
     built, rejected, skipped = {}, {}, {}
     bar = tqdm(total=len(cands), desc=f"{op:8s} {shape.label()}", disable=not progress, leave=True)
-    for backend, variant, config in cands:
+    for i, (backend, variant, config) in enumerate(cands):
         name = _name(backend, variant, config)
         bar.update(1)
         why_not = kernels.unavailable(backend, device)
-        if why_not is None and built and time.perf_counter() - started > budget_s / 2:
+        if why_not is None and firsts[backend, variant] != i and time.perf_counter() - started > budget_s / 2:
             why_not = "time budget"
         if why_not is not None:
             skipped[name] = why_not
@@ -159,15 +161,18 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
          time_budget_s: Optional[float] = None, ops: Iterable[str] = OPS, tokens: Iterable[int] = (2048,),
          progress: bool = True) -> list[dict]:
     """Tune each shape and op on ``target`` ("llvm" = this CPU, "cuda" = this GPU) and append the winners
-    to ``log_dir`` (default: the project's ``tuning_logs/``). Returns the records written.
+    to ``log_dir``. Returns the records written.
+
+    ``log_dir``: default the user's (``$LSR_TUNING_LOGS``, else ``~/.local/share/lsr_compile/tuning_logs``),
+    which dispatch reads; records written elsewhere apply once passed to ``lsr_compile.load_logs``.
 
     ``shapes``: LSRShapes, or a model with LSR layers (then ``tokens`` gives the token counts).
     ``trials``: at most this many compiled-kernel configs per (shape, op) besides the PyTorch formulations.
     ``time_budget_s``: for the whole call (default 85 s per shape and op: under 3 minutes per shape).
     On a machine without a GPU, ``target="cuda"`` builds the CUDA kernels (nvcc) but records nothing.
     """
-    if target not in TARGETS:
-        raise TuningError(f"unknown target {target!r}; choose one of {sorted(TARGETS)}")
+    if target not in TARGET_DEVICES:
+        raise TuningError(f"unknown target {target!r}; choose one of {sorted(TARGET_DEVICES)}")
     tokens = _token_counts(tokens)
     if isinstance(shapes, nn.Module):
         shapes = shapes_of(shapes, tokens)
@@ -195,9 +200,9 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
                       f"kernels built for sm_90 into {tvm_cuda.artifact_dir()} for a GPU machine to time",
                       RuntimeWarning, stacklevel=2)
         return []
-    log_dir = Path(log_dir) if log_dir is not None else logs.PROJECT_LOG_DIR
+    log_dir = Path(log_dir) if log_dir is not None else shipped.user_log_dir()
     _check_writable(log_dir)  # before the work, not after it
-    device = TARGETS[target]
+    device = TARGET_DEVICES[target]
     jobs = [(s, op) for s in shapes for op in ops]
     budget = (time_budget_s / len(jobs)) if time_budget_s else DEFAULT_BUDGET_S
     written = []
@@ -208,7 +213,4 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
         logs.append(logs.log_path(log_dir, target, rec["device"]["id"], op), rec)
         written.append(rec)
         log.info("tune: %s", summary(rec))
-    if log_dir.resolve() != logs.PROJECT_LOG_DIR.resolve():
-        dispatch.load_logs(log_dir)
-    dispatch.invalidate()
     return written

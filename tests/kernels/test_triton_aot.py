@@ -3,7 +3,7 @@ environment (3.7 with the project's pins, 3.6 in the GPU-image environment): ptx
 shared memory fits, bf16/fp16 use Hopper's wgmma. A GPU never sees a config that fails here."""
 import pytest
 
-from lsr_compile import schedules
+from lsr_compile import schedule_spaces
 from lsr_compile.kernels import triton_fused
 from lsr_compile.problem import ProblemKey
 
@@ -20,7 +20,7 @@ def _report(op, dtype, dims, cfg, tokens=8192):
     return triton_fused.compile_report(op, ProblemKey(op, dtype, tokens, *dims), cfg, SM90)
 
 
-POINTS = [(op, cfg) for op in ("forward", "backward") for cfg in schedules.space("triton_cuda", op, "fused")]
+POINTS = [(op, cfg) for op in ("forward", "backward") for cfg in schedule_spaces.space("triton_cuda", op, "fused")]
 
 
 @pytest.mark.parametrize("op,cfg", POINTS, ids=[f"{op}-" + "x".join(str(c[k]) for k in triton_fused.KNOBS)
@@ -36,7 +36,7 @@ def test_every_point_fits_sm90_in_bf16_and_uses_wgmma(op, cfg):
 @pytest.mark.parametrize("dims", [ALIGNED, RAGGED], ids=["aligned", "ragged"])
 @pytest.mark.parametrize("op", ["forward", "backward"])
 def test_fp32_and_fp64_defaults_fit_aligned_and_ragged_problems(op, dims, dtype):
-    cfg = schedules.default("triton_cuda", op, "fused", dtype)
+    cfg = schedule_spaces.default("triton_cuda", op, "fused", dtype)
     r = _report(op, dtype, dims, cfg, tokens=512)
     assert r.problem(LIMIT) is None, (cfg, r)
 
@@ -46,7 +46,7 @@ def test_fp32_and_fp64_defaults_fit_aligned_and_ragged_problems(op, dims, dtype)
 def test_half_default_on_a_gpu_is_the_first_point_that_fits(op, dtype):
     """Aligned: the declared default. Ragged (no wgmma, more registers): a smaller point that does not spill."""
     aligned = triton_fused.fitting_default(op, ProblemKey(op, dtype, 8192, *ALIGNED), SM90)
-    assert aligned == schedules.default("triton_cuda", op, "fused", dtype)
+    assert aligned == schedule_spaces.default("triton_cuda", op, "fused", dtype)
     ragged = triton_fused.fitting_default(op, ProblemKey(op, dtype, 512, *RAGGED), SM90)
     assert _report(op, dtype, RAGGED, ragged, tokens=512).problem(LIMIT) is None
 
@@ -63,5 +63,5 @@ def test_problems_are_reported_not_hidden():
 
 def test_static_problem_is_silent_off_the_gpu():
     key = ProblemKey("forward", "float32", 512, *ALIGNED)
-    assert triton_fused.static_problem("forward", key, schedules.default("triton_cuda", "forward", "fused"),
+    assert triton_fused.static_problem("forward", key, schedule_spaces.default("triton_cuda", "forward", "fused"),
                                        "cpu") is None

@@ -8,7 +8,9 @@ import torch._dynamo
 import lsr_compile as lc
 from lsr_compile import reference
 from lsr_compile.kernels import triton_fused
-from lsr_compile.problem import ProblemKey, token_bucket
+from lsr_compile.tuning.harness import TOL
+from lsr_compile.config import FactorShapes
+from lsr_compile.problem import ProblemKey
 
 from conftest import make_layer_inputs
 from models import tiny_bert, tokens
@@ -17,7 +19,7 @@ pytestmark = pytest.mark.skipif(not triton_fused.INTERPRETED and not torch.cuda.
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOLS = [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 4e-2)]
+TOLS = [(dt, TOL[str(dt)[6:]]) for dt in (torch.float64, torch.float32, torch.bfloat16)]  # the tuner's table
 # (s, r1, r2, n1, n2, m1, m2): ragged everywhere (d_in 42, d_out 45, q 6), a block multiple, tall/q=1
 DIMS = [(3, 2, 3, 6, 7, 5, 9), (2, 2, 4, 8, 8, 4, 8), (1, 1, 1, 3, 41, 2, 64)]
 
@@ -35,7 +37,7 @@ def test_fused_forward(dims, dtype, tol, bias):
     x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, bias=bias, device=DEV)
     want = reference.lsr_linear(x.double(), W.double(), None if b is None else b.double(),
                                 *[f.double() for f in factors], 0.7)
-    key = ProblemKey("forward", str(dtype)[6:], token_bucket(N), *dims)
+    key = ProblemKey.of("forward", dtype, N, FactorShapes(*dims))
     fn = triton_fused.build("forward", "fused", triton_fused.default_choice("forward", key, DEV)[1], key, DEV)
     _rel_close(fn(x, W, b, *factors, 0.7), want, tol)
 
@@ -49,18 +51,40 @@ def test_fused_backward(dims, dtype, tol):
     xs = x.double().requires_grad_(True)
     fs = [f.double().requires_grad_(True) for f in factors]
     reference.lsr_linear(xs, W.double(), b.double(), *fs, 1.3).backward(g.double())
-    key = ProblemKey("backward", str(dtype)[6:], token_bucket(N), *dims)
+    key = ProblemKey.of("backward", dtype, N, FactorShapes(*dims))
     fn = triton_fused.build("backward", "fused", triton_fused.default_choice("backward", key, DEV)[1], key, DEV)
     got = fn(g, x, W, *factors, 1.3, True)
     for out, want in zip(got, [xs.grad] + [f.grad for f in fs]):
         _rel_close(out, want, tol)
 
 
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_every_point_of_the_space_runs_and_is_right(op):
+    """Each tuned config runs as given on a GPU; in the interpreter at a quarter of its tile (still distinct)."""
+    dims, N = DIMS[0], 37
+    points = triton_fused.schedule_spaces.space(triton_fused.SPACE, op, "fused")
+    launched = {tuple(sorted(triton_fused.launch_config(c).items())) for c in points}
+    assert len(launched) > len(points) // 2  # the configs stay different where they run
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=torch.float32, device=DEV)
+    g = torch.randn(N, dims[5] * dims[6], device=DEV)
+    key = ProblemKey.of(op, torch.float32, N, FactorShapes(*dims))
+    want = None
+    for cfg in points:
+        fn = triton_fused.build(op, "fused", cfg, key, DEV)
+        got = fn(x, W, b, *factors, 0.7) if op == "forward" else fn(g, x, W, *factors, 0.7, True)[0]
+        want = got if want is None else want
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=str(cfg))
+    ref = reference.lsr_linear(x.double(), W.double(), b.double(), *[f.double() for f in factors], 0.7) \
+        if op == "forward" else g.double() @ (W.double() + 0.7 * reference.delta_weight(
+            *[f.double() for f in factors], 1.0))
+    _rel_close(want, ref, TOL["float32"])
+
+
 def test_strided_views_are_read_in_place():
     r = lambda *s: torch.randn(*s, dtype=torch.float64, device=DEV)  # noqa: E731
     a = r(40, 64)[:, ::2]  # non-contiguous rows
     Mt, P, Q = r(20, 32), r(3, 32), r(20, 3)
-    cfg = triton_fused.schedules.default("triton_cuda", "forward", "fused", "float64")
+    cfg = triton_fused.schedule_spaces.default("triton_cuda", "forward", "fused", "float64")
     out, t = triton_fused.fused_linear(a, Mt.T.contiguous().T, None, P, Q, 0.5, cfg, want_t=True)
     torch.testing.assert_close(out, a @ Mt.T + 0.5 * (a @ P.T) @ Q.T)
     torch.testing.assert_close(t, a @ P.T)

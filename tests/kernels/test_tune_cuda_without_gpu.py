@@ -18,7 +18,7 @@ def test_tune_cuda_without_gpu_builds_artifacts_and_records_nothing(tmp_path, mo
         recs = tune([lc.LSRShape(64, 48, 48, s=1, r=2)], target="cuda", log_dir=tmp_path / "logs",
                     ops=("forward",))
     assert recs == [] and not list((tmp_path / "logs").rglob("*.jsonl"))
-    from lsr_compile import schedules
+    from lsr_compile import schedule_spaces
 
-    assert len(tvm_cuda.index("sm_90")) == sum(len(schedules.space("cuda", "forward", v))
-                                               for v in schedules.variants("cuda", "forward"))
+    assert len(tvm_cuda.index("sm_90")) == sum(len(schedule_spaces.space("cuda", "forward", v))
+                                               for v in schedule_spaces.variants("cuda", "forward"))

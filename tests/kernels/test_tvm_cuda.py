@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import lsr_compile as lc
-from lsr_compile import schedules
-from lsr_compile.kernels import tvm_cuda, tvm_kernels
+from lsr_compile import schedule_spaces
+from lsr_compile.kernels import tvm_cuda, tvm_kernels, tvm_lower
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cc") is None,
                                 reason="needs nvcc and a C compiler")
 SHAPE = lc.LSRShape(512, 96, 80, s=2, r=(2, 3))
-POINTS = sum(len(schedules.space("cuda", op, v)) for op in ("forward", "backward")
-             for v in schedules.variants("cuda", op))
+POINTS = sum(len(schedule_spaces.space("cuda", op, v)) for op in ("forward", "backward")
+             for v in schedule_spaces.variants("cuda", op))
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,11 @@ def test_every_config_of_the_space_is_built_for_sm90_in_fp32_and_bf16(built):
     assert len(recs) == 2 * POINTS
     assert {(r["dtype"], r["op"], r["variant"]) for r in recs} == {
         (d, op, v) for d in ("float32", "bfloat16") for op in ("forward", "backward")
-        for v in schedules.variants("cuda", op)}
+        for v in schedule_spaces.variants("cuda", op)}
     for r in recs:
         assert (out / "sm_90" / r["file"]).stat().st_size > 4000
         assert r["kernels"] and all(k["registers"] > 0 and k["spilled"] == 0 for k in r["kernels"].values()), r
-        assert r["config"] in schedules.space("cuda", r["op"], r["variant"])
+        assert r["config"] in schedule_spaces.space("cuda", r["op"], r["variant"])
     index = [json.loads(line) for line in (out / "sm_90" / "index.jsonl").read_text().splitlines()]
     assert [i["name"] for i in index] == [r["name"] for r in recs]
 
@@ -52,7 +52,7 @@ def test_the_runtime_alone_loads_an_artifact_and_checks_its_arguments(built):
     """In a process with TVM's runtime only (TVM_USE_RUNTIME_LIB=1, as with the runtime wheels on a GPU
     machine): the module loads, ``main`` resolves, and a CPU tensor is refused by the CUDA function."""
     out, recs = built
-    rec = next(r for r in recs if r["op"] == "forward" and r["variant"] == "adapter" and r["dtype"] == "float32")
+    rec = next(r for r in recs if r["op"] == "forward" and r["variant"] == "materialise" and r["dtype"] == "float32")
     code = f"""
 import ctypes, json, torch
 ctypes.CDLL({str(out / "sm_90" / ".driver-stub" / "libcuda.so.1")!r}, mode=ctypes.RTLD_GLOBAL)
@@ -74,14 +74,14 @@ except Exception as e:
            "scale: float32, y_io: Tensor([n, 80], float32))" in proc.stdout
 
 
-@pytest.mark.parametrize("op,variant", [("forward", "adapter"), ("forward", "kron")])
+@pytest.mark.parametrize("op,variant", [("forward", "materialise"), ("forward", "factored")])
 def test_the_in_place_output_is_one_pointer(op, variant):
     """The base GEMM's output is read and written through one parameter: no kernel gets it twice (two
     __restrict__ pointers to one tensor would be undefined behaviour)."""
     import tvm
 
     target = {"kind": "cuda", "arch": "sm_90"}
-    mod = tvm_kernels.lower(op, variant, schedules.default("cuda", op, variant), SHAPE.factors, "float32", target)
+    mod = tvm_lower.lower(op, variant, schedule_spaces.default("cuda", op, variant), SHAPE.factors, "float32", target)
     assert [str(p) for p in mod["main"].params][-1] == "y_io"
     with tvm.target.Target(target):
         src = tvm.compile(mod, target=target).mod.imports[0].inspect_source()
@@ -93,7 +93,7 @@ def test_the_in_place_output_is_one_pointer(op, variant):
 def test_without_a_compiler_or_an_artifact_the_candidate_is_skipped_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv(tvm_cuda.ENV_VAR, str(tmp_path))
     monkeypatch.setattr(tvm_cuda, "compiler_available", lambda: False)
-    why = tvm_cuda.static_problem("forward", "adapter", {"threads": 128, "unroll": 0}, SHAPE.factors, "bfloat16",
+    why = tvm_cuda.static_problem("forward", "materialise", {"threads": 128, "unroll": 0}, SHAPE.factors, "bfloat16",
                                   "sm_90")
     assert "no prebuilt TVM-CUDA artifact" in why and "build-tvm-cuda" in why
 
@@ -106,5 +106,5 @@ def test_compiling_for_cuda_where_tvm_cannot_make_a_cuda_module_fails_loudly():
     if "tvm_runtime_cuda" in _LOADED_LIBS:
         pytest.skip("TVM's CUDA runtime is loaded in this process (a GPU machine)")
     with pytest.raises(RuntimeError, match="source-only"):
-        tvm_kernels.compile_for("forward", "adapter", {"threads": 128, "unroll": 0}, SHAPE.factors, "float32",
+        tvm_kernels.compile_for("forward", "materialise", {"threads": 128, "unroll": 0}, SHAPE.factors, "float32",
                                 {"kind": "cuda", "arch": "sm_90"})

@@ -53,6 +53,23 @@ def test_save_then_load_in_fresh_model_gives_identical_outputs(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
 
 
+def test_saved_adapter_tells_a_process_without_lsr_compile_what_to_import(tmp_path):
+    import subprocess
+    import sys
+
+    pm = _peft_model()
+    pm.save_pretrained(tmp_path)
+    pm.save_pretrained(tmp_path)  # saving again does not repeat the note
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## Loading this LSR-Adapt adapter") == 1 and "import lsr_compile" in card
+    assert "library_name: peft" in card  # peft's own model card is kept
+    probe = ("import sys; from peft import PeftConfig\n"
+             "try:\n    PeftConfig.from_pretrained(sys.argv[1])\nexcept KeyError as e:\n    print('KeyError', e)\n"
+             "import lsr_compile\nprint(type(PeftConfig.from_pretrained(sys.argv[1])).__name__)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["KeyError", "'LSR'", "LSRConfig"], out.stderr[-2000:]
+
+
 def test_merge_and_unload_equals_unmerged():
     pm = _peft_model()
     _set_nontrivial(pm)

@@ -33,10 +33,10 @@ def test_round_trip_and_last_record_wins(tmp_path):
     (json.dumps(_record(device="other-gpu-sm90")), "record.s. of device 'other-gpu-sm90'"),
     (json.dumps(_record() | {"versions": {"torch": "1.0", "tvm": "0.1", "triton": None}}), "of versions"),
     (json.dumps(_record(backend="triton", variant="fused")), "not one a llvm log can hold"),
-    (json.dumps(_record(backend="tvm", variant="adapter", config={"vec": 16, "rows": 10**9, "unroll": 0})),
+    (json.dumps(_record(backend="tvm", variant="materialise", config={"vec": 16, "rows": 10**9, "unroll": 0})),
      "not a point of the llvm schedule space"),
     (json.dumps(_record(time_ms=float("nan"))), "time_ms"),
-    (json.dumps(_record() | {"key": _record()["key"] | {"tokens": "64"}}), "key.tokens"),
+    (json.dumps(_record() | {"key": _record()["key"] | {"token_bucket": "64"}}), "key.token_bucket"),
     (json.dumps(_record() | {"key": _record()["key"] | {"s": True}}), "key.s"),
 ])
 def test_bad_lines_are_skipped_with_a_warning_and_good_ones_kept(tmp_path, line, match):
@@ -47,7 +47,7 @@ def test_bad_lines_are_skipped_with_a_warning_and_good_ones_kept(tmp_path, line,
     logs.append(path, _record(tokens=256))
     with pytest.warns(logs.TuningLogWarning, match=match):
         recs = logs.read([path], DEV, "llvm")
-    assert sorted(k.tokens for k in recs) == [128, 256]
+    assert sorted(k.token_bucket for k in recs) == [128, 256]
 
 
 def test_bytes_that_are_not_utf8_skip_one_line_only(tmp_path):
@@ -58,7 +58,7 @@ def test_bytes_that_are_not_utf8_skip_one_line_only(tmp_path):
     logs.append(path, _record(tokens=256))
     with pytest.warns(logs.TuningLogWarning, match=r"forward.jsonl:2: corrupt record skipped \(UnicodeDecodeError"):
         recs = logs.read([path], DEV, "llvm")
-    assert sorted(k.tokens for k in recs) == [128, 256]
+    assert sorted(k.token_bucket for k in recs) == [128, 256]
 
 
 def _writer(args):

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lsr_compile as lc
-from lsr_compile import dispatch, logs, schedules
-from lsr_compile.tuning.device import device_id
+from lsr_compile import dispatch, logs, schedule_spaces
+from lsr_compile.device import device_id
 
 SHAPE = lc.LSRShape(24, 16, 12, s=2, r=2, n=(4, 4), m=(4, 3))
 DEV = device_id("cpu")
@@ -24,8 +24,8 @@ junk = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.
 
 def _valid(op):
     backend_variants = [("torch", "materialise", {}), ("torch", "fold", {})]
-    for variant in schedules.variants("llvm", op):
-        backend_variants += [("tvm", variant, c) for c in schedules.space("llvm", op, variant)[:2]]
+    for variant in schedule_spaces.variants("llvm", op):
+        backend_variants += [("tvm", variant, c) for c in schedule_spaces.space("llvm", op, variant)[:2]]
     return st.sampled_from(backend_variants).map(lambda bvc: {
         "schema": logs.SCHEMA, "device": {"id": DEV}, "versions": logs.library_versions(),
         "key": SHAPE.key(op).as_dict(), "backend": bvc[0], "variant": bvc[1], "config": dict(bvc[2]),
@@ -61,7 +61,6 @@ def line(draw, op):
 def test_no_log_line_takes_a_layer_down(time_limit, fwd, bwd):
     layer = lc.LSRLinear(16, 12, config=lc.LSRConfig(s=2, r=2, n=(4, 4), m=(4, 3), init="reference"))
     x = torch.randn(SHAPE.tokens, 16, requires_grad=True)
-    extra = list(dispatch._extra_dirs)
     with tempfile.TemporaryDirectory() as d, time_limit(120):
         for op, lines in (("forward", fwd), ("backward", bwd)):
             path = logs.log_path(Path(d), "llvm", DEV, op)
@@ -74,8 +73,7 @@ def test_no_log_line_takes_a_layer_down(time_limit, fwd, bwd):
                 y = layer(x)
                 y.square().sum().backward()
         finally:
-            dispatch._extra_dirs[:] = extra
-            dispatch.invalidate()
+            dispatch.reset()
     xr = x.detach().clone().requires_grad_(True)
     want = lc.reference.lsr_linear(xr, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2,
                                    layer.scale)
@@ -97,7 +95,7 @@ def test_a_record_is_either_valid_or_skipped_with_a_warning_naming_file_and_line
         (r,) = got.values()
         assert r.backend in ("torch", "tvm") and math.isfinite(r.time_ms) and r.time_ms > 0
         assert all(type(v) is int and v >= 1 for k, v in r.key.as_dict().items() if k not in ("op", "dtype"))
-        assert r.config == {} if r.backend == "torch" else r.config in schedules.space("llvm", "forward", r.variant)
+        assert r.config == {} if r.backend == "torch" else r.config in schedule_spaces.space("llvm", "forward", r.variant)
     else:
         assert any(issubclass(w.category, logs.TuningLogWarning) and "forward.jsonl" in str(w.message)
                    for w in caught)

@@ -1,5 +1,6 @@
 """A tiny real tuning run: candidates checked, the winner recorded, then dispatched."""
 import json
+import os
 import warnings
 
 import pytest
@@ -8,13 +9,17 @@ import torch
 import lsr_compile as lc
 from lsr_compile import dispatch, logs
 from lsr_compile.tuning import TuningError, tune
-from lsr_compile.tuning.device import device_id
+from lsr_compile.device import device_id
 
 SHAPE = lc.LSRShape(96, 48, 32, s=2, r=(2, 2))
 
 
 def test_tiny_tuning_run_writes_log_and_winner_is_dispatched(tmp_path, fresh_dispatch):
+    dirs, known = dispatch.log_dirs(), len(dispatch.records("llvm", device_id("cpu")))
     recs = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=2, time_budget_s=60, progress=False)
+    assert dispatch.log_dirs() == dirs  # tuning elsewhere changes nothing in dispatch until the user says so
+    assert "tuned:" not in lc.explain(SHAPE)
+    assert lc.load_logs(tmp_path) == known + 2
     assert [r["key"]["op"] for r in recs] == ["forward", "backward"]
     for r in recs:
         assert r["device"]["id"] == device_id("cpu") and r["rejected"] == {}
@@ -28,6 +33,18 @@ def test_tiny_tuning_run_writes_log_and_winner_is_dispatched(tmp_path, fresh_dis
     x = torch.randn(SHAPE.tokens, 48)
     torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
                                                                   layer.B1, layer.B2, layer.scale))
+
+
+def test_tuning_into_the_default_directory_applies_at_once(fresh_dispatch):
+    from lsr_compile import shipped
+
+    assert "tuned:" not in lc.explain(SHAPE)
+    recs = tune([SHAPE], target="llvm", trials=0, ops=("forward",), progress=False)
+    path = logs.log_path(shipped.user_log_dir(), "llvm", device_id("cpu"), "forward")
+    assert path.is_file() and str(path).startswith(os.environ["XDG_DATA_HOME"])  # conftest's, not the home dir
+    assert f"forward  torch:{recs[0]['variant']}  (tuned: {path}:1" in lc.explain(SHAPE)
+    path.unlink()
+    dispatch.invalidate()
 
 
 def test_wrong_candidate_is_rejected_not_recorded(tmp_path, fresh_dispatch, monkeypatch):
@@ -62,16 +79,16 @@ def test_statically_pruned_candidate_is_never_built_or_timed(tmp_path, fresh_dis
 def test_a_tvm_record_is_built_and_used(tmp_path, fresh_dispatch):
     key = SHAPE.key("forward")
     rec = {"schema": logs.SCHEMA, "device": {"id": device_id("cpu")}, "versions": logs.library_versions(),
-           "key": key.as_dict(), "backend": "tvm", "variant": "adapter",
+           "key": key.as_dict(), "backend": "tvm", "variant": "materialise",
            "config": {"vec": 16, "rows": 16, "unroll": 0}, "time_ms": 0.1}
     logs.append(logs.log_path(tmp_path, "llvm", device_id("cpu"), "forward"), rec)
     lc.load_logs(tmp_path)
-    assert "forward  tvm:adapter[rows=16, unroll=0, vec=16]" in lc.explain(SHAPE)
+    assert "forward  tvm:materialise[rows=16, unroll=0, vec=16]" in lc.explain(SHAPE)
     layer = lc.LSRLinear(48, 32, config=lc.LSRConfig(s=2, r=2, init="reference"))
     x = torch.randn(SHAPE.tokens, 48)
     torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
                                                                   layer.B1, layer.B2, layer.scale))
-    chosen = [c for (op, *_), (fn, c) in dispatch._kernels.items() if op == "forward"]
+    chosen = [c for op, c in dispatch.cached_choices() if op == "forward"]
     assert chosen and chosen[0].backend == "tvm"
 
 

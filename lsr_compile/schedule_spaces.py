@@ -4,17 +4,23 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from pathlib import Path
 
-SCHEDULE_DIR = Path(__file__).resolve().parent.parent / "schedules"
+from . import shipped
+
 
 
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> dict:
-    path = SCHEDULE_DIR / f"{name}.json"
+    folder = shipped.data_dir("schedules")
+    path = folder / f"{name}.json"
     if not path.exists():
-        raise ValueError(f"no schedule space {path}; known: {sorted(p.stem for p in SCHEDULE_DIR.glob('*.json'))}")
+        raise ValueError(f"no schedule space {path}; known: {sorted(p.stem for p in folder.glob('*.json'))}")
     return json.loads(path.read_text())
+
+
+def dtypes(name: str) -> list[str]:
+    """The dtypes the backend of this space has kernels for."""
+    return list(load(name)["dtypes"])
 
 
 def variants(name: str, op: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""Device fingerprints: tuning records are only valid on the hardware they were measured on."""
+"""Where a kernel runs: torch device -> compiler target -> schedule space, and the device fingerprint
+that tuning records are keyed by (a record is only valid on the hardware it was measured on)."""
 from __future__ import annotations
 
 import functools
@@ -12,14 +13,38 @@ import torch
 _ISA_FLAGS = ("avx512_bf16", "avx512f", "avx2", "fma", "neon", "asimd", "sve")
 
 
+TARGET_DEVICES = {"llvm": "cpu", "cuda": "cuda"}  # compiler target -> the torch device type it runs on
+
+
 def target_of(device: torch.device | str) -> str:
     """The compiler target for a torch device: CPUs tune for ``llvm``, NVIDIA GPUs for ``cuda``."""
     kind = torch.device(device).type
-    if kind == "cpu":
-        return "llvm"
-    if kind == "cuda":
-        return "cuda"
+    for target, dev in TARGET_DEVICES.items():
+        if dev == kind:
+            return target
     raise ValueError(f"no lsr_compile target for device type {kind!r}; supported: cpu (llvm), cuda")
+
+
+def space_name(backend: str, target: str) -> str:
+    """The schedule space (``schedules/<name>.json``) of a compiled backend on a target."""
+    if target not in TARGET_DEVICES:
+        raise ValueError(f"unknown target {target!r}; choose one of {sorted(TARGET_DEVICES)}")
+    if backend == "tvm":
+        return target
+    if backend == "triton" and target == "cuda":
+        return "triton_cuda"
+    raise ValueError(f"backend {backend!r} has no schedule space on {target}")
+
+
+def tvm_target(device: torch.device | str) -> dict:
+    """The TVM target dict for a torch device (TVM 0.27 takes dicts, docs/design.md §5)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return llvm_target()
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"kind": "cuda", "arch": f"sm_{major}{minor}"}
+    raise ValueError(f"TVM backend has no target for device {device}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,8 +1,15 @@
-"""Apply a config (a point of a schedules/ space) to a TVM PrimFunc: llvm by a generic rule, cuda by dlight."""
+"""Expression + config -> IRModule: apply a point of a ``schedules/`` space to a TVM PrimFunc (llvm by a
+generic rule, cuda by dlight), ready for ``tvm.compile``. Shared by the in-process build (``tvm_kernels``)
+and the ahead-of-time CUDA build (``tvm_cuda``)."""
 from __future__ import annotations
 
 import tvm
 from tvm import s_tir
+
+from .. import schedule_spaces
+from ..config import FactorShapes
+from ..expr import EXPRESSIONS
+
 
 _SPATIAL, _REDUCE = 0, 2  # tirx.IterVar iter types
 
@@ -110,3 +117,24 @@ def schedule_cuda(func, cfg: dict) -> tvm.IRModule:
             sch.annotate(bx, "pragma_auto_unroll_max_step", unroll)
             sch.annotate(bx, "pragma_unroll_explicit", 1)
     return sch.mod
+
+
+def lower(op: str, variant: str, config: dict, f: FactorShapes, dtype: str, target: dict):
+    """Schedule the expression for ``target``; returns the IRModule to compile. An expression's ``*_io``
+    input and its updated value are then bound to one buffer: the function takes that tensor once and
+    updates it in place (never one tensor behind two ``__restrict__`` pointers)."""
+    from tvm import te
+
+    kind = target["kind"]
+    if dtype not in schedule_spaces.dtypes(kind):
+        raise ValueError(f"TVM {kind} kernels support {schedule_spaces.dtypes(kind)}, not {dtype}")
+    if (op, variant) not in EXPRESSIONS:
+        raise ValueError(f"no TVM expression for {op}/{variant}; known: {sorted(EXPRESSIONS)}")
+    expr = EXPRESSIONS[op, variant]
+    func = te.create_prim_func(expr.build(f, dtype))
+    mod = schedule_llvm(func, config).mod if kind == "llvm" else schedule_cuda(func, config)
+    if "y_io" in expr.args:
+        main = mod["main"]
+        params = dict(zip(expr.args, main.params))
+        mod = tvm.IRModule({"main": main.specialize({params["y"]: params["y_io"]})})
+    return mod
