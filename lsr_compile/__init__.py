@@ -19,7 +19,7 @@ from . import reference
 from .config import FactorizationError, FactorShapes, LSRConfig, factor_pair
 from .dispatch import load_logs, use_backend
 from .nn import LSRLinear, apply_lsr, count_parameters, explain, lsr_layers
-from .ops import LSRInputError, lsr_linear
+from .ops import LSRInputError, lsr_linear, mixed_linear
 from .problem import LSRShape
 from .tuning import tune
 from .peft import LSRModel, export_lora, load_reference_adapter
@@ -29,5 +29,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LSRConfig", "LSRLinear", "LSRShape", "FactorShapes", "FactorizationError", "LSRInputError", "apply_lsr",
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
-    "use_backend", "tune", "LSRModel", "export_lora", "load_reference_adapter",
+    "use_backend", "tune", "mixed_linear", "LSRModel", "export_lora", "load_reference_adapter",
 ]

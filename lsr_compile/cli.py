@@ -1,4 +1,4 @@
-"""lsr-compile tune | bench | explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels"""
+"""lsr-compile tune | bench | bench-mixed | explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels"""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", type=Path, default=Path("results"))
     b.add_argument("--rounds", type=int, default=15)
+    bm = sub.add_parser("bench-mixed", help="many adapters in one batch: mixed LSR op vs one adapter, looping "
+                                            "over adapters and peft LoRA's mixed batch")
+    bm.add_argument("--quick", action="store_true")
+    bm.add_argument("--out", type=Path, default=Path("results"))
+    bm.add_argument("--device", default="cpu")
     e = sub.add_parser("explain", help="which kernel runs for a shape, and why")
     _shape_args(e)
     lg = sub.add_parser("logs", help="list this machine's tuning records")
@@ -84,6 +89,13 @@ def main(argv=None) -> int:
         over = bench.dispatch_overhead()
         print("\neager µs per call at 8x16x16 (dispatch overhead): " +
               ", ".join(f"{k} {v:.1f}" for k, v in over.items()))
+    elif a.cmd == "bench-mixed":
+        from . import bench_mixed
+
+        out = bench_mixed.default_out(a.device, a.out)
+        rows = bench_mixed.run(out, quick=a.quick, device=a.device)
+        print(bench_mixed.table(rows))
+        print(f"\nrows: {out}")
     elif a.cmd == "build-tvm-cuda":
         from .kernels import tvm_cuda
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from . import kernels, logs
-from .problem import LSRShape, ProblemKey, dtype_name, token_bucket
+from .problem import MIXED_OPS, OPS, LSRShape, ProblemKey, dtype_name, token_bucket
 from .device import device_id, target_of
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,11 @@ def use_backend(name: Optional[str]):
 def choose(op: str, key: ProblemKey, device: torch.device) -> Choice:
     forced = _forced.get()
     if forced is not None:
-        variant, config = kernels.default_choice(forced, op, key, device)
+        try:
+            variant, config = kernels.default_choice(forced, op, key, device)
+        except ValueError as e:  # the forced backend has no kernel for this op at all
+            variant, config = kernels.default_choice("torch", op, key, device)
+            return Choice("torch", variant, (), f"use_backend({forced!r}) has no {op} kernel ({e})")
         return Choice(forced, variant, tuple(sorted(config.items())), f"forced by use_backend({forced!r})")
     rec = records(target_of(device), device_id(device)).get(key)
     if rec is not None:
@@ -179,15 +183,16 @@ def _guarded(fn: Callable, op: str, key: ProblemKey, device: torch.device, choic
     return run
 
 
-def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Callable:
-    """The kernel for this call (hot path: one tuple, one dict lookup)."""
-    fast = (op, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), A1.shape, A2.shape, B1.shape[1], B2.shape[1],
-            _forced.get())
+def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1) -> Callable:
+    """The kernel for this call (hot path: one tuple, one dict lookup). A mixed batch's factors have a bank
+    axis (``A1 (K, s, r1, n1)``) and ``segments`` segments."""
+    fast = (op, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), A1.shape, A2.shape, B1.shape[-2],
+            B2.shape[-2], segments, _forced.get())
     if _appends_seen != logs.appends():  # this process wrote a tuning record since: choices may change
         invalidate()
     hit = _kernels.get(fast)
     if hit is None:
-        key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2)
+        key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2, segments=segments)
         hit = _kernels[fast] = _build(op, key, x2d.device)
     return hit[0]
 
@@ -212,8 +217,9 @@ def explain(shape: LSRShape, device=None) -> str:
     (``lsr_compile.explain`` also takes a layer.)"""
     device = torch.device(device or "cpu")
     f = shape.factors
+    mixed = f", K={shape.adapters} S={shape.num_segments}" if shape.adapters > 1 else ""
     lines = [f"{f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) "
-             f"{dtype_name(shape.dtype)}, N={shape.tokens}, on {target_of(device)}/{device_id(device)}:"]
-    for op in ("forward", "backward"):
+             f"{dtype_name(shape.dtype)}, N={shape.tokens}{mixed}, on {target_of(device)}/{device_id(device)}:"]
+    for op in (MIXED_OPS if shape.adapters > 1 else OPS):
         lines.append(f"  {op:8s} {choose(op, shape.key(op), device)}")
     return "\n".join(lines)

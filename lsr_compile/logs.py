@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from . import shipped
-from .problem import OPS, ProblemKey
+from .problem import ALL_OPS, ProblemKey
 
 SCHEMA = 2
 _appends = 0
@@ -110,8 +110,9 @@ def upgrade(d):
 def _validate(d, target: str) -> Record:
     """Every field of a record, or ValueError naming the first one that is wrong. A config must be a point
     of the current schedule space (so every knob is bounded before a kernel is built from it)."""
-    from . import formulations, schedule_spaces
+    from . import schedule_spaces
     from .device import space_name
+    from .kernels import torch_formulations
     from .problem import DTYPES
 
     d = upgrade(d)
@@ -120,10 +121,12 @@ def _validate(d, target: str) -> Record:
     if d.get("schema") != SCHEMA:
         raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA}")
     k = d.get("key")
-    if not isinstance(k, dict) or set(k) != set(ProblemKey.__dataclass_fields__):
-        raise ValueError(f"key must hold exactly {sorted(ProblemKey.__dataclass_fields__)}, got {k!r}")
-    if k["op"] not in OPS:
-        raise ValueError(f"unknown op {k['op']!r}; known: {OPS}")
+    fields, mixed_only = set(ProblemKey.__dataclass_fields__), {"adapters", "segments"}
+    if not isinstance(k, dict) or not fields - mixed_only <= set(k) <= fields:
+        raise ValueError(f"key must hold {sorted(fields - mixed_only)} (and, for a mixed batch, "
+                         f"{sorted(mixed_only)}), got {k!r}")
+    if k["op"] not in ALL_OPS:
+        raise ValueError(f"unknown op {k['op']!r}; known: {ALL_OPS}")
     if k["dtype"] not in DTYPES:
         raise ValueError(f"unknown dtype {k['dtype']!r}; known: {sorted(DTYPES)}")
     tokens = _count(k["token_bucket"], "key.token_bucket")
@@ -131,6 +134,10 @@ def _validate(d, target: str) -> Record:
         raise ValueError(f"key.token_bucket must be a power of two >= 16, got {tokens}")
     for f in ("s", "r1", "r2", "n1", "n2", "m1", "m2"):
         _count(k[f], f"key.{f}")
+    for f in mixed_only & set(k):
+        v = _count(k[f], f"key.{f}")
+        if v & (v - 1):
+            raise ValueError(f"key.{f} is a bucket (a power of two), got {v}")
     key = ProblemKey(**k)
     backend, variant, config = d.get("backend"), d.get("variant"), d.get("config")
     if backend not in BACKENDS[target]:
@@ -138,7 +145,7 @@ def _validate(d, target: str) -> Record:
     if not isinstance(config, dict):
         raise ValueError(f"config must be an object, got {config!r}")
     if backend == "torch":
-        known = sorted(formulations.FORWARDS if key.op == "forward" else formulations.BACKWARDS)
+        known = sorted(torch_formulations(key.op))
         if variant not in known or config:
             raise ValueError(f"torch {key.op} variant must be one of {known} with an empty config, got "
                              f"{variant!r} {config!r}")

@@ -2,6 +2,11 @@
 
     lsr::linear(x, weight, bias?, A1, A2, B1, B2, scale) -> y            the whole layer
     lsr::linear_backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx)  -> (dx, dA1, dA2, dB1, dB2)
+    lsr::mixed_linear(x, weight, bias?, A1, A2, B1, B2, scales, seg_indptr, seg_adapter) -> y
+    lsr::mixed_linear_backward(dy, x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx)
+                                                                         -> (dx, dA1, dA2, dB1, dB2)
+        a mixed batch: a bank of K adapters (factors stacked on a leading axis), each segment of rows with
+        its own slot (lsr_compile.mixed_formulations)
 
 The whole layer is one op so that a kernel may fuse the adapter into the base
 GEMM or fold it into the weight. Both ops run whatever ``dispatch`` picks for
@@ -33,6 +38,14 @@ _lib.define(
 _lib.define(
     "linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale, "
     "bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "mixed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor A1, Tensor A2, Tensor B1, Tensor B2, Tensor scales, "
+    "Tensor seg_indptr, Tensor seg_adapter) -> Tensor"
+)
+_lib.define(
+    "mixed_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A1, Tensor A2, Tensor B1, Tensor B2, "
+    "Tensor scales, Tensor seg_indptr, Tensor seg_adapter, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -211,3 +224,99 @@ def lsr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2
                scale: float) -> Tensor:
     """``y = x Wᵀ + bias + scale·(x Aᵀ) Bᵀ`` through the tuned kernels (same signature as the reference)."""
     return torch.ops.lsr.linear(x, weight, bias, A1, A2, B1, B2, float(scale))
+
+
+# ---- a mixed batch -------------------------------------------------------------------------------------------
+
+def check_mixed_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2, scales, seg_indptr,
+                     seg_adapter) -> None:
+    """The bank (factors with a leading slot axis, one scale per slot) and the segments. The values of the
+    assignment are checked when it is on the CPU (on a GPU that would wait for the device every call)."""
+    for name, t in (("A1", A1), ("A2", A2), ("B1", B1), ("B2", B2)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise LSRInputError(f"{name} must be a 4-D bank (K, s, rows, cols), got "
+                                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    K = A1.shape[0]
+    if not (A2.shape[0] == B1.shape[0] == B2.shape[0] == K):
+        raise LSRInputError(f"A1, A2, B1, B2 must hold the same number of slots K (dim 0); got "
+                            f"{A1.shape[0]}, {A2.shape[0]}, {B1.shape[0]}, {B2.shape[0]}")
+    check_args(x, weight, bias, A1[0], A2[0], B1[0], B2[0])
+    if not isinstance(scales, Tensor) or tuple(scales.shape) != (K,) or not scales.is_floating_point():
+        raise LSRInputError(f"scales must be a float tensor of shape ({K},) (one per slot), got "
+                            f"{tuple(scales.shape) if isinstance(scales, Tensor) else type(scales).__name__}")
+    for name, t in (("seg_indptr", seg_indptr), ("seg_adapter", seg_adapter)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+            raise LSRInputError(f"{name} must be a 1-D int64 tensor, got "
+                                f"{(t.dtype, tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__}")
+    if seg_indptr.shape[0] != seg_adapter.shape[0] + 1:
+        raise LSRInputError(f"seg_indptr has {seg_indptr.shape[0]} entries, seg_adapter {seg_adapter.shape[0]}: "
+                            f"S segments need S + 1 offsets")
+    devices = {"x": x.device, "scales": scales.device, "seg_indptr": seg_indptr.device,
+               "seg_adapter": seg_adapter.device}
+    if len(set(devices.values())) > 1:
+        raise LSRInputError(f"device mismatch {devices}; the bank, the scales and the segments go with x")
+    if seg_indptr.device.type == "cpu" and not isinstance(seg_indptr, torch._subclasses.FakeTensor):
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        ptr = seg_indptr.tolist()
+        if ptr[0] != 0 or ptr[-1] != rows or any(b < a for a, b in zip(ptr, ptr[1:])):
+            raise LSRInputError(f"seg_indptr must rise from 0 to the number of rows ({rows}), got {ptr[:8]}"
+                                f"{' ...' if len(ptr) > 8 else ''}")
+        bad = [k for k in seg_adapter.tolist() if not -1 <= k < K]
+        if bad:
+            raise LSRInputError(f"seg_adapter holds slots {bad[:5]} outside [-1, {K}) (K = {K} slots; -1 = none)")
+
+
+@torch.library.impl(_lib, "mixed_linear", "CompositeExplicitAutograd")
+def _mixed_linear(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
+    check_mixed_args(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
+    x2 = _flat(x)
+    fn = dispatch.kernel("mixed_forward", x2, A1, A2, B1, B2, segments=seg_adapter.shape[0])
+    y = fn(x2, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.impl(_lib, "mixed_linear_backward", "CompositeExplicitAutograd")
+def _mixed_linear_backward(grad, x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx):
+    x2, g2 = _flat(x), _flat(grad)
+    fn = dispatch.kernel("mixed_backward", x2, A1, A2, B1, B2, segments=seg_adapter.shape[0])
+    dx, dA1, dA2, dB1, dB2 = fn(g2, x2, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx)
+    dx = dx.reshape(x.shape) if need_dx else x.new_empty(0)
+    return dx, dA1, dA2, dB1, dB2
+
+
+@torch.library.register_fake("lsr::mixed_linear", lib=_lib)
+def _mixed_linear_fake(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
+    check_mixed_args(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("lsr::mixed_linear_backward", lib=_lib)
+def _mixed_linear_backward_fake(grad, x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(A1), torch.empty_like(A2), torch.empty_like(B1), torch.empty_like(B2)
+
+
+def _mixed_setup_context(ctx, inputs, output):
+    x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter = inputs
+    ctx.save_for_backward(x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
+    ctx.has_bias = bias is not None
+
+
+def _mixed_backward(ctx, grad):
+    x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA1, dA2, dB1, dB2 = torch.ops.lsr.mixed_linear_backward(grad, x, weight, A1, A2, B1, B2, scales,
+                                                                 seg_indptr, seg_adapter, need[0])
+    dW = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[2] else None
+    return (dx if need[0] else None), dW, db, dA1, dA2, dB1, dB2, None, None, None
+
+
+torch.library.register_autograd("lsr::mixed_linear", _mixed_backward, setup_context=_mixed_setup_context, lib=_lib)
+
+
+def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
+                 scales: Tensor, seg_indptr: Tensor, seg_adapter: Tensor) -> Tensor:
+    """Rows ``seg_indptr[i]:seg_indptr[i+1]`` of ``x`` (leading dims flattened) through the base plus bank slot
+    ``seg_adapter[i]`` (``-1``: the base alone), through the tuned kernels."""
+    return torch.ops.lsr.mixed_linear(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)

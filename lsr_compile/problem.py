@@ -9,11 +9,21 @@ import torch
 from .config import FactorShapes, resolve_shapes
 
 OPS = ("forward", "backward")
+MIXED_OPS = ("mixed_forward", "mixed_backward")  # many adapters in one batch (mixed_formulations)
+ALL_OPS = OPS + MIXED_OPS
 
 
 def token_bucket(n: int) -> int:
     """Round N up to a power of two (min 16): variants' costs cross over with N, slowly."""
     b = 16
+    while b < n:
+        b *= 2
+    return b
+
+
+def count_bucket(n: int) -> int:
+    """Round a count (bank slots, segments) up to a power of two."""
+    b = 1
     while b < n:
         b *= 2
     return b
@@ -40,6 +50,8 @@ class ProblemKey:
     n2: int
     m1: int
     m2: int
+    adapters: int = 1  # mixed ops: bank slots K, bucketed by count_bucket
+    segments: int = 1  # mixed ops: segments S of the batch, bucketed
 
     @property
     def shapes(self) -> FactorShapes:
@@ -49,18 +61,22 @@ class ProblemKey:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @staticmethod
-    def of(op: str, dtype, tokens: int, f: FactorShapes) -> "ProblemKey":
-        """The key of ``tokens`` rows through a layer with factor shapes ``f`` (``dtype``: torch or name)."""
+    def of(op: str, dtype, tokens: int, f: FactorShapes, adapters: int = 1, segments: int = 1) -> "ProblemKey":
+        """The key of ``tokens`` rows through a layer with factor shapes ``f`` (``dtype``: torch or name); for
+        a mixed batch, ``adapters`` bank slots and ``segments`` segments."""
         name = dtype if isinstance(dtype, str) else dtype_name(dtype)
-        return ProblemKey(op, name, token_bucket(tokens), f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2)
+        return ProblemKey(op, name, token_bucket(tokens), f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2,
+                          count_bucket(adapters), count_bucket(segments))
 
     @staticmethod
-    def from_tensors(op: str, x2d, A1, A2, B1, B2, tokens: Optional[int] = None) -> "ProblemKey":
-        """The key of a call; ``tokens`` overrides the row count (a traced graph's symbolic one)."""
-        s, r1, n1 = A1.shape
+    def from_tensors(op: str, x2d, A1, A2, B1, B2, tokens: Optional[int] = None, segments: int = 1) -> "ProblemKey":
+        """The key of a call; ``tokens`` overrides the row count (a traced graph's symbolic one). Factors
+        with a leading bank axis (``A1 (K, s, r1, n1)``) make a mixed-batch key."""
+        K = A1.shape[0] if A1.dim() == 4 else 1
+        s, r1, n1 = A1.shape[-3:]
         n = x2d.shape[0] if tokens is None else tokens
-        return ProblemKey.of(op, x2d.dtype, n, FactorShapes(s, r1, A2.shape[1], n1, A2.shape[2], B1.shape[1],
-                                                            B2.shape[1]))
+        return ProblemKey.of(op, x2d.dtype, n, FactorShapes(s, r1, A2.shape[-2], n1, A2.shape[-1], B1.shape[-2],
+                                                            B2.shape[-2]), K, segments)
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,8 @@ class LSRShape:
     n: Optional[tuple] = None
     m: Optional[tuple] = None
     dtype: torch.dtype = torch.float32
+    adapters: int = 1  # a mixed batch: bank slots
+    segments: Optional[int] = None  # a mixed batch: segments (default: one per adapter, or per token if fewer)
     factors: FactorShapes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -82,6 +100,10 @@ class LSRShape:
             raise ValueError(f"tokens must be a positive int, got {self.tokens!r}")
         if isinstance(self.dtype, str):
             object.__setattr__(self, "dtype", DTYPES[self.dtype])
+        for name in ("adapters",) + (("segments",) if self.segments is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         object.__setattr__(self, "factors", resolve_shapes(self.d_in, self.d_out, self.s, self.r, self.n, self.m))
 
     @staticmethod
@@ -89,9 +111,16 @@ class LSRShape:
         return LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dtype)
 
     def key(self, op: str) -> ProblemKey:
+        if op in MIXED_OPS:
+            return ProblemKey.of(op, self.dtype, self.tokens, self.factors, self.adapters, self.num_segments)
         return ProblemKey.of(op, self.dtype, self.tokens, self.factors)
+
+    @property
+    def num_segments(self) -> int:
+        return self.segments if self.segments is not None else min(self.tokens, self.adapters)
 
     def label(self) -> str:
         f = self.factors
+        mixed = f" K={self.adapters} S={self.num_segments}" if self.adapters > 1 or self.segments else ""
         return (f"N={self.tokens} {f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) "
-                f"n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) {dtype_name(self.dtype)}")
+                f"n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) {dtype_name(self.dtype)}{mixed}")

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsr_compile"
 
 # lowest first; a module may import its own stage and the stages before it
 STAGES = [
-    ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "device"),  # the function, its key
+    ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "mixed_formulations", "device"),
     ("expr",),  # 1. expression
     ("schedule_spaces",),  # 2. schedule space
     ("kernels",),  # 3. kernels
@@ -15,9 +15,9 @@ STAGES = [
     ("tuning",),  # 5. tuner
     ("dispatch",),  # 6. run-time choice
     ("ops",),  # 7. op registry
-    ("nn",),  # 8. layer
+    ("nn", "bank"),  # 8. layers
     ("peft",),  # 9. peft glue
-    ("workloads", "bench", "demo", "gpu_check", "cli"),  # applications
+    ("workloads", "bench", "bench_mixed", "demo", "gpu_check", "cli"),  # applications
 ]
 
 

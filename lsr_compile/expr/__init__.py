@@ -1,4 +1,7 @@
-"""Stage 1: the LSR layer as TVM tensor expressions (``te.compute`` only, no schedules)."""
-from .adapter import EXPRESSIONS, Expression
+"""Stage 1: the LSR layer as TVM tensor expressions (``te.compute`` only; schedules come from schedules/)."""
+from . import adapter, mixed
+from .adapter import Expression
+
+EXPRESSIONS = {**adapter.EXPRESSIONS, **mixed.EXPRESSIONS}
 
 __all__ = ["EXPRESSIONS", "Expression"]

@@ -11,20 +11,35 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import formulations, schedule_spaces
+from .. import formulations, mixed_formulations, schedule_spaces
 from ..device import space_name, tvm_target
-from ..problem import ProblemKey
+from ..problem import MIXED_OPS, ProblemKey
 
 BACKENDS = ("torch", "tvm", "triton")
 
 
-def torch_default_variant(op: str, key: ProblemKey) -> str:
+def torch_formulations(op: str) -> dict[str, Callable]:
+    """The PyTorch formulations of ``op`` (the ``torch`` backend's variants)."""
+    tables = {"forward": formulations.FORWARDS, "backward": formulations.BACKWARDS,
+              "mixed_forward": mixed_formulations.FORWARDS, "mixed_backward": mixed_formulations.BACKWARDS}
+    if op not in tables:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(tables)}")
+    return tables[op]
+
+
+def torch_default_variant(op: str, key: ProblemKey, device: torch.device = torch.device("cpu")) -> str:
     """Untuned choice among the PyTorch formulations, from a memory-traffic cost model.
 
     Folding reads and writes W once (2·d_out·d_in); the token path re-reads x and
     re-writes y (N·(d_in + 2·d_out)) forward, and writes then re-reads an (N, d_in)
     adapter term backward; the matmul work of both is a q/d fraction.
     """
+    if op in MIXED_OPS:
+        # on a CPU reading the assignment costs nothing and only the adapters in use are formed; on a GPU
+        # the loop would wait for the device every call: per-row factor gathers there (no LoRA-sized tensor)
+        if torch.device(device).type == "cpu":
+            return "loop"
+        return "factored" if op == "mixed_forward" else "gathered"
     d_in, d_out = key.n1 * key.n2, key.m1 * key.m2
     if op == "backward":
         return "fold" if key.token_bucket >= d_out else "materialise"
@@ -34,12 +49,16 @@ def torch_default_variant(op: str, key: ProblemKey) -> str:
 def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device) -> tuple[str, dict]:
     """The variant and config a backend runs when nothing was tuned for ``key``."""
     if backend == "torch":
-        return torch_default_variant(op, key), {}
+        return torch_default_variant(op, key, device), {}
     if backend == "tvm":
         from . import tvm_kernels
 
         return tvm_kernels.default_choice(op, key, device)
     if backend == "triton":
+        if op in MIXED_OPS:
+            from . import triton_mixed
+
+            return triton_mixed.default_choice(op, key, device)
         from . import triton_fused
 
         return triton_fused.default_choice(op, key, device)
@@ -49,8 +68,7 @@ def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device)
 def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None) -> list[tuple[str, str, dict]]:
     """(backend, variant, config) triples to try for ``key`` on ``target``: every PyTorch formulation, then
     up to ``trials`` points of each compiled backend's schedule spaces (defaults first)."""
-    table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
-    out = [("torch", v, {}) for v in sorted(table)]
+    out = [("torch", v, {}) for v in sorted(torch_formulations(op))]
     compiled = []
     name = space_name("tvm", target)
     if key.dtype in schedule_spaces.dtypes(name):
@@ -58,9 +76,12 @@ def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None)
                        for v in schedule_spaces.variants(name, op)]
         compiled += _round_robin(per_variant)
     if target == "cuda":
-        from . import triton_fused
+        if op in MIXED_OPS:
+            from . import triton_mixed as triton
+        else:
+            from . import triton_fused as triton
 
-        compiled = _round_robin([triton_fused.candidates(op, key), compiled])
+        compiled = _round_robin([triton.candidates(op, key), compiled])
     return out + (compiled if trials is None else compiled[:trials])
 
 
@@ -92,6 +113,8 @@ def static_problem(backend: str, op: str, variant: str, config: dict, key: Probl
     """Why a candidate must not run on ``device``, known without running it (it spills, its shared memory does
     not fit): the tuner prunes it before any timing. None when nothing is known against it."""
     if backend == "triton":
+        if op in MIXED_OPS:
+            return None
         from . import triton_fused
 
         return triton_fused.static_problem(op, key, config, device)
@@ -104,7 +127,7 @@ def static_problem(backend: str, op: str, variant: str, config: dict, key: Probl
 
 def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, device: torch.device) -> Callable:
     if backend == "torch":
-        table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
+        table = torch_formulations(op)
         if variant not in table:
             raise ValueError(f"torch backend has no {op} variant {variant!r}; known: {sorted(table)}")
         return table[variant]
@@ -113,6 +136,10 @@ def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, de
 
         return tvm_kernels.build(op, variant, config, key, device)
     if backend == "triton":
+        if op in MIXED_OPS:
+            from . import triton_mixed
+
+            return triton_mixed.build(op, variant, config, key, device)
         from . import triton_fused
 
         return triton_fused.build(op, variant, config, key, device)

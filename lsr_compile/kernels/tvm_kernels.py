@@ -26,7 +26,12 @@ from ..device import space_name, target_of, tvm_target
 os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 def default_choice(op: str, key: ProblemKey, device: torch.device) -> tuple[str, dict]:
-    return "materialise", schedule_spaces.default(space_name("tvm", target_of(device)), op, "materialise")
+    space = space_name("tvm", target_of(device))
+    variants = schedule_spaces.variants(space, op)
+    if not variants:
+        raise ValueError(f"TVM has no {op} kernel (its schedule space {space} has none)")
+    variant = "materialise" if "materialise" in variants else variants[0]
+    return variant, schedule_spaces.default(space, op, variant)
 
 
 @functools.lru_cache(maxsize=256)
@@ -102,4 +107,16 @@ def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.de
             # the vendor GEMM accumulates dy W onto the adapter term (beta = 1): no extra pass over dx
             return (torch.addmm(dx, dy, weight, out=dx) if need_dx else None, *grads)
         return backward
+    if op == "mixed_forward" and variant == "gathered":
+        from ..mixed_formulations import bank_A, bank_Bt, row_index
+
+        acc = torch.float64 if key.dtype == "float64" else torch.float32
+
+        def mixed_forward(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
+            x = x.contiguous()
+            y = F.linear(x, weight, bias)
+            fn(x, row_index(seg_indptr, seg_adapter, x.shape[0]), bank_A(A1, A2), bank_Bt(B1, B2),
+               scales.to(acc).contiguous(), y)
+            return y
+        return mixed_forward
     raise ValueError(f"no TVM kernel for {op}/{variant}")

@@ -5,12 +5,15 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .. import formulations
 from ..config import LSRConfig
+from ..mixed_formulations import segments_of
 from ..nn import init_factors, lsr_forward
+from ..ops import mixed_linear
 
 
 class LSRLayer(BaseTunerLayer):
@@ -90,11 +93,15 @@ class Linear(nn.Module, LSRLayer):
             if name in self.lsr_A1:
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names: Optional[list[str]] = None, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("adapter_names (a mixed batch) cannot run on merged adapters: unmerge first")
+            return self._mixed_batch_forward(x, adapter_names)
         active = [a for a in self.active_adapters if a in self.lsr_A1]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
@@ -106,6 +113,33 @@ class Linear(nn.Module, LSRLayer):
             xa = x.to(A1.dtype)
             t = xa @ formulations.build_A(A1, A2).T
             y = y + (self.lsr_scale[name] * (t @ formulations.build_B(B1, B2).T)).to(y.dtype)
+        return y
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """peft's mixed batch: sample i (``x[i]``) runs adapter ``adapter_names[i]`` (``"__base__"``, or one
+        this layer lacks: the base alone), all samples in one ``lsr::mixed_linear`` call per factor structure,
+        the bank stacked from the adapters in use (gradients reach each adapter's own factors)."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} samples")
+        base = self.get_base_layer()
+        used = [n for n in dict.fromkeys(adapter_names) if n in self.lsr_A1]
+        groups: dict = {}
+        for n in used:
+            groups.setdefault(self.lsr_shapes[n], []).append(n)
+        if not groups:
+            return self.base_layer(x)
+        per_sample = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+        y, weight, bias = None, base.weight, base.bias
+        for names in groups.values():
+            slot = {n: i for i, n in enumerate(names)}
+            ptr, seg = segments_of([per_sample] * x.shape[0], [slot.get(n, -1) for n in adapter_names],
+                                   device=x.device)
+            bank = [torch.stack([getattr(self, f"lsr_{p}")[n] for n in names]).to(weight.dtype)
+                    for p in ("A1", "A2", "B1", "B2")]
+            scales = torch.tensor([self.lsr_scale[n] for n in names], dtype=torch.float32, device=x.device)
+            out = mixed_linear(x.to(weight.dtype), weight, bias, *bank, scales, ptr, seg)
+            # a second factor structure adds only its adapters' updates: its base term is subtracted back out
+            y = out if y is None else y + out - F.linear(x.to(weight.dtype), weight, bias)
         return y
 
     def __repr__(self) -> str:

@@ -1,7 +1,11 @@
 """LSRModel: the peft tuner that puts LSR layers on a model (``get_peft_model(model, LSRConfig(...))``)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
+
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
@@ -28,3 +32,40 @@ class LSRModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """peft's ``adapter_names=[...]`` (one name per sample, ``"__base__"`` for none) reaches every LSR
+        layer and every ``modules_to_save`` copy, as for LoRA; in training mode too (the mixed op has
+        autograd, so several adapters train in one batch). Beam search repeats each name per beam."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+        known = set()
+        for layer in self.modules():
+            if isinstance(layer, LSRLayer):
+                known |= set(layer.lsr_A1.keys())
+        unknown = {n for n in adapter_names if n != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        beams = kwargs.get("num_beams")
+        if isinstance(beams, int) and beams > 1:
+            adapter_names = [n for n in adapter_names for _ in range(beams)]
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (LSRLayer, AuxiliaryTrainingWrapper)):
+                handles.append(module.register_forward_pre_hook(
+                    partial(_inject_adapter_names, adapter_names=list(adapter_names)), with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs

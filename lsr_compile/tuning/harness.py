@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..problem import LSRShape
+from ..problem import MIXED_OPS, LSRShape
 
 # float64: rounding only; float32: IEEE arithmetic over d_in-long sums; half precision: 8/11-bit mantissas
 TOL = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 3e-3}
@@ -16,41 +16,68 @@ TOL = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 3e-3}
 
 def inputs(shape: LSRShape, tokens: int, device, dtype) -> dict:
     """Fresh data on every call (never zeros): the tensors in ``dtype`` on ``device``, and their float64
-    originals on the CPU (``ref``) for the reference."""
+    originals on the CPU (``ref``) for the reference. A mixed-batch shape (``adapters > 1``) gets a bank of
+    that many adapters, one scale per slot, and ``num_segments`` ragged segments (some empty, some without
+    adapter, slots repeated) over the tokens."""
     f = shape.factors
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     x = r(tokens, f.d_in)
     W = r(f.d_out, f.d_in) / math.sqrt(f.d_in)
     b = r(f.d_out)
-    factors = [r(*sz) * 0.3 for sz in f.factor_sizes().values()]
+    bank = (shape.adapters,) if shape.adapters > 1 else ()
+    factors = [r(*bank, *sz) * 0.3 for sz in f.factor_sizes().values()]
     dy = r(tokens, f.d_out)
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return dict(x=cast(x), W=cast(W), b=cast(b), factors=[cast(t) for t in factors], dy=cast(dy),
-                ref=(x, W, b, factors, dy))
+    d = dict(x=cast(x), W=cast(W), b=cast(b), factors=[cast(t) for t in factors], dy=cast(dy),
+             ref=(x, W, b, factors, dy))
+    if bank:
+        S = min(shape.num_segments, tokens)
+        cuts = sorted(torch.randint(0, tokens + 1, (S - 1,), generator=g).tolist())
+        ptr = torch.tensor([0] + cuts + [tokens], dtype=torch.int64)
+        ad = torch.randint(-1, shape.adapters, (S,), generator=g)
+        scales = 0.5 + torch.rand(shape.adapters, generator=g, dtype=torch.float64)
+        d |= dict(scales=scales.float().to(device), seg_indptr=ptr.to(device), seg_adapter=ad.to(device),
+                  mixed_ref=(scales, ptr, ad))
+    return d
 
 
 def call(op: str, fn, d: dict, scale: float):
-    """``fn`` (a forward or backward kernel) on the inputs ``d``, as a no-argument callable."""
-    if op == "forward":
-        return lambda: fn(d["x"], d["W"], d["b"], *d["factors"], scale)
-    return lambda: fn(d["dy"], d["x"], d["W"], *d["factors"], scale, True)
+    """``fn`` (a kernel of ``op``) on the inputs ``d``, as a no-argument callable."""
+    mixed = (d["scales"], d["seg_indptr"], d["seg_adapter"]) if op in MIXED_OPS else (scale,)
+    if op.endswith("forward"):
+        return lambda: fn(d["x"], d["W"], d["b"], *d["factors"], *mixed)
+    return lambda: fn(d["dy"], d["x"], d["W"], *d["factors"], *mixed, True)
+
+
+def _reference(op, x, W, b, factors, scale, mixed):
+    if op not in MIXED_OPS:
+        return reference.lsr_linear(x, W, b, *factors, scale)
+    scales, ptr, ad = mixed
+    p, out = ptr.tolist(), []
+    for i, k in enumerate(ad.tolist()):
+        rows = x[p[i]:p[i + 1]]
+        out.append(torch.nn.functional.linear(rows, W, b) if k < 0 else
+                   reference.lsr_linear(rows, W, b, *[f[k] for f in factors], float(scales[k].float())))
+    return torch.cat(out)
 
 
 def expected(op: str, d: dict, scale: float) -> list[torch.Tensor]:
-    """The reference's outputs in float64: y, or dx and the four factor gradients."""
+    """The reference's outputs in float64: y, or dx and the four factor gradients (a mixed batch: each
+    segment through the single-adapter reference with its slot's factors and scale)."""
     x, W, b, factors, dy = d["ref"]
-    if op == "forward":
-        return [reference.lsr_linear(x, W, b, *factors, scale)]
+    mixed = d.get("mixed_ref")
+    if op.endswith("forward"):
+        return [_reference(op, x, W, b, factors, scale, mixed)]
     x = x.clone().requires_grad_(True)
     fs = [t.clone().requires_grad_(True) for t in factors]
-    reference.lsr_linear(x, W, b, *fs, scale).backward(dy)
+    _reference(op, x, W, b, fs, scale, mixed).backward(dy)
     return [x.grad] + [t.grad for t in fs]
 
 
 def errors(op: str, out, want) -> list[float]:
     """Per output: max |got - ref| / max(1, max |ref|) (NaN when the output holds NaN)."""
-    got = [out] if op == "forward" else list(out)
+    got = [out] if op.endswith("forward") else list(out)
     return [(g.double().cpu() - w).abs().max().item() / max(1.0, w.abs().max().item()) for g, w in zip(got, want)]
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import kernels, logs, shipped
 from ..device import TARGET_DEVICES, device_id, device_info
-from ..problem import OPS, LSRShape
+from ..problem import ALL_OPS, MIXED_OPS, OPS, LSRShape
 from . import harness
 from .timing import measure, median
 
@@ -94,8 +94,10 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
                       stacklevel=3)
         return None
     # the frozen layer alone is timed in the same rounds, so records carry their ratio to the floor
-    floor_fn = (lambda: torch.nn.functional.linear(bench["x"], bench["W"], bench["b"])) if op == "forward" else \
-        (lambda: bench["dy"] @ bench["W"])
+    if op.endswith("forward"):
+        floor_fn = lambda: torch.nn.functional.linear(bench["x"], bench["W"], bench["b"])  # noqa: E731
+    else:
+        floor_fn = lambda: bench["dy"] @ bench["W"]  # noqa: E731
     calls = {n: harness.call(op, c[3], bench, scale) for n, c in built.items()} | {"floor": floor_fn}
     left = max(budget_s - (time.perf_counter() - started), 1.0)
     times = measure(calls, device, rounds=30, budget_s=left)
@@ -158,7 +160,8 @@ def _name(backend, variant, config) -> str:
 
 def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "llvm",
          log_dir: Union[str, Path, None] = None, trials: Optional[int] = None,
-         time_budget_s: Optional[float] = None, ops: Iterable[str] = OPS, tokens: Iterable[int] = (2048,),
+         time_budget_s: Optional[float] = None, ops: Optional[Iterable[str]] = None,
+         tokens: Iterable[int] = (2048,),
          progress: bool = True) -> list[dict]:
     """Tune each shape and op on ``target`` ("llvm" = this CPU, "cuda" = this GPU) and append the winners
     to ``log_dir``. Returns the records written.
@@ -168,6 +171,8 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
 
     ``shapes``: LSRShapes, or a model with LSR layers (then ``tokens`` gives the token counts).
     ``trials``: at most this many compiled-kernel configs per (shape, op) besides the PyTorch formulations.
+    ``ops``: default forward and backward, for a mixed-batch shape (``adapters > 1``) ``mixed_forward`` and
+    ``mixed_backward``.
     ``time_budget_s``: for the whole call (default 85 s per shape and op: under 3 minutes per shape).
     On a machine without a GPU, ``target="cuda"`` builds the CUDA kernels (nvcc) but records nothing.
     """
@@ -184,9 +189,9 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
         raise TuningError(f"shapes must be LSRShape objects or a model with LSR layers, got {shapes!r}") from None
     if not shapes or not all(isinstance(s, LSRShape) for s in shapes):
         raise TuningError("shapes must be LSRShape objects (or a model with LSR layers)")
-    ops = tuple(ops)
-    if not ops or any(op not in OPS for op in ops):
-        raise TuningError(f"ops must be among {OPS}, got {ops}")
+    ops = tuple(ops) if ops is not None else None
+    if ops is not None and (not ops or any(op not in ALL_OPS for op in ops)):
+        raise TuningError(f"ops must be among {ALL_OPS}, got {ops}")
     if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 0):
         raise TuningError(f"trials must be None or an int >= 0, got {trials!r}")
     if time_budget_s is not None and (isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float))
@@ -195,7 +200,7 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     if target == "cuda" and not torch.cuda.is_available():
         from ..kernels import tvm_cuda
 
-        built = tvm_cuda.build_artifacts(shapes, ops)
+        built = tvm_cuda.build_artifacts(shapes, ops or OPS)
         warnings.warn(f"tune(target='cuda'): no GPU here, so nothing was timed or recorded; {len(built)} TVM-CUDA "
                       f"kernels built for sm_90 into {tvm_cuda.artifact_dir()} for a GPU machine to time",
                       RuntimeWarning, stacklevel=2)
@@ -203,7 +208,7 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     log_dir = Path(log_dir) if log_dir is not None else shipped.user_log_dir()
     _check_writable(log_dir)  # before the work, not after it
     device = TARGET_DEVICES[target]
-    jobs = [(s, op) for s in shapes for op in ops]
+    jobs = [(s, op) for s in shapes for op in (ops or (MIXED_OPS if s.adapters > 1 else OPS))]
     budget = (time_budget_s / len(jobs)) if time_budget_s else DEFAULT_BUDGET_S
     written = []
     for shape, op in jobs:

@@ -220,3 +220,93 @@ def test_round_trips_keep_the_adapter_in_any_order(tmp_path, order):
         else:
             getattr(current, step + "_adapter" if step == "merge" else "unmerge_adapter")()
         torch.testing.assert_close(current(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def _three_adapters():
+    pm = _peft_model()
+    for name in ("b", "c"):
+        pm.add_adapter(name, lc.LSRConfig(**CFG))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lsr_" in n or "classifier" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return pm.eval()
+
+
+def test_mixed_batch_adapter_names_match_each_row_alone():
+    pm = _three_adapters()
+    ids = tokens(6, 10)
+    names = ["default", "b", "__base__", "c", "b", "default"]
+    got = pm(input_ids=ids, adapter_names=names).logits
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                want = pm(input_ids=ids[i:i + 1]).logits
+        else:
+            pm.set_adapter(name)
+            want = pm(input_ids=ids[i:i + 1]).logits
+        torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5, msg=f"row {i} ({name})")
+    pm.set_adapter("default")
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the adapters really differ
+
+
+def test_mixed_batch_trains_each_adapter_from_its_own_rows():
+    pm = _three_adapters().train()
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    factors = {n: p for n, p in pm.named_parameters() if "lsr_" in n}
+    for p in factors.values():
+        p.requires_grad_(True)
+    ids = tokens(4, 8)
+    pm(input_ids=ids, adapter_names=["b", "b", "__base__", "c"]).logits.square().sum().backward()
+    for n, p in factors.items():
+        used = n.endswith(".b") or n.endswith(".c")
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == used, n
+
+
+def test_mixed_batch_refuses_unknown_adapters():
+    pm = _three_adapters()
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        pm(input_ids=tokens(2, 5), adapter_names=["default", "nope"])
+    with pytest.raises(ValueError, match="2 samples"):
+        pm(input_ids=tokens(2, 5), adapter_names=["default", "b", "c"])
+
+
+def test_adapter_bank_from_saved_adapters_matches_peft_and_adds_and_evicts(tmp_path):
+    from lsr_compile.bank import AdapterBank
+
+    pm = _three_adapters()
+    folders = {}
+    for name in ("default", "b", "c"):
+        pm.save_pretrained(tmp_path / "all", selected_adapters=[name])
+        folders[name] = tmp_path / "all" / ("" if name == "default" else name)
+    ids = tokens(5, 9)
+    names = ["c", "__base__", "default", "b", "c"]
+    with torch.no_grad():  # each sample alone through the peft model's encoder
+        enc = []
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with pm.disable_adapter():
+                    enc.append(pm.base_model.model.bert(input_ids=ids[i:i + 1]).last_hidden_state)
+            else:
+                pm.set_adapter(n)
+                enc.append(pm.base_model.model.bert(input_ids=ids[i:i + 1]).last_hidden_state)
+    want = torch.cat(enc)
+    bank = AdapterBank.from_pretrained(tiny_bert().bert.eval(), {n: folders[n] for n in ("default", "b")},
+                                       capacity=2, prefix="base_model.model.bert.")
+    slot_b = bank.slots["b"]
+    bank.load("c", folders["c"])  # full: grows to 4 slots, the others stay where they were
+    assert bank.capacity == 4 and bank.slots["b"] == slot_b
+    with torch.no_grad():
+        got = bank(names, input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    bank.evict("default")
+    with pytest.raises(ValueError, match="not in the bank"):
+        bank(["default"], input_ids=ids[:1])
+    with torch.no_grad():  # the others are untouched by the eviction
+        torch.testing.assert_close(bank(names[:2] + ["b"] * 3, input_ids=ids).last_hidden_state[3:4], want[3:4],
+                                   atol=1e-5, rtol=1e-5)
+    layer = next(iter(bank.layers.values()))
+    assert bank.bytes_per_adapter() == 4 * layer.factor_shapes.num_params * 4  # 4 layers x fp32 factors
+    assert bank.lora_bytes_per_adapter() > bank.bytes_per_adapter()
