@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tune", help="tune shapes and append winners to the tuning logs")
     t.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
-    t.add_argument("--set", choices=["demo", "bench", "gpu", "one"], default="demo",
+    t.add_argument("--set", choices=["demo", "bench", "mixed", "gpu", "one"], default="demo",
                    help="which shape list (lsr_compile.workloads); 'one' = the --d-in/--d-out/... shape")
     t.add_argument("--trials", type=int, default=None)
     t.add_argument("--budget", type=float, default=None, help="seconds for the whole call")
@@ -69,7 +69,9 @@ def main(argv=None) -> int:
     from .tuning import tune
     from .tuning.search import summary
 
-    shape_sets = {"demo": workloads.demo_shapes, "bench": workloads.bench_shapes, "gpu": workloads.gpu_shapes,
+    shape_sets = {"demo": workloads.demo_shapes, "bench": workloads.bench_shapes,
+                  "gpu": lambda: workloads.gpu_shapes() + workloads.gpu_mixed_shapes(),
+                  "mixed": workloads.mixed_shapes,
                   "one": lambda: [_shape(a)]}
     if a.cmd == "tune":
         shapes = shape_sets[a.set]()

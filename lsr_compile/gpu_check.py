@@ -108,6 +108,11 @@ class Run:
         model_rows = [r for r in self.rows if r["kind"] == "model"]
         if model_rows:
             parts += [f"## Whole model: {model_rows[0]['name']}\n", throughput_table(model_rows), ""]
+        mixed_rows = [r for r in self.rows if r["kind"] == "mixed"]
+        if mixed_rows:
+            from .bench_mixed import table as mixed_table
+
+            parts += ["## Many adapters in one batch (forward)\n", mixed_table(mixed_rows), ""]
         over = next((r["us_per_call"] for r in self.rows if r["kind"] == "overhead"), None)
         if over:
             parts += ["## Host µs per eager call (8 tokens, 16x16)\n",
@@ -351,6 +356,23 @@ def copy_logs(run: Run, log_dir, target: str) -> None:
         shutil.copy(p, run.out / f"tuning-{p.name}")
 
 
+def stage_mixed(run: Run, d: int, cases: list) -> None:
+    """Many adapters in one batch: the mixed LSR op against one adapter, looping over adapters and peft LoRA's
+    mixed batch (lsr_compile.bench_mixed), at the GPU mixed shapes (bf16, N = 8192, K up to 512)."""
+    from . import bench_mixed
+
+    dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
+    for K, dist, requests, per in cases:
+        rows = bench_mixed.bench_case(d, K, dist, requests, per, device=run.device, dtype=dtype,
+                                      rounds=5 if run.dry else 10, budget_s=5 if run.dry else 15)
+        for r in rows:
+            run.row("mixed", **r)
+        by = {r["provider"]: r for r in rows}
+        run.say(f"mixed K={K} {dist}: LSR mixed / one adapter {by['lsr mixed']['ratio_to_one_adapter']:.3f}, "
+                f"peft LoRA mixed / LSR mixed {by['peft lora mixed']['p50_ms'] / by['lsr mixed']['p50_ms']:.3f}, "
+                f"loop / LSR mixed {by['lsr loop']['p50_ms'] / by['lsr mixed']['p50_ms']:.3f}")
+
+
 def stage_model(run: Run, hidden: int, layers: int, batch: int, seq: int) -> None:
     """Tokens/s of a BERT encoder with LSR on query/key/value/attention-output: frozen base, reference eager,
     autotuned eager and compiled (the layer shapes are those tuned above: hidden², N = batch·seq)."""
@@ -370,15 +392,19 @@ def stage_model(run: Run, hidden: int, layers: int, batch: int, seq: int) -> Non
 # ---- the run ----------------------------------------------------------------------------------------
 
 def plan(dry: bool):
-    """(shape, tune seconds, bench seconds) in the order they run, and the model's size; the model runs once
+    """(shape, tune seconds, bench seconds) in the order they run, the model's size, and the mixed-batch cases
+    (layer width, [(K, distribution, requests, tokens per request)]); the model and the mixed batch run once
     the shapes its layers use (the first two) are tuned."""
     from . import workloads
 
     if dry:
-        return [(s, 30.0, 30.0) for s in workloads.dry_run_shapes()], dict(hidden=64, layers=1, batch=2, seq=32)
+        return ([(s, 30.0, 30.0) for s in workloads.dry_run_shapes()], dict(hidden=64, layers=1, batch=2, seq=32),
+                (64, [(K, "uniform", 4, 8) for K in (1, 8)]))
     shapes = workloads.gpu_shapes()
+    mixed = [(s.adapters, dist, s.num_segments, s.tokens // s.num_segments) for s in workloads.gpu_mixed_shapes()
+             for dist in ("uniform", "skewed")]
     return ([(shapes[0], 60.0, 60.0)] + [(s, 25.0, 45.0) for s in shapes[1:]],
-            dict(hidden=768, layers=4, batch=32, seq=256))
+            dict(hidden=768, layers=4, batch=32, seq=256), (4096, mixed))
 
 
 def main(argv=None) -> int:
@@ -406,12 +432,13 @@ def main(argv=None) -> int:
     run.stage("correctness", 20 if a.dry_run else 60, stage_correctness, run)
     run.stage("compiled layer", 10 if a.dry_run else 45, stage_compiled, run)
     run.stage("host overhead", 5, stage_overhead, run)
-    shapes, model = plan(a.dry_run)
+    shapes, model, mixed = plan(a.dry_run)
     for i, (shape, tune_s, bench_s) in enumerate(shapes):
         run.stage(f"shape {shape.label()}", tune_s + bench_s, stage_shape, run, shape, target, tune_s, bench_s,
                   log_dir)
         if i == min(1, len(shapes) - 1):
             run.stage("whole model", 30 if a.dry_run else 120, stage_model, run, *model.values())
+            run.stage("mixed batch", 20 if a.dry_run else 90, stage_mixed, run, *mixed)
     run.write_tables()
     print((a.out / "gpu_check.md").read_text(), flush=True)
     run.say(f"done: {len(run.failures)} correctness failures, {len(run.skipped)} skipped; files in {a.out}")

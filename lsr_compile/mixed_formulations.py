@@ -76,6 +76,18 @@ def bank_Bt(B1: Tensor, B2: Tensor) -> Tensor:
     return P.permute(0, 2, 4, 1, 3).reshape(K, r1 * r2, m1 * m2)
 
 
+def segment_bank(A1, A2, B1, B2, scales, seg_adapter):
+    """When there are fewer segments than slots: a bank of one slot per segment (its adapter's factors) and
+    the segments renumbered to it, so a kernel that materialises its bank forms S adapters, not K. Device
+    ops only (no host synchronisation); unchanged when S >= K."""
+    S, K = seg_adapter.shape[0], A1.shape[0]
+    if S >= K:
+        return A1, A2, B1, B2, scales, seg_adapter
+    slot = seg_adapter.clamp(min=0)
+    own = torch.where(seg_adapter >= 0, torch.arange(S, device=seg_adapter.device), seg_adapter)
+    return A1[slot], A2[slot], B1[slot], B2[slot], scales[slot], own
+
+
 def _groups(seg_indptr: Tensor, seg_adapter: Tensor) -> dict[int, Tensor]:
     """Bank slot -> the rows that use it (host side: reads the assignment once)."""
     ptr, ads = seg_indptr.tolist(), seg_adapter.tolist()

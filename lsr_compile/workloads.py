@@ -24,6 +24,17 @@ def bench_shapes(quick: bool = False) -> list[LSRShape]:
             + [LSRShape(n, 4096, 4096, **CPU_LAYER) for n in (128, 2048)])
 
 
+def mixed_shapes() -> list[LSRShape]:
+    """The mixed-batch benchmark's layers on a CPU (768², 64 requests of 32 tokens over K resident adapters)."""
+    return [LSRShape(2048, 768, 768, s=8, r=(2, 4), adapters=K, segments=64) for K in (8, 64, 512)]
+
+
+def gpu_mixed_shapes() -> list[LSRShape]:
+    """The mixed-batch benchmark's layers on a GPU (bf16 4096², 256 requests of 32 tokens, K up to 512)."""
+    return [LSRShape(8192, 4096, 4096, s=8, r=(2, 4), adapters=K, segments=256, dtype=torch.bfloat16)
+            for K in (8, 64, 512)]
+
+
 def gpu_shapes() -> list[LSRShape]:
     """The GPU check, most important first: the target shape (bf16 4096², N = 8192), the BERT-base layer the
     whole-model check runs (768², N = 8192), an MLP up-projection (4096 -> 11008), then small batches."""

@@ -15,13 +15,15 @@ def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
     assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "240"]) == 0
     rows = _rows(out)
     kinds = {r["kind"] for r in rows}
-    assert {"env", "correctness", "overhead", "tune", "bench", "model"} <= kinds, kinds
+    assert {"env", "correctness", "overhead", "tune", "bench", "model", "mixed"} <= kinds, kinds
     assert not [r for r in rows if r["kind"] == "failure"]
     assert next(r for r in rows if r["kind"] == "correctness")["passed"] > 20
     providers = {r["provider"] for r in rows if r["kind"] == "bench"}
     assert {"floor", "lsr", "lsr_compiled", "reference", "lora", "peft_lokr"} <= providers
     md = (out / "gpu_check.md").read_text()
     assert "| shape (d_out x d_in, N)" in md and "## Whole model" in md and "Correctness failures: 0" in md
+    assert "## Many adapters in one batch" in md
+    assert {"lsr mixed", "lsr loop", "peft lora mixed"} <= {r["provider"] for r in rows if r["kind"] == "mixed"}
     assert (out / "tuning-forward.jsonl").exists() and (out / "tuning-backward.jsonl").exists()
     stages = [r["name"] for r in rows if r["kind"] == "stage"]
     assert stages[:3] == ["environment", "correctness", "compiled layer"]  # the cheap checks first

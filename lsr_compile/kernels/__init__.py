@@ -114,7 +114,9 @@ def static_problem(backend: str, op: str, variant: str, config: dict, key: Probl
     not fit): the tuner prunes it before any timing. None when nothing is known against it."""
     if backend == "triton":
         if op in MIXED_OPS:
-            return None
+            from . import triton_mixed
+
+            return triton_mixed.static_problem(op, key, config, device)
         from . import triton_fused
 
         return triton_fused.static_problem(op, key, config, device)

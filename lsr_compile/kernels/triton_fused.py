@@ -266,18 +266,25 @@ def shared_limit(capability: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: int) -> Resources:
+    config = dict(config_items)
+    (a, Mt, bias, P, Q), want_t = _operands(op, key)
+    args, kwargs, _ = _launch_args(a, Mt, bias, P, Q, 1.0, config, want_t)
+    return compile_kernel(_fused_lsr_kernel, args, kwargs, capability)
+
+
+def compile_kernel(kernel, args: tuple, kwargs: dict, capability: int) -> Resources:
+    """Compile a ``@triton.jit`` kernel for these launch arguments for ``sm_<capability>`` with Triton's own
+    ptxas (no GPU needed; tensors may be on the meta device) and read what it uses."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    config = dict(config_items)
-    (a, Mt, bias, P, Q), want_t = _operands(op, key)
-    args, kwargs, _ = _launch_args(a, Mt, bias, P, Q, 1.0, config, want_t)
+    kwargs = dict(kwargs)
     if INTERPRETED:  # the interpreter's launch never compiles: the kernel's own arguments, on GPU terms
         kwargs["UPCAST"] = False
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    fn = _compilable_kernel()
+    fn = _compilable(kernel)
     # the options a launch adds (JITFunction.run), so that Triton's disk cache serves the launch this compile
     kwargs["debug"] = fn.debug or triton.knobs.runtime.debug
     kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
@@ -292,15 +299,15 @@ def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: i
     return Resources(capability, int(compiled.metadata.shared), usage["registers"], usage["spilled"], cores)
 
 
-@functools.lru_cache(maxsize=1)
-def _compilable_kernel():
+@functools.lru_cache(maxsize=8)
+def _compilable(kernel):
     """The kernel as a JITFunction even under the interpreter (where ``triton.jit`` returns an interpreted
     one), made once per process."""
     if not INTERPRETED:
-        return _fused_lsr_kernel
+        return kernel
     from triton.runtime.jit import JITFunction
 
-    return JITFunction(_fused_lsr_kernel.fn)
+    return JITFunction(kernel.fn)
 
 
 def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90) -> Resources:

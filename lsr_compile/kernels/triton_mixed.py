@@ -4,10 +4,12 @@ Each program takes one tile of rows inside one segment, so the whole tile meets 
 of output columns: ``t = x_tile A_kᵀ`` (accumulated over ``d_in``), then ``y_tile += scale_k · t Bᵀ_k``.
 Tiles are laid out on the device from ``seg_indptr`` (no host synchronisation): a grid of
 ``S + N / BLOCK_M`` tiles bounds ``Σ ceil(len_i / BLOCK_M)``, and the spare ones return at once, as do tiles
-of segments without adapter. Tiles never share rows or columns, so no atomics. The bank's A and Bᵀ are
-materialised for the call (K·q·(d_in + d_out) numbers, small beside the base GEMM).
+of segments without adapter. Tiles never share rows or columns, so no atomics. A and Bᵀ are materialised
+for the call, for min(K, S) slots (``segment_bank``): small beside the base GEMM.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +18,10 @@ import triton.language as tl
 
 from .. import schedule_spaces
 from ..device import space_name
-from ..mixed_formulations import bank_A, bank_Bt
+from ..mixed_formulations import bank_A, bank_Bt, segment_bank
 from ..problem import ProblemKey
-from .triton_fused import DTYPES, INTERPRETED, launch_config
+from ..problem import DTYPES as DTYPES_TORCH
+from .triton_fused import DTYPES, INTERPRETED, Resources, compile_kernel, launch_config, shared_limit
 
 SPACE = space_name("triton", "cuda")
 VARIANT = "gathered"
@@ -100,38 +103,73 @@ def mixed_adapter_add(y, x, A, Bt, scales, seg_indptr, seg_adapter, config: dict
         return y
     cfg = launch_config(config)
     tile_seg, tile_row = tiles(seg_indptr, x.shape[0], cfg["BLOCK_M"])
-    q, d_out = Bt.shape[1], Bt.shape[2]
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    grid = (tile_seg.shape[0], triton.cdiv(d_out, cfg["BLOCK_N"]))
-    _mixed_lsr_kernel[grid](
-        x, A, Bt, scales, y, tile_seg, tile_row, seg_indptr, seg_adapter,
-        x.shape[1], d_out, q,
-        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), Bt.stride(0), Bt.stride(1), Bt.stride(2),
-        y.stride(0), y.stride(1),
-        IEEE=x.dtype in (torch.float32, torch.float64), UPCAST=INTERPRETED and x.dtype in (torch.bfloat16,
-                                                                                         torch.float16),
-        ACC=acc, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=max(16, triton.next_power_of_2(q)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    args, kwargs = _launch_args(x, A, Bt, scales, y, tile_seg, tile_row, seg_indptr, seg_adapter, cfg)
+    _mixed_lsr_kernel[(tile_seg.shape[0], triton.cdiv(Bt.shape[2], cfg["BLOCK_N"]))](*args, **kwargs)
     return y
+
+
+def _launch_args(x, A, Bt, scales, y, tile_seg, tile_row, seg_indptr, seg_adapter, cfg):
+    """The kernel's arguments: what a launch passes and what ``compile_report`` compiles."""
+    args = (x, A, Bt, scales, y, tile_seg, tile_row, seg_indptr, seg_adapter, x.shape[1], Bt.shape[2], Bt.shape[1],
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), Bt.stride(0), Bt.stride(1),
+            Bt.stride(2), y.stride(0), y.stride(1))
+    kwargs = dict(IEEE=x.dtype in (torch.float32, torch.float64),
+                  UPCAST=INTERPRETED and x.dtype in (torch.bfloat16, torch.float16),
+                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                  BLOCK_R=max(16, triton.next_power_of_2(Bt.shape[1])), num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    return args, kwargs
+
+
+def compile_report(key: ProblemKey, config: dict, capability: int = 90) -> Resources:
+    """Compile the kernel for ``key`` (a mixed_forward key) and ``config`` for ``sm_<capability>`` without a
+    GPU and read its registers, spills and shared memory."""
+    f, dt = key.shapes, DTYPES_TORCH[key.dtype]
+    e = lambda *s, dtype=dt: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+    slots, S, N = min(key.adapters, key.segments), key.segments, key.token_bucket
+    tiles_n = S + N // config["BLOCK_M"] + 1
+    args, kwargs = _launch_args(e(N, f.d_in), e(slots, f.q, f.d_in), e(slots, f.q, f.d_out),
+                                e(slots, dtype=torch.float64 if dt == torch.float64 else torch.float32),
+                                e(N, f.d_out), e(tiles_n, dtype=torch.int64), e(tiles_n, dtype=torch.int64),
+                                e(S + 1, dtype=torch.int64), e(S, dtype=torch.int64), config)
+    return compile_kernel(_mixed_lsr_kernel, args, kwargs, capability)
 
 
 def forward(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, config):
     y = F.linear(x, weight, bias)
+    A1, A2, B1, B2, scales, seg_adapter = segment_bank(A1, A2, B1, B2, scales, seg_adapter)
     sc = scales.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     return mixed_adapter_add(y, x, bank_A(A1, A2), bank_Bt(B1, B2), sc, seg_indptr, seg_adapter, config)
 
 
 def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
+    """The dtype's default (fp32/fp64 dots run without tensor cores: small tiles); on a GPU the first point,
+    default first, that neither spills nor overflows shared memory for this problem."""
     if op != "mixed_forward":
         raise ValueError(f"Triton has no {op} kernel (the PyTorch formulations serve it)")
-    return VARIANT, schedule_spaces.default(SPACE, op, VARIANT)
+    first = schedule_spaces.default(SPACE, op, VARIANT, key.dtype)
+    if torch.device(device).type != "cuda":
+        return VARIANT, first
+    for cfg in [first] + schedule_spaces.space(SPACE, op, VARIANT):
+        if static_problem(op, key, cfg, device) is None:
+            return VARIANT, cfg
+    return VARIANT, first
 
 
 def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
     if op != "mixed_forward" or key.dtype not in DTYPES:
         return []
     return [("triton", VARIANT, c) for c in schedule_spaces.space(SPACE, op, VARIANT)]
+
+
+def static_problem(op: str, key: ProblemKey, config: dict, device) -> Optional[str]:
+    """Why a config must be pruned before any timing on ``device`` (spills, shared memory), or None."""
+    if torch.device(device).type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    cap = major * 10 + minor
+    return compile_report(key, config, cap).problem(shared_limit(cap))
 
 
 def build(op: str, variant: str, config: dict, key: ProblemKey, device):

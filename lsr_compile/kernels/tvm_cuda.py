@@ -203,16 +203,19 @@ def strip_wheel(src: Path, dest: Path, drop: tuple[str, ...]) -> None:
 
 # ---- build here --------------------------------------------------------------------------------------
 
-def build_artifacts(shapes: Iterable, ops: Iterable[str] = ("forward", "backward"), arch: str = "sm_90",
+def build_artifacts(shapes: Iterable, ops: Optional[Iterable[str]] = None, arch: str = "sm_90",
                     out_dir=None, configs: str = "space", timeout_s: float = 1800) -> list[dict]:
     """Lower and compile every TVM candidate for ``shapes`` (each point of the CUDA schedule space, or only
     the defaults with ``configs="default"``) for ``arch`` with nvcc, export each for TVM's runtime, and
-    record it in ``<dir>/<arch>/index.jsonl``. Artifacts already built by this TVM are kept. Runs in a fresh
-    process (see the module's docstring); returns the index records of this build's artifacts."""
+    record it in ``<dir>/<arch>/index.jsonl``. ``ops``: default a shape's own (forward and backward, or the
+    mixed-batch ops for a shape with ``adapters > 1``). Artifacts already built by this TVM are kept. Runs in
+    a fresh process (see the module's docstring); returns the index records of this build's artifacts."""
     from .. import schedule_spaces
+    from ..problem import MIXED_OPS, OPS
 
-    spec = {"arch": arch, "out_dir": str(artifact_dir(out_dir)), "configs": configs, "ops": list(ops),
-            "problems": [{"dtype": str(s.dtype).removeprefix("torch."), **vars(s.factors)} for s in shapes
+    spec = {"arch": arch, "out_dir": str(artifact_dir(out_dir)), "configs": configs,
+            "problems": [{"dtype": str(s.dtype).removeprefix("torch."), **vars(s.factors),
+                          "ops": list(ops or (MIXED_OPS if s.adapters > 1 else OPS))} for s in shapes
                          if str(s.dtype).removeprefix("torch.") in schedule_spaces.dtypes("cuda")]}
     if configs not in ("space", "default"):
         raise ValueError(f"configs must be 'space' or 'default', got {configs!r}")
@@ -276,9 +279,9 @@ def _build(spec: dict) -> None:
     have = index(arch, spec["out_dir"])
     versions = {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", None)}
     for p in spec["problems"]:
-        dtype = p.pop("dtype")
+        dtype, ops = p.pop("dtype"), p.pop("ops")
         f = FactorShapes(**p)
-        for op in spec["ops"]:
+        for op in ops:
             for variant in schedule_spaces.variants("cuda", op):
                 points = ([schedule_spaces.default("cuda", op, variant)] if spec["configs"] == "default"
                           else schedule_spaces.space("cuda", op, variant))

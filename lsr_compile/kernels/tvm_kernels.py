@@ -108,13 +108,14 @@ def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.de
             return (torch.addmm(dx, dy, weight, out=dx) if need_dx else None, *grads)
         return backward
     if op == "mixed_forward" and variant == "gathered":
-        from ..mixed_formulations import bank_A, bank_Bt, row_index
+        from ..mixed_formulations import bank_A, bank_Bt, row_index, segment_bank
 
         acc = torch.float64 if key.dtype == "float64" else torch.float32
 
         def mixed_forward(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
             x = x.contiguous()
             y = F.linear(x, weight, bias)
+            A1, A2, B1, B2, scales, seg_adapter = segment_bank(A1, A2, B1, B2, scales, seg_adapter)
             fn(x, row_index(seg_indptr, seg_adapter, x.shape[0]), bank_A(A1, A2), bank_Bt(B1, B2),
                scales.to(acc).contiguous(), y)
             return y

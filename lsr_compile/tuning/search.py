@@ -200,7 +200,7 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     if target == "cuda" and not torch.cuda.is_available():
         from ..kernels import tvm_cuda
 
-        built = tvm_cuda.build_artifacts(shapes, ops or OPS)
+        built = tvm_cuda.build_artifacts(shapes, ops)
         warnings.warn(f"tune(target='cuda'): no GPU here, so nothing was timed or recorded; {len(built)} TVM-CUDA "
                       f"kernels built for sm_90 into {tvm_cuda.artifact_dir()} for a GPU machine to time",
                       RuntimeWarning, stacklevel=2)

@@ -65,3 +65,33 @@ def test_static_problem_is_silent_off_the_gpu():
     key = ProblemKey("forward", "float32", 512, *ALIGNED)
     assert triton_fused.static_problem("forward", key, schedule_spaces.default("triton_cuda", "forward", "fused"),
                                        "cpu") is None
+
+
+MIXED = schedule_spaces.space("triton_cuda", "mixed_forward", "gathered")
+
+
+@pytest.mark.parametrize("cfg", MIXED, ids=["x".join(str(v) for v in c.values()) for c in MIXED])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_mixed_batch_point_fits_sm90(cfg, dtype):
+    """The mixed-batch kernel (4096², K = 512, 64 segments, N = 8192): ptxas accepts it, nothing spills, shared
+    memory fits, bf16 runs on tensor cores."""
+    from lsr_compile.config import FactorShapes
+    from lsr_compile.kernels import triton_mixed
+
+    key = ProblemKey.of("mixed_forward", dtype, 8192, FactorShapes(*ALIGNED), adapters=512, segments=64)
+    r = triton_mixed.compile_report(key, cfg, SM90)
+    assert r.problem(LIMIT) is None, r
+    assert r.tensor_cores in ("wgmma", "mma"), r
+    assert 0 < r.registers <= 255
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dims", [ALIGNED, RAGGED], ids=["aligned", "ragged"])
+def test_mixed_batch_fp32_fp64_defaults_fit(dims, dtype):
+    from lsr_compile.config import FactorShapes
+    from lsr_compile.kernels import triton_mixed
+
+    key = ProblemKey.of("mixed_forward", dtype, 512, FactorShapes(*dims), adapters=8, segments=16)
+    cfg = schedule_spaces.default("triton_cuda", "mixed_forward", "gathered", dtype)
+    r = triton_mixed.compile_report(key, cfg, SM90)
+    assert r.problem(LIMIT) is None, r
