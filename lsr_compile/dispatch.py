@@ -183,16 +183,16 @@ def _guarded(fn: Callable, op: str, key: ProblemKey, device: torch.device, choic
     return run
 
 
-def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1) -> Callable:
+def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1, base: str = "dense") -> Callable:
     """The kernel for this call (hot path: one tuple, one dict lookup). A mixed batch's factors have a bank
-    axis (``A1 (K, s, r1, n1)``) and ``segments`` segments."""
+    axis (``A1 (K, s, r1, n1)``) and ``segments`` segments; ``base`` is a quantized base's format."""
     fast = (op, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), A1.shape, A2.shape, B1.shape[-2],
-            B2.shape[-2], segments, _forced.get())
+            B2.shape[-2], segments, base, _forced.get())
     if _appends_seen != logs.appends():  # this process wrote a tuning record since: choices may change
         invalidate()
     hit = _kernels.get(fast)
     if hit is None:
-        key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2, segments=segments)
+        key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2, segments=segments, base=base)
         hit = _kernels[fast] = _build(op, key, x2d.device)
     return hit[0]
 

@@ -145,3 +145,28 @@ def backward_fold(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
 
 FORWARDS = {"materialise": forward_materialise, "fold": forward_fold, "factored": forward_factored}
 BACKWARDS = {"materialise": backward_materialise, "fold": backward_fold}
+
+
+# ---- the adapter alone (beside a quantized base that runs its own kernels) --------------------------------
+
+def adapter_materialise(x, A1, A2, B1, B2, scale):
+    """``scale · (x Aᵀ) Bᵀ`` with A and Bᵀ built."""
+    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
+    return torch.mm(torch.mm(x, A.T), Bt).mul_(scale)
+
+
+def adapter_factored_scaled(x, A1, A2, B1, B2, scale):
+    """``scale · (x Aᵀ) Bᵀ`` contracting the Kronecker modes (A and B never formed)."""
+    return adapter_factored(x, A1, A2, B1, B2).mul_(scale)
+
+
+def adapter_backward_materialise(dy, x, A1, A2, B1, B2, scale, need_dx):
+    """The adapter's share of ``dx`` (``scale·(dy B) A``; the base's share comes from its own autograd) and
+    the four factor gradients."""
+    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
+    suT = torch.mm(Bt, dy.T).mul(scale)
+    return (torch.mm(suT.T, A) if need_dx else None, *factor_grads(suT, dy, x, A, A1, A2, B1, B2, scale))
+
+
+ADAPTER_FORWARDS = {"materialise": adapter_materialise, "factored": adapter_factored_scaled}
+ADAPTER_BACKWARDS = {"materialise": adapter_backward_materialise}

@@ -113,6 +113,7 @@ def _validate(d, target: str) -> Record:
     from . import schedule_spaces
     from .device import space_name
     from .kernels import torch_formulations
+    from .quantized import FORMATS
     from .problem import DTYPES
 
     d = upgrade(d)
@@ -121,10 +122,12 @@ def _validate(d, target: str) -> Record:
     if d.get("schema") != SCHEMA:
         raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA}")
     k = d.get("key")
-    fields, mixed_only = set(ProblemKey.__dataclass_fields__), {"adapters", "segments"}
-    if not isinstance(k, dict) or not fields - mixed_only <= set(k) <= fields:
-        raise ValueError(f"key must hold {sorted(fields - mixed_only)} (and, for a mixed batch, "
-                         f"{sorted(mixed_only)}), got {k!r}")
+    fields, optional = set(ProblemKey.__dataclass_fields__), {"adapters", "segments", "base"}
+    if not isinstance(k, dict) or not fields - optional <= set(k) <= fields:
+        raise ValueError(f"key must hold {sorted(fields - optional)} (and, where they apply, "
+                         f"{sorted(optional)}), got {k!r}")
+    if k.get("base", "dense") not in FORMATS:
+        raise ValueError(f"unknown base format {k['base']!r}; known: {FORMATS}")
     if k["op"] not in ALL_OPS:
         raise ValueError(f"unknown op {k['op']!r}; known: {ALL_OPS}")
     if k["dtype"] not in DTYPES:
@@ -134,7 +137,7 @@ def _validate(d, target: str) -> Record:
         raise ValueError(f"key.token_bucket must be a power of two >= 16, got {tokens}")
     for f in ("s", "r1", "r2", "n1", "n2", "m1", "m2"):
         _count(k[f], f"key.{f}")
-    for f in mixed_only & set(k):
+    for f in {"adapters", "segments"} & set(k):
         v = _count(k[f], f"key.{f}")
         if v & (v - 1):
             raise ValueError(f"key.{f} is a bucket (a power of two), got {v}")

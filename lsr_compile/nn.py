@@ -13,14 +13,15 @@ from torch import Tensor, nn
 from . import formulations
 from . import dispatch
 from .config import FactorShapes, LSRConfig
-from .ops import lsr_linear
+from .ops import lsr_linear, quantized_base_linear
+from .quantized import DENSE, base_format, factor_dtype, refuse_merge
 from .problem import LSRShape
 
 log = logging.getLogger(__name__)
 
 
 def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
-                scale: float) -> Tensor:
+                scale: float, base_forward=None) -> Tensor:
     """The layer as modules run it: autocast respected (all operands cast to the autocast dtype, as
     nn.Linear does), then one ``torch.ops.lsr.linear`` call. Every kernel choice (Triton on a GPU too) is
     made inside the op at run time, so a traced model holds the op and nothing device-specific."""
@@ -33,6 +34,10 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
         # torch.func.grad / vmap / jvp: the op's autograd is not a functorch-transformable Function, the
         # plain-PyTorch formulation is (same function, every transform)
         return formulations.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
+    base = base_format(weight)
+    if base != DENSE:  # a quantized frozen base runs its own kernels (its module's forward); the adapter beside it
+        A1, A2, B1, B2 = (t.to(x.dtype) for t in (A1, A2, B1, B2))
+        return quantized_base_linear(x, weight, bias, A1, A2, B1, B2, scale, base, base_forward)
     if A1.dtype != weight.dtype:
         # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): compute in
         # the base's dtype, as the base layer does; gradients reach the float32 factors through the cast
@@ -83,11 +88,16 @@ class LSRLinear(nn.Module):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, config or LSRConfig())
+        self._setup(linear.weight, linear.bias, config or LSRConfig(), (linear.out_features, linear.in_features),
+                    factor_dtype(linear))
+        if type(linear).forward is not nn.Linear.forward:  # a quantized Linear (bitsandbytes) runs its own forward
+            self._base_forward = linear.forward
         return self
 
-    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: LSRConfig) -> None:
-        d_out, d_in = weight.shape
+    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: LSRConfig, shape=None,
+               dtype=None) -> None:
+        self._base_forward = None  # a quantized base module's own forward (set by from_linear)
+        d_out, d_in = shape or weight.shape
         f = config.shapes_for(d_in, d_out)
         self.in_features, self.out_features = d_in, d_out
         self.factor_shapes: FactorShapes = f
@@ -98,7 +108,7 @@ class LSRLinear(nn.Module):
             bias.requires_grad_(False)
         self.weight = weight
         self.bias = bias
-        kw = dict(device=weight.device, dtype=weight.dtype)
+        kw = dict(device=weight.device, dtype=dtype or weight.dtype)
         for name, shape in f.factor_sizes().items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
         self.merged = False
@@ -110,7 +120,8 @@ class LSRLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        return lsr_forward(x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2, self.scale)
+        return lsr_forward(x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2, self.scale,
+                           self._base_forward)
 
     def delta_weight(self) -> Tensor:
         """``scale · B · A``, shape ``(d_out, d_in)``."""
@@ -143,6 +154,7 @@ class LSRLinear(nn.Module):
         """Fold ΔW into the base weight (inference); the original weight is kept so ``unmerge`` is exact."""
         if self.merged:
             raise RuntimeError("layer is already merged; call unmerge() first")
+        refuse_merge(self.weight, "LSRLinear.merge")
         self._unmerged_weight = self.weight.detach().clone()
         self.weight.add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
@@ -158,6 +170,7 @@ class LSRLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding ``W + ΔW`` (for export/serving)."""
+        refuse_merge(self.weight, "LSRLinear.to_linear")
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():

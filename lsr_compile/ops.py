@@ -7,6 +7,9 @@
                                                                          -> (dx, dA1, dA2, dB1, dB2)
         a mixed batch: a bank of K adapters (factors stacked on a leading axis), each segment of rows with
         its own slot (lsr_compile.mixed_formulations)
+    lsr::adapter(x, A1, A2, B1, B2, scale, base) -> scale·(x Aᵀ) Bᵀ      the adapter alone, beside a base in
+    lsr::adapter_backward(dy, x, A1, A2, B1, B2, scale, base, need_dx)   format ``base`` (lsr_compile.quantized)
+                                                                         that runs its own kernels
 
 The whole layer is one op so that a kernel may fuse the adapter into the base
 GEMM or fold it into the weight. Both ops run whatever ``dispatch`` picks for
@@ -37,6 +40,11 @@ _lib.define(
 )
 _lib.define(
     "linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale, "
+    "bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define("adapter(Tensor x, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale, str base) -> Tensor")
+_lib.define(
+    "adapter_backward(Tensor grad, Tensor x, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale, str base, "
     "bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _lib.define(
@@ -320,3 +328,59 @@ def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, 
     """Rows ``seg_indptr[i]:seg_indptr[i+1]`` of ``x`` (leading dims flattened) through the base plus bank slot
     ``seg_adapter[i]`` (``-1``: the base alone), through the tuned kernels."""
     return torch.ops.lsr.mixed_linear(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
+
+
+# ---- the adapter alone, beside a quantized base ----------------------------------------------------------------
+
+@torch.library.impl(_lib, "adapter", "CompositeExplicitAutograd")
+def _adapter(x, A1, A2, B1, B2, scale, base):
+    x2 = _flat(x)
+    out = dispatch.kernel("adapter_forward", x2, A1, A2, B1, B2, base=base)(x2, A1, A2, B1, B2, scale)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@torch.library.impl(_lib, "adapter_backward", "CompositeExplicitAutograd")
+def _adapter_backward(grad, x, A1, A2, B1, B2, scale, base, need_dx):
+    x2, g2 = _flat(x), _flat(grad)
+    dx, dA1, dA2, dB1, dB2 = dispatch.kernel("adapter_backward", x2, A1, A2, B1, B2, base=base)(
+        g2, x2, A1, A2, B1, B2, scale, need_dx)
+    return (dx.reshape(x.shape) if need_dx else x.new_empty(0)), dA1, dA2, dB1, dB2
+
+
+@torch.library.register_fake("lsr::adapter", lib=_lib)
+def _adapter_fake(x, A1, A2, B1, B2, scale, base):
+    return x.new_empty(*x.shape[:-1], B1.shape[1] * B2.shape[1])
+
+
+@torch.library.register_fake("lsr::adapter_backward", lib=_lib)
+def _adapter_backward_fake(grad, x, A1, A2, B1, B2, scale, base, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(A1), torch.empty_like(A2), torch.empty_like(B1), torch.empty_like(B2)
+
+
+def _adapter_setup_context(ctx, inputs, output):
+    x, A1, A2, B1, B2, scale, base = inputs
+    ctx.save_for_backward(x, A1, A2, B1, B2)
+    ctx.scale, ctx.base = scale, base
+
+
+def _adapter_grad(ctx, grad):
+    x, A1, A2, B1, B2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA1, dA2, dB1, dB2 = torch.ops.lsr.adapter_backward(grad, x, A1, A2, B1, B2, ctx.scale, ctx.base, need[0])
+    return (dx if need[0] else None), dA1, dA2, dB1, dB2, None, None
+
+
+torch.library.register_autograd("lsr::adapter", _adapter_grad, setup_context=_adapter_setup_context, lib=_lib)
+
+
+def quantized_base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor,
+                          B2: Tensor, scale: float, base: str, base_forward=None) -> Tensor:
+    """The layer over a quantized base: the base through its own module's forward (``base_forward``, e.g.
+    bitsandbytes' ``Linear4bit``) or ``F.linear`` on the quantized tensor (torchao) — its library's kernels and
+    autograd, no full-precision copy — plus ``lsr::adapter``."""
+    # the adapter's shapes against x (a packed quantized weight does not show the layer's shape)
+    d_out, d_in = B1.shape[1] * B2.shape[1], A1.shape[2] * A2.shape[2]
+    check_args(x, x.new_empty(()).expand(d_out, d_in), None, A1, A2, B1, B2)
+    base_out = base_forward(x) if base_forward is not None else torch.nn.functional.linear(x, weight, bias)
+    return base_out + torch.ops.lsr.adapter(x, A1, A2, B1, B2, float(scale), base).to(base_out.dtype)

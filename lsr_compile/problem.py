@@ -10,7 +10,8 @@ from .config import FactorShapes, resolve_shapes
 
 OPS = ("forward", "backward")
 MIXED_OPS = ("mixed_forward", "mixed_backward")  # many adapters in one batch (mixed_formulations)
-ALL_OPS = OPS + MIXED_OPS
+ADAPTER_OPS = ("adapter_forward", "adapter_backward")  # the adapter alone, beside a quantized base
+ALL_OPS = OPS + MIXED_OPS + ADAPTER_OPS
 
 
 def token_bucket(n: int) -> int:
@@ -52,6 +53,7 @@ class ProblemKey:
     m2: int
     adapters: int = 1  # mixed ops: bank slots K, bucketed by count_bucket
     segments: int = 1  # mixed ops: segments S of the batch, bucketed
+    base: str = "dense"  # the frozen base's format (lsr_compile.quantized): adapter ops run beside it
 
     @property
     def shapes(self) -> FactorShapes:
@@ -61,22 +63,24 @@ class ProblemKey:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @staticmethod
-    def of(op: str, dtype, tokens: int, f: FactorShapes, adapters: int = 1, segments: int = 1) -> "ProblemKey":
+    def of(op: str, dtype, tokens: int, f: FactorShapes, adapters: int = 1, segments: int = 1,
+           base: str = "dense") -> "ProblemKey":
         """The key of ``tokens`` rows through a layer with factor shapes ``f`` (``dtype``: torch or name); for
-        a mixed batch, ``adapters`` bank slots and ``segments`` segments."""
+        a mixed batch, ``adapters`` bank slots and ``segments`` segments; ``base``: the base's format."""
         name = dtype if isinstance(dtype, str) else dtype_name(dtype)
         return ProblemKey(op, name, token_bucket(tokens), f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2,
-                          count_bucket(adapters), count_bucket(segments))
+                          count_bucket(adapters), count_bucket(segments), base)
 
     @staticmethod
-    def from_tensors(op: str, x2d, A1, A2, B1, B2, tokens: Optional[int] = None, segments: int = 1) -> "ProblemKey":
+    def from_tensors(op: str, x2d, A1, A2, B1, B2, tokens: Optional[int] = None, segments: int = 1,
+                     base: str = "dense") -> "ProblemKey":
         """The key of a call; ``tokens`` overrides the row count (a traced graph's symbolic one). Factors
         with a leading bank axis (``A1 (K, s, r1, n1)``) make a mixed-batch key."""
         K = A1.shape[0] if A1.dim() == 4 else 1
         s, r1, n1 = A1.shape[-3:]
         n = x2d.shape[0] if tokens is None else tokens
         return ProblemKey.of(op, x2d.dtype, n, FactorShapes(s, r1, A2.shape[-2], n1, A2.shape[-1], B1.shape[-2],
-                                                            B2.shape[-2]), K, segments)
+                                                            B2.shape[-2]), K, segments, base)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class LSRShape:
     dtype: torch.dtype = torch.float32
     adapters: int = 1  # a mixed batch: bank slots
     segments: Optional[int] = None  # a mixed batch: segments (default: one per adapter, or per token if fewer)
+    base: str = "dense"  # a quantized frozen base's format (lsr_compile.quantized.FORMATS)
     factors: FactorShapes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -111,6 +116,8 @@ class LSRShape:
         return LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dtype)
 
     def key(self, op: str) -> ProblemKey:
+        if op in ADAPTER_OPS:
+            return ProblemKey.of(op, self.dtype, self.tokens, self.factors, base=self.base)
         if op in MIXED_OPS:
             return ProblemKey.of(op, self.dtype, self.tokens, self.factors, self.adapters, self.num_segments)
         return ProblemKey.of(op, self.dtype, self.tokens, self.factors)

@@ -13,3 +13,21 @@ def tiny_bert(num_labels=2, hidden=48, layers=2):
 
 def tokens(batch, seq, vocab=120):
     return torch.randint(0, vocab, (batch, seq))
+
+
+def trainable_lsr_bert():
+    """The tiny BERT with LSR on query/value through peft, in training mode, the same every call."""
+    import lsr_compile as lc
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_bert(), lc.LSRConfig(s=2, r=2, target_modules=["query", "value"],
+                                                  task_type="SEQ_CLS", init="reference", alpha=200.0))
+    return pm.train()
+
+
+def labelled_batches(n, batch=8, length=12):
+    """``n`` fixed (input_ids, labels) batches."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 120, (batch, length), generator=g), torch.randint(0, 2, (batch,), generator=g))
+            for _ in range(n)]

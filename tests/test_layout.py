@@ -7,7 +7,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsr_compile"
 
 # lowest first; a module may import its own stage and the stages before it
 STAGES = [
-    ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "mixed_formulations", "device"),
+    ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "mixed_formulations", "device",
+     "quantized"),
     ("expr",),  # 1. expression
     ("schedule_spaces",),  # 2. schedule space
     ("kernels",),  # 3. kernels
@@ -17,7 +18,7 @@ STAGES = [
     ("ops",),  # 7. op registry
     ("nn", "bank"),  # 8. layers
     ("peft",),  # 9. peft glue
-    ("workloads", "bench", "bench_mixed", "demo", "gpu_check", "cli"),  # applications
+    ("workloads", "bench", "bench_mixed", "bench_quantized", "demo", "gpu_check", "cli"),  # applications
 ]
 
 

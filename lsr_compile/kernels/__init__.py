@@ -13,7 +13,7 @@ import torch
 
 from .. import formulations, mixed_formulations, schedule_spaces
 from ..device import space_name, tvm_target
-from ..problem import MIXED_OPS, ProblemKey
+from ..problem import ADAPTER_OPS, MIXED_OPS, ProblemKey
 
 BACKENDS = ("torch", "tvm", "triton")
 
@@ -21,7 +21,8 @@ BACKENDS = ("torch", "tvm", "triton")
 def torch_formulations(op: str) -> dict[str, Callable]:
     """The PyTorch formulations of ``op`` (the ``torch`` backend's variants)."""
     tables = {"forward": formulations.FORWARDS, "backward": formulations.BACKWARDS,
-              "mixed_forward": mixed_formulations.FORWARDS, "mixed_backward": mixed_formulations.BACKWARDS}
+              "mixed_forward": mixed_formulations.FORWARDS, "mixed_backward": mixed_formulations.BACKWARDS,
+              "adapter_forward": formulations.ADAPTER_FORWARDS, "adapter_backward": formulations.ADAPTER_BACKWARDS}
     if op not in tables:
         raise ValueError(f"unknown op {op!r}; known: {sorted(tables)}")
     return tables[op]
@@ -34,6 +35,8 @@ def torch_default_variant(op: str, key: ProblemKey, device: torch.device = torch
     re-writes y (N·(d_in + 2·d_out)) forward, and writes then re-reads an (N, d_in)
     adapter term backward; the matmul work of both is a q/d fraction.
     """
+    if op in ADAPTER_OPS:
+        return "materialise"
     if op in MIXED_OPS:
         # on a CPU reading the assignment costs nothing and only the adapters in use are formed; on a GPU
         # the loop would wait for the device every call: per-row factor gathers there (no LoRA-sized tensor)
@@ -50,6 +53,8 @@ def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device)
     """The variant and config a backend runs when nothing was tuned for ``key``."""
     if backend == "torch":
         return torch_default_variant(op, key, device), {}
+    if op in ADAPTER_OPS and backend in BACKENDS:
+        raise ValueError(f"{backend} has no {op} kernel (the PyTorch formulations serve it)")
     if backend == "tvm":
         from . import tvm_kernels
 
@@ -75,7 +80,7 @@ def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None)
         per_variant = [[("tvm", v, c) for c in schedule_spaces.space(name, op, v)]
                        for v in schedule_spaces.variants(name, op)]
         compiled += _round_robin(per_variant)
-    if target == "cuda":
+    if target == "cuda" and op not in ADAPTER_OPS:
         if op in MIXED_OPS:
             from . import triton_mixed as triton
         else:

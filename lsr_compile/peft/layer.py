@@ -14,6 +14,7 @@ from ..config import LSRConfig
 from ..mixed_formulations import segments_of
 from ..nn import init_factors, lsr_forward
 from ..ops import mixed_linear
+from ..quantized import factor_dtype, is_quantized, refuse_merge
 
 
 class LSRLayer(BaseTunerLayer):
@@ -37,7 +38,7 @@ class LSRLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: LSRConfig, **kwargs) -> None:
         f = config.shapes_for(self.in_features, self.out_features)
         base = self.get_base_layer()
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=factor_dtype(base))
         tensors = {n: nn.Parameter(torch.empty(sz, **kw)) for n, sz in f.factor_sizes().items()}
         init_factors(*tensors.values(), f, config.init)
         for n, p in tensors.items():
@@ -74,6 +75,7 @@ class Linear(nn.Module, LSRLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
+        refuse_merge(base.weight, "merging an LSR adapter")
         for name in adapter_names:
             if name not in self.lsr_A1:
                 continue
@@ -107,7 +109,7 @@ class Linear(nn.Module, LSRLayer):
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         first, *rest = active
-        y = lsr_forward(x, base.weight, base.bias, *self.factors(first), self.lsr_scale[first])
+        y = lsr_forward(x, base.weight, base.bias, *self.factors(first), self.lsr_scale[first], self.base_layer)
         for name in rest:  # several active adapters: each adds its own update
             A1, A2, B1, B2 = self.factors(name)
             xa = x.to(A1.dtype)
@@ -122,6 +124,9 @@ class Linear(nn.Module, LSRLayer):
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} samples")
         base = self.get_base_layer()
+        if is_quantized(base.weight):
+            raise NotImplementedError("adapter_names (a mixed batch) over a quantized base is not supported: run "
+                                      "each adapter's samples separately, or use a full-precision base")
         used = [n for n in dict.fromkeys(adapter_names) if n in self.lsr_A1]
         groups: dict = {}
         for n in used:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..problem import MIXED_OPS, LSRShape
+from ..problem import ADAPTER_OPS, MIXED_OPS, LSRShape
 
 # float64: rounding only; float32: IEEE arithmetic over d_in-long sums; half precision: 8/11-bit mantissas
 TOL = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 3e-3}
@@ -45,12 +45,18 @@ def inputs(shape: LSRShape, tokens: int, device, dtype) -> dict:
 def call(op: str, fn, d: dict, scale: float):
     """``fn`` (a kernel of ``op``) on the inputs ``d``, as a no-argument callable."""
     mixed = (d["scales"], d["seg_indptr"], d["seg_adapter"]) if op in MIXED_OPS else (scale,)
+    if op in ADAPTER_OPS:  # the adapter alone: no base weight
+        if op == "adapter_forward":
+            return lambda: fn(d["x"], *d["factors"], scale)
+        return lambda: fn(d["dy"], d["x"], *d["factors"], scale, True)
     if op.endswith("forward"):
         return lambda: fn(d["x"], d["W"], d["b"], *d["factors"], *mixed)
     return lambda: fn(d["dy"], d["x"], d["W"], *d["factors"], *mixed, True)
 
 
 def _reference(op, x, W, b, factors, scale, mixed):
+    if op in ADAPTER_OPS:
+        return reference.lsr_linear(x, torch.zeros_like(W), None, *factors, scale)
     if op not in MIXED_OPS:
         return reference.lsr_linear(x, W, b, *factors, scale)
     scales, ptr, ad = mixed

@@ -113,3 +113,17 @@ def test_quick_protocol_end_to_end_and_resumes(tmp_path):
     again = mod.main(["--quick", "--out", str(tmp_path)])  # resumes: nothing left to run
     assert len((tmp_path / "paired.jsonl").read_text().splitlines()) == len(lines) and len(again) == len(rows)
     assert json.loads(lines[0])["setup"] == json.loads(lines[-1])["setup"]
+
+
+@pytest.mark.skipif(not HAVE_DATA or importlib.util.find_spec("torchao") is None,
+                    reason="offline model/data or torchao not installed (make setup installs them)")
+def test_quick_protocol_over_an_int8_base(tmp_path):
+    mod = _example()
+    rows = mod.main(["--quick", "--base", "int8", "--methods", "LoRA", "LSR s=7", "--out", str(tmp_path)])
+    assert {r["method"] for r in rows} == {mod.ANCHOR, "LSR s=7 r=(2,4) (~0.26x LoRA)"}
+    assert all(r["base"] == "int8" for r in rows)
+    assert (tmp_path / "paired-int8.jsonl").exists() and not (tmp_path / "paired.jsonl").exists()
+    model = mod.build(mod.methods()["LSR s=7 r=(2,4) (~0.26x LoRA)"], 0, "int8")
+    from lsr_compile.quantized import base_format
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert base_format(layer.get_base_layer().weight) == "int8_weight_only"

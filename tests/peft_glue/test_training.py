@@ -8,23 +8,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from peft import get_peft_model
-
-import lsr_compile as lc
-
-from models import tiny_bert
 
 
-def _model():
-    torch.manual_seed(0)
-    pm = get_peft_model(tiny_bert(), lc.LSRConfig(s=2, r=2, target_modules=["query", "value"],
-                                                  task_type="SEQ_CLS", init="reference", alpha=200.0))
-    return pm.train()
+from models import labelled_batches, trainable_lsr_bert
+
+
+_model = trainable_lsr_bert
 
 
 def _batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 120, (8, 12), generator=g), torch.randint(0, 2, (8,), generator=g)
+    return labelled_batches(1)[0]
 
 
 def _grads(model):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import lsr_compile as lc
 from lsr_compile import dispatch, logs, schedule_spaces
 from lsr_compile.device import device_id
+from lsr_compile.quantized import FORMATS
 
 SHAPE = lc.LSRShape(24, 16, 12, s=2, r=2, n=(4, 4), m=(4, 3))
 DEV = device_id("cpu")
@@ -94,7 +95,8 @@ def test_a_record_is_either_valid_or_skipped_with_a_warning_naming_file_and_line
     if got:
         (r,) = got.values()
         assert r.backend in ("torch", "tvm") and math.isfinite(r.time_ms) and r.time_ms > 0
-        assert all(type(v) is int and v >= 1 for k, v in r.key.as_dict().items() if k not in ("op", "dtype"))
+        assert all(type(v) is int and v >= 1 for k, v in r.key.as_dict().items() if k not in ("op", "dtype", "base"))
+        assert r.key.base in FORMATS
         assert r.config == {} if r.backend == "torch" else r.config in schedule_spaces.space("llvm", "forward", r.variant)
     else:
         assert any(issubclass(w.category, logs.TuningLogWarning) and "forward.jsonl" in str(w.message)

@@ -1,0 +1,143 @@
+"""LSR over a quantized frozen base (torchao weight-only int8, and intx int4 where the CPU build has it): the
+base runs its library's kernels without a full-precision copy, the adapter runs beside it, values and
+gradients match the dequantized reference, peft's order works, merging refuses, the format is in the key."""
+import pytest
+import torch
+
+import lsr_compile as lc
+from lsr_compile import dispatch, reference
+from lsr_compile.quantized import base_format
+
+torchao = pytest.importorskip("torchao")
+from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_  # noqa: E402
+from torchao.quantization.granularity import PerGroup  # noqa: E402
+
+CONFIGS = {"int8_weight_only": Int8WeightOnlyConfig,
+           "intx_weight_only": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))}
+
+
+def _quantized_layer(fmt, d_in=96, d_out=64):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(d_in, d_out)
+    model = torch.nn.Sequential(lin)
+    quantize_(model, CONFIGS[fmt]())
+    layer = lc.LSRLinear.from_linear(model[0], lc.LSRConfig(s=3, r=(2, 2), init="reference"))
+    with torch.no_grad():
+        for p in (layer.A1, layer.A2, layer.B1, layer.B2):
+            p.normal_(0, 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_values_and_gradients_match_the_dequantized_reference(fmt, fresh_dispatch):
+    layer = _quantized_layer(fmt)
+    assert base_format(layer.weight) == fmt
+    W = layer.weight.dequantize().detach()
+    x = torch.randn(5, 7, 96, requires_grad=True)
+    y = layer(x)
+    xr = x.detach().clone().requires_grad_(True)
+    fs = [p.detach().clone().requires_grad_(True) for p in (layer.A1, layer.A2, layer.B1, layer.B2)]
+    want = reference.lsr_linear(xr, W, layer.bias, *fs, layer.scale)
+    # the quantized GEMM itself differs from the dequantized one by rounding of the activations' products
+    torch.testing.assert_close(y, want, atol=5e-3 * want.abs().max().item(), rtol=1e-2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, atol=5e-3 * xr.grad.abs().max().item(), rtol=1e-2)
+    for p, f in zip((layer.A1, layer.A2, layer.B1, layer.B2), fs):
+        torch.testing.assert_close(p.grad, f.grad, atol=1e-4, rtol=1e-3)
+    ops = {op for op, _ in dispatch.cached_choices()}
+    assert {"adapter_forward", "adapter_backward"} <= ops and "forward" not in ops
+
+
+def test_no_full_precision_copy_of_the_base_per_call(monkeypatch):
+    layer = _quantized_layer("int8_weight_only")
+    cls = type(layer.weight)
+    calls = []
+    real = cls.dequantize
+    monkeypatch.setattr(cls, "dequantize", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    x = torch.randn(16, 96, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == [] and type(layer.weight) is cls
+
+
+def test_merging_into_a_quantized_base_refuses_clearly():
+    layer = _quantized_layer("int8_weight_only")
+    with pytest.raises(ValueError, match="int8_weight_only-quantized; merging"):
+        layer.merge()
+    with pytest.raises(ValueError, match="quantized"):
+        layer.to_linear()
+
+
+def test_peft_order_quantize_then_get_peft_model(fresh_dispatch):
+    from peft import get_peft_model
+
+    from models import tiny_bert, tokens
+
+    model = tiny_bert()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and "classifier" not in fqn)
+    pm = get_peft_model(model, lc.LSRConfig(s=2, r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                            init="reference", alpha=200.0))
+    ids = tokens(2, 9)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if "lsr_" in n}
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    pm(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in pm.named_parameters() if "lsr_" in n)
+    with pytest.raises(ValueError, match="quantized"):
+        pm.merge_and_unload()
+
+
+def test_the_base_format_is_part_of_the_tuning_key(tmp_path, fresh_dispatch):
+    shape = lc.LSRShape(64, 96, 64, s=3, r=(2, 2), base="int8_weight_only")
+    recs = lc.tune([shape], log_dir=tmp_path, trials=0, time_budget_s=30, progress=False)
+    assert [(r["key"]["op"], r["key"]["base"]) for r in recs] == [("adapter_forward", "int8_weight_only"),
+                                                                    ("adapter_backward", "int8_weight_only")]
+    lc.load_logs(tmp_path)
+    layer = _quantized_layer("int8_weight_only")
+    layer(torch.randn(64, 96))
+    chosen = [c for op, c in dispatch.cached_choices() if op == "adapter_forward"]
+    assert chosen and chosen[0].reason.startswith("tuned:")
+
+
+def test_compiles_without_graph_break():
+    layer = _quantized_layer("int8_weight_only")
+    x = torch.randn(8, 96)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0
+    torch.testing.assert_close(torch.compile(layer)(x), layer(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bitsandbytes_4bit_base_on_the_cpu(fresh_dispatch):
+    """bitsandbytes' NF4 Linear4bit runs on this CPU (0.50): its own forward serves the base."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(96, 64)
+    lin = bnb.nn.Linear4bit(96, 64, bias=True, quant_type="nf4", compute_dtype=torch.float32)
+    lin.weight = bnb.nn.Params4bit(ref.weight.data.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+    lin.bias = torch.nn.Parameter(ref.bias.data.clone(), requires_grad=False)
+    layer = lc.LSRLinear.from_linear(lin, lc.LSRConfig(s=3, r=(2, 2), init="reference"))
+    assert base_format(layer.weight) == "bnb_4bit"
+    x = torch.randn(6, 96, requires_grad=True)
+    y = layer(x)
+    fs = [p.detach().clone().requires_grad_(True) for p in (layer.A1, layer.A2, layer.B1, layer.B2)]
+    want = lin(x.detach()) + reference.lsr_linear(x.detach(), torch.zeros(64, 96), None, *fs, layer.scale)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(layer.A1.grad, fs[0].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_benchmark_quick_run(tmp_path):
+    from lsr_compile import bench_quantized
+
+    rows = bench_quantized.run(tmp_path / "rows.jsonl", quick=True)
+    by = {(r["format"], r["mode"]): r for r in rows}
+    assert {"fp32", "bf16", "int8 (torchao)"} <= {f for f, _ in by}
+    fp32, int8 = by[("fp32", "forward")], by[("int8 (torchao)", "forward")]
+    assert fp32["base_bytes"] == 512 * 256 * 4 + 512 * 4
+    assert 0.25 < int8["base_bytes"] / fp32["base_bytes"] < 0.3  # one byte per weight plus per-row scales
+    assert by[("bf16", "forward")]["base_bytes"] == fp32["base_bytes"] // 2
+    assert fp32["ratio_to_fp32"] == 1.0 and all(r["p50_ms"] > 0 for r in rows)
+    assert len(bench_quantized.table(rows).splitlines()) == 2 + len({f for f, _ in by})
