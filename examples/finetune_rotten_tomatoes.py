@@ -316,7 +316,8 @@ def plot(rows, select_seeds, path):
         return
     final = final_rows(rows, select_seeds)
     anchor = final.get(ANCHOR)
-    others = [(n, paired(rs, anchor)) for n, rs in final.items() if n != ANCHOR and anchor]
+    # adapters only: head-only training sits 20 points away and would squeeze the scale
+    others = [(n, paired(rs, anchor)) for n, rs in final.items() if n != ANCHOR and anchor and rs[0]["adapter_params"]]
     others = [(n, p) for n, p in others if p]
     if not others:
         return
