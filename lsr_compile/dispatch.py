@@ -53,6 +53,12 @@ def invalidate() -> None:
     _appends_seen = logs.appends()
 
 
+def _drop_stale() -> None:
+    """This process appended a tuning record since the caches were filled: choices may change."""
+    if _appends_seen != logs.appends():
+        invalidate()
+
+
 def reset() -> None:
     """Back to the default log directories (forget every ``load_logs``) with empty caches."""
     _extra_dirs.clear()
@@ -68,8 +74,7 @@ def state_token() -> str:
     """Everything a choice depends on besides the problem: the forced backend and the tuning logs in use
     (their paths, sizes and times). Compiled graphs that baked a choice in are cached under it."""
     global _logs_token
-    if _appends_seen != logs.appends():
-        invalidate()
+    _drop_stale()
     if _logs_token is None:
         h = hashlib.sha256()
         for d in log_dirs():
@@ -99,8 +104,7 @@ def log_dirs() -> list[Path]:
 
 
 def records(target: str, dev_id: str) -> dict:
-    if _appends_seen != logs.appends():
-        invalidate()
+    _drop_stale()
     k = (target, dev_id)
     if k not in _records:
         _records[k] = logs.read(logs.files_for(log_dirs(), target, dev_id), dev_id, target)
@@ -188,8 +192,7 @@ def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1, base: 
     axis (``A1 (K, s, r1, n1)``) and ``segments`` segments; ``base`` is a quantized base's format."""
     fast = (op, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), A1.shape, A2.shape, B1.shape[-2],
             B2.shape[-2], segments, base, _forced.get())
-    if _appends_seen != logs.appends():  # this process wrote a tuning record since: choices may change
-        invalidate()
+    _drop_stale()
     hit = _kernels.get(fast)
     if hit is None:
         key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2, segments=segments, base=base)
