@@ -208,11 +208,12 @@ def run(name, cfg, seed, lr, data, args) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def setup_id(args) -> str:
+def setup_id(args, base: str | None = None) -> str:
     """What makes runs comparable: rows of another setup are never paired or skipped against this one."""
+    base = args.base if base is None else base
     fields = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "epochs", "batch", "max_len")}
-    if args.base != "fp32":  # the full-precision setup keeps the id its rows were written with
-        fields["base"] = args.base
+    if base != "fp32":  # the full-precision setup keeps the id its rows were written with
+        fields["base"] = base
     return hashlib.sha256(json.dumps(fields | {"split": args.split_sha}, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -306,6 +307,30 @@ def summarise(rows, select_seeds) -> str:
     return "\n".join(lines)
 
 
+def against_full_precision(rows, fp32_rows, select_seeds, base: str) -> str:
+    """Each method on the quantized base minus the same method on the fp32 base: same split, seeds, data order,
+    head initialisation and dropout stream, so the seeds pair; each side at its own chosen learning rate."""
+    final, full = final_rows(rows, select_seeds), final_rows(fp32_rows, select_seeds)
+    lines = [f"| method | base | lr | seeds | test acc. mean ± std | fp32 base: lr, test acc. | "
+             f"Δ {base} − fp32, points | 95 % CI, bootstrap | 95 % CI, paired t | McNemar p per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in final.items():
+        if name not in full:
+            continue
+        p = paired(rs, full[name])
+        if not p:
+            continue
+        te = [100 * r["test_acc"] for r in rs]
+        fe = [100 * r["test_acc"] for r in full[name] if r["seed"] in {q["seed"] for q in rs}]
+        sd = statistics.stdev(te) if len(te) > 1 else 0.0
+        lines.append(f"| {name} | {base} | {rs[0]['lr']:g} | {p['seeds']} | {statistics.mean(te):.2f} ± {sd:.2f} | "
+                     f"{full[name][0]['lr']:g}, {statistics.mean(fe):.2f} | {p['mean']:+.2f} | "
+                     f"[{p['boot_lo']:+.2f}, {p['boot_hi']:+.2f}] | "
+                     + (f"[{p['t_lo']:+.2f}, {p['t_hi']:+.2f}]" if "t_lo" in p else "-")
+                     + f" | {' '.join(f'{x:.2g}' for x in p['mcnemar_p'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plot(rows, select_seeds, path):
     try:
         import matplotlib
@@ -346,6 +371,11 @@ def read_rows(path: Path, setup: str) -> list[dict]:
 
 def report(rows, args) -> str:
     table = summarise(rows, args.select_seeds)
+    if args.base != "fp32":
+        fp32_rows = read_rows(args.out / "paired.jsonl", setup_id(args, "fp32"))
+        versus = against_full_precision(rows, fp32_rows, args.select_seeds, args.base)
+        if versus:
+            table += f"\n\nAgainst the same method on the fp32 base (results/finetune/paired.jsonl):\n\n{versus}"
     stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
     (args.out / f"{stem}.md").write_text(table + "\n")
     plot(rows, args.select_seeds, args.out / f"{stem}.png")
