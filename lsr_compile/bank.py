@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from .config import FactorShapes, LSRConfig
 from .nn import _matcher, default_target_modules
+from .mixed_formulations import adapter_rows
 from .ops import mixed_linear
+from .quantized import factor_dtype, is_quantized
 
 FACTORS = ("A1", "A2", "B1", "B2")
 BASE = "__base__"
@@ -36,7 +38,7 @@ class BankedLinear(nn.Module):
         base.requires_grad_(False)
         self.base, self.factor_shapes = base, f
         self.in_features, self.out_features = base.in_features, base.out_features
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=factor_dtype(base))
         for name, size in f.factor_sizes().items():
             self.register_buffer(name, torch.zeros(capacity, *size, **kw))
         self.register_buffer("scales", torch.zeros(capacity, dtype=torch.float32, device=base.weight.device))
@@ -50,6 +52,14 @@ class BankedLinear(nn.Module):
         # one segment per sample; tensors only, so a compiled model is not specialised on the assignment
         per_sample = x.numel() // max(x.shape[0] * x.shape[-1], 1)
         ptr = torch.arange(x.shape[0] + 1, device=x.device) * per_sample
+        if is_quantized(self.base.weight):
+            # the base through its own library's kernel, the bank's updates beside it (factored: nothing
+            # full-precision or LoRA-sized formed, no host synchronisation)
+            y = self.base(x)
+            x2 = x.reshape(-1, x.shape[-1])
+            bank = [getattr(self, p).to(x2.dtype) for p in FACTORS]
+            delta = adapter_rows(x2, *bank, self.scales, ptr, self.slots)
+            return y + delta.reshape(*x.shape[:-1], -1).to(y.dtype)
         return mixed_linear(x, self.base.weight, self.base.bias, self.A1, self.A2, self.B1, self.B2, self.scales,
                             ptr, self.slots)
 

@@ -144,14 +144,19 @@ def adapter_factored_rows(x, A1g, A2g, B1g, B2g):
     return torch.einsum("Nlcb,Nldb->Ncd", w, B2g).reshape(N, -1)
 
 
-def forward_factored(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
-    """Each row gathers its adapter's factors and contracts the Kronecker modes (what an LSR-native kernel
-    expands on chip): no host synchronisation, nothing LoRA-sized formed."""
+def adapter_rows(x, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
+    """Every row's adapter update alone (zero for rows with none), by ``adapter_factored_rows``: what runs
+    beside a quantized base, whose GEMM its own library computes. No host synchronisation."""
     idx = row_index(seg_indptr, seg_adapter, x.shape[0])
     slot = idx.clamp(min=0)
     w = (scales.to(x.dtype)[slot] * (idx >= 0)).unsqueeze(1)
-    out = adapter_factored_rows(x, A1[slot], A2[slot], B1[slot], B2[slot])
-    return torch.addcmul(F.linear(x, weight, bias), out, w)
+    return adapter_factored_rows(x, A1[slot], A2[slot], B1[slot], B2[slot]) * w
+
+
+def forward_factored(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
+    """Each row gathers its adapter's factors and contracts the Kronecker modes (what an LSR-native kernel
+    expands on chip): no host synchronisation, nothing LoRA-sized formed."""
+    return F.linear(x, weight, bias) + adapter_rows(x, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
 
 
 # ---- backward ----------------------------------------------------------------------------------------------

@@ -89,6 +89,78 @@ def test_peft_order_quantize_then_get_peft_model(fresh_dispatch):
         pm.merge_and_unload()
 
 
+def test_mixed_batch_over_a_quantized_base_matches_each_sample_alone_and_trains_its_adapters(fresh_dispatch):
+    from peft import get_peft_model
+
+    from models import tiny_bert, tokens
+
+    model = tiny_bert()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and "classifier" not in fqn)
+    cfg = dict(target_modules=["query", "value"], task_type="SEQ_CLS", init="reference")
+    pm = get_peft_model(model, lc.LSRConfig(s=2, r=2, **cfg))
+    pm.add_adapter("b", lc.LSRConfig(s=3, r=(2, 4), **cfg))  # another factor structure
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lsr_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.eval()
+    ids = tokens(5, 9)
+    names = ["b", "default", "__base__", "b", "default"]
+    got = pm(input_ids=ids, adapter_names=names).logits
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                want = pm(input_ids=ids[i:i + 1]).logits
+        else:
+            pm.set_adapter(name)
+            want = pm(input_ids=ids[i:i + 1]).logits
+        torch.testing.assert_close(got[i:i + 1], want, atol=1e-4, rtol=1e-4, msg=f"sample {i} ({name})")
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the adapters really differ
+    assert {op for op, _ in dispatch.cached_choices()} >= {"adapter_forward"}
+
+    pm.train()
+    for n, p in pm.named_parameters():
+        p.requires_grad_("lsr_" in n)
+    pm(input_ids=ids[:2], adapter_names=["b", "__base__"]).logits.square().sum().backward()
+    for n, p in pm.named_parameters():
+        if "lsr_" in n:
+            assert (p.grad is not None and p.grad.abs().sum() > 0) == n.endswith(".b"), n
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_adapter_bank_over_a_quantized_base_matches_each_sample_alone(fmt, monkeypatch):
+    from lsr_compile.bank import BankedLinear
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64))
+    quantize_(model, CONFIGS[fmt]())
+    base = model[0]
+    layer = BankedLinear(base, lc.LSRConfig(s=3, r=(2, 2)).shapes_for(96, 64), capacity=3)
+    with torch.no_grad():
+        for p in ("A1", "A2", "B1", "B2"):
+            getattr(layer, p).normal_(0, 0.3)
+        layer.scales.copy_(torch.tensor([0.5, 2.0, 1.5]))
+    x = torch.randn(4, 5, 96)
+    layer.slots = torch.tensor([2, -1, 0, 2])
+    dequantized = []
+    real = type(base.weight).dequantize
+    monkeypatch.setattr(type(base.weight), "dequantize", lambda w, *a, **k: dequantized.append(1) or real(w, *a, **k))
+    base(x)
+    by_the_base_alone = len(dequantized)  # torchao's intx CPU kernel dequantizes by itself; int8's does not
+    got = layer(x)
+    assert len(dequantized) == 2 * by_the_base_alone  # the bank adds no dequantization of its own
+    monkeypatch.undo()
+    for i, k in enumerate(layer.slots.tolist()):
+        want = base(x[i])
+        if k >= 0:
+            dW = reference.delta_weight(layer.A1[k], layer.A2[k], layer.B1[k], layer.B2[k], float(layer.scales[k]))
+            want = want + x[i] @ dW.T
+        torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-4, msg=f"sample {i} (slot {k})")
+    assert not torch.allclose(got[0], base(x[0]), atol=1e-3)  # the adapter really adds something
+
+
 def test_the_base_format_is_part_of_the_tuning_key(tmp_path, fresh_dispatch):
     shape = lc.LSRShape(64, 96, 64, s=3, r=(2, 2), base="int8_weight_only")
     recs = lc.tune([shape], log_dir=tmp_path, trials=0, time_budget_s=30, progress=False)

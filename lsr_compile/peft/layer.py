@@ -14,7 +14,7 @@ from ..config import LSRConfig
 from ..mixed_formulations import segments_of
 from ..nn import init_factors, lsr_forward
 from ..ops import mixed_linear
-from ..quantized import factor_dtype, is_quantized, refuse_merge
+from ..quantized import base_format, factor_dtype, is_quantized, refuse_merge
 
 
 class LSRLayer(BaseTunerLayer):
@@ -125,8 +125,7 @@ class Linear(nn.Module, LSRLayer):
             raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} samples")
         base = self.get_base_layer()
         if is_quantized(base.weight):
-            raise NotImplementedError("adapter_names (a mixed batch) over a quantized base is not supported: run "
-                                      "each adapter's samples separately, or use a full-precision base")
+            return self._mixed_over_quantized(x, adapter_names, base_format(base.weight))
         used = [n for n in dict.fromkeys(adapter_names) if n in self.lsr_A1]
         groups: dict = {}
         for n in used:
@@ -145,6 +144,23 @@ class Linear(nn.Module, LSRLayer):
             out = mixed_linear(x.to(weight.dtype), weight, bias, *bank, scales, ptr, seg)
             # a second factor structure adds only its adapters' updates: its base term is subtracted back out
             y = out if y is None else y + out - F.linear(x.to(weight.dtype), weight, bias)
+        return y
+
+    def _mixed_over_quantized(self, x: torch.Tensor, adapter_names: list[str], base: str) -> torch.Tensor:
+        """A mixed batch over a quantized base: the base once, through its own library's kernel, then each
+        adapter in use adds its update to its samples through ``lsr::adapter`` (tuned for this base format).
+        One adapter call per adapter in the batch, not per sample; nothing full-precision is formed."""
+        samples: dict[str, list[int]] = {}
+        for i, n in enumerate(adapter_names):
+            if n in self.lsr_A1:
+                samples.setdefault(n, []).append(i)
+        y = self.base_layer(x)
+        for name, idx in samples.items():
+            rows = torch.tensor(idx, device=x.device)
+            xs = x.index_select(0, rows)
+            A1, A2, B1, B2 = (t.to(xs.dtype) for t in self.factors(name))
+            delta = torch.ops.lsr.adapter(xs, A1, A2, B1, B2, float(self.lsr_scale[name]), base)
+            y = y.index_add(0, rows, delta.to(y.dtype))
         return y
 
     def __repr__(self) -> str:
