@@ -31,3 +31,17 @@ def labelled_batches(n, batch=8, length=12):
     g = torch.Generator().manual_seed(1)
     return [(torch.randint(0, 120, (batch, length), generator=g), torch.randint(0, 2, (batch,), generator=g))
             for _ in range(n)]
+
+
+def each_sample_alone(pm, ids, names):
+    """The logits a peft model gives each sample run alone with its adapter (``"__base__"``: adapters off):
+    what a mixed batch (``adapter_names``) must reproduce."""
+    out = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                out.append(pm(input_ids=ids[i:i + 1]).logits)
+        else:
+            pm.set_adapter(name)
+            out.append(pm(input_ids=ids[i:i + 1]).logits)
+    return torch.cat(out)
