@@ -14,23 +14,36 @@ _FORMATS = {
     "Int8Tensor": "int8_weight_only",  # torchao Int8WeightOnlyConfig
     "AffineQuantizedTensor": "affine_quantized",  # torchao's older layouts
     "IntxUnpackedToInt8Tensor": "intx_weight_only",  # torchao IntxWeightOnlyConfig (int1..int8; stored in int8)
-    "Int4Tensor": "int4_weight_only",  # torchao Int4WeightOnlyConfig (CUDA builds)
+    "IntxOpaqueTensor": "intx_weight_only",
+    "Int4Tensor": "int4_weight_only",  # torchao Int4WeightOnlyConfig (CUDA builds), by packing format:
+    "Int4TilePackedTo4dTensor": "int4_weight_only",  # tinygemm (_weight_int4pack_mm, bf16 on sm_80+)
     "Int4PreshuffledTensor": "int4_weight_only",
+    "Int4PlainInt32Tensor": "int4_weight_only",
+    "Int4OpaqueTensor": "int4_weight_only",
     "Float8Tensor": "float8_weight_only",
+    "Float8OpaqueTensor": "float8_weight_only",
     "Params4bit": "bnb_4bit",  # bitsandbytes Linear4bit
     "Int8Params": "bnb_8bit",
 }
-FORMATS = (DENSE,) + tuple(sorted(set(_FORMATS.values())))
+# any other torchao tensor subclass: quantized all the same (its own kernels, no merge), one tuning bucket
+OTHER = "torchao_other"
+FORMATS = (DENSE,) + tuple(sorted(set(_FORMATS.values()) | {OTHER}))
 
 
 def base_format(weight) -> str:
     """``"dense"`` for a plain tensor, else the quantized format (a tensor subclass we know)."""
-    cls = type(weight)
+    return format_of_class(type(weight))
+
+
+def format_of_class(cls: type) -> str:
     if cls in (torch.Tensor, torch.nn.Parameter):
         return DENSE
-    for klass in cls.__mro__:
-        if klass.__name__ in _FORMATS:
-            return _FORMATS[klass.__name__]
+    names = [klass.__name__ for klass in cls.__mro__]
+    for name in names:
+        if name in _FORMATS:
+            return _FORMATS[name]
+    if "TorchAOBaseTensor" in names:  # a torchao layout not listed above must never pass for a dense weight
+        return OTHER
     return DENSE  # FakeTensor, FunctionalTensor and other wrappers of a plain tensor
 
 

@@ -50,6 +50,26 @@ def test_values_and_gradients_match_the_dequantized_reference(fmt, fresh_dispatc
     assert {"adapter_forward", "adapter_backward"} <= ops and "forward" not in ops
 
 
+def test_no_torchao_weight_class_passes_for_a_dense_weight():
+    """Every torchao tensor subclass (CUDA-only layouts such as tinygemm's Int4TilePackedTo4dTensor included,
+    which cannot be built on a CPU) is a quantized base: the op never hands one to a dense kernel."""
+    from torchao.utils import TorchAOBaseTensor
+
+    from lsr_compile.quantized import DENSE, FORMATS, format_of_class
+
+    seen, todo = set(), [TorchAOBaseTensor]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                todo.append(sub)
+    assert len(seen) > 10
+    formats = {cls.__name__: format_of_class(cls) for cls in seen}
+    assert DENSE not in formats.values() and set(formats.values()) <= set(FORMATS)
+    assert formats["Int4TilePackedTo4dTensor"] == "int4_weight_only" and formats["Int8Tensor"] == "int8_weight_only"
+    assert format_of_class(torch.Tensor) == format_of_class(torch.nn.Parameter) == DENSE
+
+
 def test_no_full_precision_copy_of_the_base_per_call(monkeypatch):
     layer = _quantized_layer("int8_weight_only")
     cls = type(layer.weight)
