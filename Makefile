@@ -55,6 +55,9 @@ gpu-artifacts: setup
 	$(PY) -m lsr_compile.cli build-tvm-cuda --set gpu --arch sm_90
 	$(PY) -m lsr_compile.cli tvm-runtime-wheels --out .whl --python 3.12
 	$(PY) -m pip download -q --no-deps -c constraints.txt -d .whl peft
+	# torchao for the quantized-base stage (the GPU image has none): its abi3 wheel, for the image's Python 3.12
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -c constraints.txt -d .whl torchao
 
 # On a GPU machine (writes to $OUT, else results/gpu): see README, "On a GPU".
 gpu-check:

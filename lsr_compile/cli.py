@@ -44,9 +44,12 @@ def main(argv=None) -> int:
     bm.add_argument("--quick", action="store_true")
     bm.add_argument("--out", type=Path, default=Path("results"))
     bm.add_argument("--device", default="cpu")
-    bq = sub.add_parser("bench-quantized", help="a quantized frozen base: memory per format, step time vs fp32")
+    bq = sub.add_parser("bench-quantized", help="a quantized frozen base: memory per format, step time against "
+                                                "the dense base (fp32 on a CPU, bf16 on a GPU)")
     bq.add_argument("--quick", action="store_true")
     bq.add_argument("--out", type=Path, default=Path("results"))
+    bq.add_argument("--device", default="cpu")
+    bq.add_argument("--tokens", type=int, default=256)
     e = sub.add_parser("explain", help="which kernel runs for a shape, and why")
     _shape_args(e)
     lg = sub.add_parser("logs", help="list this machine's tuning records")
@@ -104,8 +107,11 @@ def main(argv=None) -> int:
     elif a.cmd == "bench-quantized":
         from . import bench_quantized
 
-        out = bench_quantized.default_out(a.out)
-        rows = bench_quantized.run(out, quick=a.quick)
+        import torch
+
+        out = bench_quantized.default_out(a.out, a.device)
+        dtype = torch.bfloat16 if torch.device(a.device).type == "cuda" else torch.float32
+        rows = bench_quantized.run(out, quick=a.quick, device=a.device, dtype=dtype, tokens=a.tokens)
         print(bench_quantized.table(rows))
         print(f"\nrows: {out}")
     elif a.cmd == "build-tvm-cuda":

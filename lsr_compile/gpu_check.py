@@ -113,6 +113,11 @@ class Run:
             from .bench_mixed import table as mixed_table
 
             parts += ["## Many adapters in one batch (forward)\n", mixed_table(mixed_rows), ""]
+        quantized_rows = [r for r in self.rows if r["kind"] == "quantized"]
+        if quantized_rows:
+            from .bench_quantized import table as quantized_table
+
+            parts += ["## A quantized frozen base (bf16 activations)\n", quantized_table(quantized_rows), ""]
         over = next((r["us_per_call"] for r in self.rows if r["kind"] == "overhead"), None)
         if over:
             parts += ["## Host µs per eager call (8 tokens, 16x16)\n",
@@ -373,6 +378,36 @@ def stage_mixed(run: Run, d: int, cases: list) -> None:
                 f"loop / LSR mixed {by['lsr loop']['p50_ms'] / by['lsr mixed']['p50_ms']:.3f}")
 
 
+def stage_quantized(run: Run, d_in: int, d_out: int, token_counts: list) -> None:
+    """A quantized frozen base under an LSR adapter (lsr_compile.bench_quantized): bf16 activations, torchao
+    int8 and int4 weight-only bases against the bf16 base, forward and forward+backward, memory per format."""
+    import importlib.util
+    import tempfile
+
+    from . import bench_quantized
+    from .tuning.harness import TOL
+
+    if importlib.util.find_spec("torchao") is None:
+        run.skip("quantized base: torchao is not installed (make gpu-artifacts puts its wheel in .whl/)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for tokens in token_counts:
+            left_out: list[str] = []
+            rows = bench_quantized.run(Path(tmp) / "rows.jsonl", d_in=d_in, d_out=d_out, tokens=tokens,
+                                       device=run.device, dtype=torch.bfloat16, budget_s=5 if run.dry else 12,
+                                       left_out=left_out)
+            for what in left_out:
+                run.skip(f"quantized base, {tokens} tokens, {what.replace(': ', ' - ', 1)}: does not run here")
+            for r in rows:
+                run.row("quantized", **{k: v for k, v in r.items() if k not in (run.meta or {})})
+            tol = TOL[rows[0]["activations"]] if rows else 0.0
+            for name, err in {r["format"]: r["adapter_rel_err"] for r in rows}.items():
+                if not math.isfinite(err) or err > tol:
+                    run.fail(f"quantized base {name}, {tokens} tokens: the adapter beside it is off by {err:.3g} "
+                             f"(relative to max |x·ΔWᵀ|, float64 reference; tolerance {tol})")
+            run.say(f"quantized base, {tokens} tokens: " + ", ".join(
+                f"{r['format']} {r['mode']} {r['ratio_to_dense']:.2f}" for r in rows if r["format"] != r["dense"]))
+
+
 def stage_model(run: Run, hidden: int, layers: int, batch: int, seq: int) -> None:
     """Tokens/s of a BERT encoder with LSR on query/key/value/attention-output: frozen base, reference eager,
     autotuned eager and compiled (the layer shapes are those tuned above: hidden², N = batch·seq)."""
@@ -392,19 +427,20 @@ def stage_model(run: Run, hidden: int, layers: int, batch: int, seq: int) -> Non
 # ---- the run ----------------------------------------------------------------------------------------
 
 def plan(dry: bool):
-    """(shape, tune seconds, bench seconds) in the order they run, the model's size, and the mixed-batch cases
-    (layer width, [(K, distribution, requests, tokens per request)]); the model and the mixed batch run once
-    the shapes its layers use (the first two) are tuned."""
+    """(shape, tune seconds, bench seconds) in the order they run, the model's size, the mixed-batch cases
+    (layer width, [(K, distribution, requests, tokens per request)]) and the quantized-base layer (d_in, d_out,
+    token counts: decoding, a training batch); the model, the mixed batch and the quantized base run once the
+    shapes the model's layers use (the first two) are tuned."""
     from . import workloads
 
     if dry:
         return ([(s, 30.0, 30.0) for s in workloads.dry_run_shapes()], dict(hidden=64, layers=1, batch=2, seq=32),
-                (64, [(K, "uniform", 4, 8) for K in (1, 8)]))
+                (64, [(K, "uniform", 4, 8) for K in (1, 8)]), (256, 512, [8, 32]))
     shapes = workloads.gpu_shapes()
     mixed = [(s.adapters, dist, s.num_segments, s.tokens // s.num_segments) for s in workloads.gpu_mixed_shapes()
              for dist in ("uniform", "skewed")]
     return ([(shapes[0], 60.0, 60.0)] + [(s, 25.0, 45.0) for s in shapes[1:]],
-            dict(hidden=768, layers=4, batch=32, seq=256), (4096, mixed))
+            dict(hidden=768, layers=4, batch=32, seq=256), (4096, mixed), (4096, 11008, [16, 4096]))
 
 
 def main(argv=None) -> int:
@@ -432,13 +468,14 @@ def main(argv=None) -> int:
     run.stage("correctness", 20 if a.dry_run else 60, stage_correctness, run)
     run.stage("compiled layer", 10 if a.dry_run else 45, stage_compiled, run)
     run.stage("host overhead", 5, stage_overhead, run)
-    shapes, model, mixed = plan(a.dry_run)
+    shapes, model, mixed, quantized = plan(a.dry_run)
     for i, (shape, tune_s, bench_s) in enumerate(shapes):
         run.stage(f"shape {shape.label()}", tune_s + bench_s, stage_shape, run, shape, target, tune_s, bench_s,
                   log_dir)
         if i == min(1, len(shapes) - 1):
             run.stage("whole model", 30 if a.dry_run else 120, stage_model, run, *model.values())
             run.stage("mixed batch", 20 if a.dry_run else 90, stage_mixed, run, *mixed)
+            run.stage("quantized base", 20 if a.dry_run else 60, stage_quantized, run, *quantized)
     run.write_tables()
     print((a.out / "gpu_check.md").read_text(), flush=True)
     run.say(f"done: {len(run.failures)} correctness failures, {len(run.skipped)} skipped; files in {a.out}")

@@ -1,6 +1,7 @@
 """The GPU check's dry run: the same stages on this CPU (Triton in its interpreter, tiny shapes), so that the
 check's first run is never on the GPU. Also: the budget is a hard plan (stages that do not fit are skipped and
 listed), and rows are on disk as soon as they are measured."""
+import importlib.util
 import json
 
 from lsr_compile import gpu_check
@@ -24,6 +25,11 @@ def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
     assert "| shape (d_out x d_in, N)" in md and "## Whole model" in md and "Correctness failures: 0" in md
     assert "## Many adapters in one batch" in md
     assert {"lsr mixed", "lsr loop", "peft lora mixed"} <= {r["provider"] for r in rows if r["kind"] == "mixed"}
+    quantized = [r for r in rows if r["kind"] == "quantized"]
+    assert {r["dense"] for r in quantized} == {"bf16"} and {r["tokens"] for r in quantized} == {8, 32}
+    if importlib.util.find_spec("torchao") is not None:
+        assert {"int8_weight_only", "intx_weight_only"} <= {r["base_format"] for r in quantized}
+    assert "## A quantized frozen base" in md
     assert (out / "tuning-forward.jsonl").exists() and (out / "tuning-backward.jsonl").exists()
     stages = [r["name"] for r in rows if r["kind"] == "stage"]
     assert stages[:3] == ["environment", "correctness", "compiled layer"]  # the cheap checks first

@@ -224,5 +224,20 @@ def test_benchmark_quick_run(tmp_path):
     assert fp32["base_bytes"] == 512 * 256 * 4 + 512 * 4
     assert 0.25 < int8["base_bytes"] / fp32["base_bytes"] < 0.3  # one byte per weight plus per-row scales
     assert by[("bf16", "forward")]["base_bytes"] == fp32["base_bytes"] // 2
-    assert fp32["ratio_to_fp32"] == 1.0 and all(r["p50_ms"] > 0 for r in rows)
-    assert len(bench_quantized.table(rows).splitlines()) == 2 + len({f for f, _ in by})
+    assert fp32["ratio_to_dense"] == 1.0 and all(r["p50_ms"] > 0 for r in rows)
+    # the adapter beside each base against the float64 reference (bf16 activations: bf16's rounding)
+    assert all(0 < r["adapter_rel_err"] < (3e-2 if r["activations"] == "bfloat16" else 1e-4) for r in rows)
+    assert len(bench_quantized.table(rows).splitlines()) == 4 + len({f for f, _ in by})
+
+
+def test_benchmark_against_a_bf16_base(tmp_path):
+    """The GPU check's configuration (bf16 activations, ratios against the bf16 base), run on this CPU."""
+    from lsr_compile import bench_quantized
+
+    rows = bench_quantized.run(tmp_path / "rows.jsonl", quick=True, dtype=torch.bfloat16, budget_s=5)
+    by = {(r["format"], r["mode"]): r for r in rows}
+    assert rows[0]["format"] == "bf16" and {r["dense"] for r in rows} == {"bf16"}
+    assert by[("bf16", "forward+backward")]["ratio_to_dense"] == 1.0
+    assert ("int8 (torchao)", "forward") in by and by[("int8 (torchao)", "forward")]["activations"] == "bfloat16"
+    assert "fp32" not in {f for f, _ in by}
+    assert "vs bf16" in bench_quantized.table(rows)
