@@ -73,6 +73,29 @@ def test_paired_difference_and_intervals():
     assert "| B | 10 (1.00x) | 0.001 (0.001) | 5 | " in table and "+1.40" in table
 
 
+def test_quantized_base_against_the_same_method_on_the_fp32_base():
+    mod = _example()
+    rng = np.random.default_rng(2)
+    full, quant = [], []
+    for s in range(4):
+        for name in (mod.ANCHOR, "B"):
+            a = rng.random(1000) < 0.8
+            q = a.copy()
+            q[np.flatnonzero(a)[:10]] = False  # exactly 1 point worse on the quantized base, same snippets
+            full.append(_row(mod, name, s, 3e-3, 0.8, a))
+            quant.append(_row(mod, name, s, 1e-3, 0.8, q))
+    table = mod.against_full_precision(quant, full, [0, 1], "int8")
+    lines = table.splitlines()
+    assert len(lines) == 4 and "Δ int8 − fp32" in lines[0]
+    for name, line in zip((mod.ANCHOR, "B"), lines[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:4] == [name, "int8", "0.001", "4"] and cells[5].startswith("0.003, ")
+        assert cells[6] == "-1.00" and cells[8] == "[-1.00, -1.00]"  # every seed exactly 1 point worse
+        lo, hi = (float(v) for v in cells[7].strip("[]").split(","))
+        assert -2.0 < lo < -1.0 < hi < 0.0  # the snippet resampling widens the bootstrap interval
+    assert mod.against_full_precision(quant, [], [0, 1], "int8") == ""  # nothing to pair with
+
+
 @pytest.mark.skipif(not HAVE_DATA, reason="offline model/data packages not installed (make setup installs them)")
 def test_same_split_order_and_head_for_every_method():
     mod = _example()
