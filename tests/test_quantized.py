@@ -213,6 +213,20 @@ def test_bitsandbytes_4bit_base_on_the_cpu(fresh_dispatch):
     want.sum().backward()
     torch.testing.assert_close(layer.A1.grad, fs[0].grad, atol=1e-5, rtol=1e-4)
 
+    from lsr_compile.bank import BankedLinear  # a bank of adapters beside the same 4-bit base
+
+    bank = BankedLinear(lin, lc.LSRConfig(s=3, r=(2, 2)).shapes_for(96, 64), capacity=2)
+    assert bank.A1.dtype == torch.float32  # the base's compute dtype, not the packed weight's uint8
+    with torch.no_grad():
+        for p in ("A1", "A2", "B1", "B2"):
+            getattr(bank, p).normal_(0, 0.3)
+        bank.scales.copy_(torch.tensor([0.5, 2.0]))
+    bank.slots = torch.tensor([1, -1])
+    xb = torch.randn(2, 96)
+    got = bank(xb)
+    dW = reference.delta_weight(bank.A1[1], bank.A2[1], bank.B1[1], bank.B2[1], 2.0)
+    torch.testing.assert_close(got, torch.stack([lin(xb[0]) + xb[0] @ dW.T, lin(xb[1])]), atol=1e-5, rtol=1e-5)
+
 
 def test_benchmark_quick_run(tmp_path):
     from lsr_compile import bench_quantized
