@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from . import kernels, logs
-from .problem import MIXED_OPS, OPS, LSRShape, ProblemKey, dtype_name, token_bucket
+from .problem import LSRShape, ProblemKey, dtype_name, token_bucket
 from .device import device_id, target_of
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,9 @@ def explain(shape: LSRShape, device=None) -> str:
     device = torch.device(device or "cpu")
     f = shape.factors
     mixed = f", K={shape.adapters} S={shape.num_segments}" if shape.adapters > 1 else ""
+    mixed += f", base {shape.base}" if shape.base != "dense" else ""
     lines = [f"{f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) "
              f"{dtype_name(shape.dtype)}, N={shape.tokens}{mixed}, on {target_of(device)}/{device_id(device)}:"]
-    for op in (MIXED_OPS if shape.adapters > 1 else OPS):
+    for op in shape.ops:
         lines.append(f"  {op:8s} {choose(op, shape.key(op), device)}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Stage 6: the LSRLinear layer and ``apply_lsr`` (wrap a model's nn.Linear layers in place)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -129,7 +130,7 @@ class LSRLinear(nn.Module):
 
     def lsr_shape(self, tokens: int, dtype=None) -> LSRShape:
         """The problem this layer runs for ``tokens`` rows (what ``tune(model)`` tunes)."""
-        return LSRShape.of_factors(tokens, self.factor_shapes, dtype or self.A1.dtype)
+        return LSRShape.of_factors(tokens, self.factor_shapes, dtype or self.A1.dtype, base_format(self.weight))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """A state dict always holds the unmerged base weight, so loading it never applies ΔW twice."""
@@ -274,6 +275,6 @@ def explain(obj, tokens: Optional[int] = None, device=None) -> str:
     if isinstance(obj, LSRLinear):
         return dispatch.explain(obj.lsr_shape(tokens or 2048), device or obj.weight.device)
     if isinstance(obj, LSRShape):
-        shape = obj if tokens is None else LSRShape.of_factors(tokens, obj.factors, obj.dtype)
+        shape = obj if tokens is None else dataclasses.replace(obj, tokens=tokens)
         return dispatch.explain(shape, device)
     raise TypeError(f"explain() takes an LSRLinear or an LSRShape, got {type(obj).__name__}")

@@ -112,8 +112,16 @@ class LSRShape:
         object.__setattr__(self, "factors", resolve_shapes(self.d_in, self.d_out, self.s, self.r, self.n, self.m))
 
     @staticmethod
-    def of_factors(tokens: int, f: FactorShapes, dtype=torch.float32) -> "LSRShape":
-        return LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dtype)
+    def of_factors(tokens: int, f: FactorShapes, dtype=torch.float32, base: str = "dense") -> "LSRShape":
+        return LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dtype, base=base)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """What this problem runs: the mixed-batch ops for a bank, the adapter ops beside a quantized base,
+        else the layer ops."""
+        if self.adapters > 1:
+            return MIXED_OPS
+        return ADAPTER_OPS if self.base != "dense" else OPS
 
     def key(self, op: str) -> ProblemKey:
         if op in ADAPTER_OPS:

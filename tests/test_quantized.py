@@ -1,6 +1,8 @@
 """LSR over a quantized frozen base (torchao weight-only int8, and intx int4 where the CPU build has it): the
 base runs its library's kernels without a full-precision copy, the adapter runs beside it, values and
 gradients match the dequantized reference, peft's order works, merging refuses, the format is in the key."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -184,6 +186,26 @@ def test_the_base_format_is_part_of_the_tuning_key(tmp_path, fresh_dispatch):
     layer(torch.randn(64, 96))
     chosen = [c for op, c in dispatch.cached_choices() if op == "adapter_forward"]
     assert chosen and chosen[0].reason.startswith("tuned:")
+
+
+def test_tuning_a_model_over_a_quantized_base_tunes_the_ops_it_runs(tmp_path, fresh_dispatch):
+    """``tune(model)`` and ``explain(layer)`` see the base's format: the adapter ops, keyed by it."""
+    from peft import get_peft_model
+
+    from models import tiny_bert
+
+    model = tiny_bert()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and "classifier" not in fqn)
+    pm = get_peft_model(model, lc.LSRConfig(s=2, r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    recs = lc.tune(pm, tokens=[32], log_dir=tmp_path, trials=0, time_budget_s=30, progress=False)
+    assert {(r["key"]["op"], r["key"]["base"]) for r in recs} == {("adapter_forward", "int8_weight_only"),
+                                                                   ("adapter_backward", "int8_weight_only")}
+    layer = _quantized_layer("int8_weight_only")
+    text = lc.explain(layer, tokens=64)
+    assert ", base int8_weight_only" in text and "adapter_forward" in text and "\n  forward " not in text
+    shape = layer.lsr_shape(64)
+    assert lc.explain(shape, tokens=128) == lc.explain(dataclasses.replace(shape, tokens=128))
 
 
 def test_compiles_without_graph_break():

@@ -53,7 +53,8 @@ class LSRLayer(BaseTunerLayer):
         from ..problem import LSRShape
 
         name = next(a for a in self.active_adapters if a in self.lsr_A1)
-        return LSRShape.of_factors(tokens, self.lsr_shapes[name], dtype or self.lsr_A1[name].dtype)
+        return LSRShape.of_factors(tokens, self.lsr_shapes[name], dtype or self.lsr_A1[name].dtype,
+                                   base_format(self.get_base_layer().weight))
 
     def factors(self, adapter: str):
         return self.lsr_A1[adapter], self.lsr_A2[adapter], self.lsr_B1[adapter], self.lsr_B2[adapter]

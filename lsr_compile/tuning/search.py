@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import kernels, logs, shipped
 from ..device import TARGET_DEVICES, device_id, device_info
-from ..problem import ADAPTER_OPS, ALL_OPS, MIXED_OPS, OPS, LSRShape
+from ..problem import ALL_OPS, LSRShape
 from . import harness
 from .timing import measure, median
 
@@ -132,14 +132,6 @@ def summary(rec: dict) -> str:
             f"{rec['variant']} {rec['config']} {rec['time_ms']:.3f} ms = {rec['time_ms'] / rec['floor_ms']:.3f}x floor")
 
 
-def _ops_of(shape: LSRShape) -> tuple[str, ...]:
-    """What a shape runs: the mixed-batch ops for a bank, the adapter ops beside a quantized base, else the
-    layer ops."""
-    if shape.adapters > 1:
-        return MIXED_OPS
-    return ADAPTER_OPS if shape.base != "dense" else OPS
-
-
 def _token_counts(tokens) -> tuple[int, ...]:
     try:
         out = tuple(tokens)
@@ -217,7 +209,7 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     log_dir = Path(log_dir) if log_dir is not None else shipped.user_log_dir()
     _check_writable(log_dir)  # before the work, not after it
     device = TARGET_DEVICES[target]
-    jobs = [(s, op) for s in shapes for op in (ops or _ops_of(s))]
+    jobs = [(s, op) for s in shapes for op in (ops or s.ops)]
     budget = (time_budget_s / len(jobs)) if time_budget_s else DEFAULT_BUDGET_S
     written = []
     for shape, op in jobs:
