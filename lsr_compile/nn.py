@@ -26,6 +26,14 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
     """The layer as modules run it: autocast respected (all operands cast to the autocast dtype, as
     nn.Linear does), then one ``torch.ops.lsr.linear`` call. Every kernel choice (Triton on a GPU too) is
     made inside the op at run time, so a traced model holds the op and nothing device-specific."""
+    base = base_format(weight)
+    if base != DENSE and not torch._C._are_functorch_transforms_active():
+        # a quantized frozen base runs its own kernels (its module's forward; under autocast its library decides);
+        # the adapter beside it computes in the autocast dtype when autocast is on, else in x's
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dt = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        A1, A2, B1, B2 = (t.to(dt) for t in (A1, A2, B1, B2))
+        return quantized_base_linear(x, weight, bias, A1, A2, B1, B2, scale, base, base_forward)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
@@ -35,10 +43,6 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
         # torch.func.grad / vmap / jvp: the op's autograd is not a functorch-transformable Function, the
         # plain-PyTorch formulation is (same function, every transform)
         return formulations.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
-    base = base_format(weight)
-    if base != DENSE:  # a quantized frozen base runs its own kernels (its module's forward); the adapter beside it
-        A1, A2, B1, B2 = (t.to(x.dtype) for t in (A1, A2, B1, B2))
-        return quantized_base_linear(x, weight, bias, A1, A2, B1, B2, scale, base, base_forward)
     if A1.dtype != weight.dtype:
         # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): compute in
         # the base's dtype, as the base layer does; gradients reach the float32 factors through the cast

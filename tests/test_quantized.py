@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lsr_compile as lc
 from lsr_compile import dispatch, reference
@@ -70,6 +71,26 @@ def test_no_torchao_weight_class_passes_for_a_dense_weight():
     assert DENSE not in formats.values() and set(formats.values()) <= set(FORMATS)
     assert formats["Int4TilePackedTo4dTensor"] == "int4_weight_only" and formats["Int8Tensor"] == "int8_weight_only"
     assert format_of_class(torch.Tensor) == format_of_class(torch.nn.Parameter) == DENSE
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_under_autocast_the_base_runs_its_own_kernel_and_the_adapter_the_autocast_dtype(fmt, fresh_dispatch):
+    """QLoRA-style training runs under autocast: the quantized base is never cast (that would hand it to a
+    dense kernel), the adapter computes in bf16, and gradients reach the float32 factors."""
+    layer = _quantized_layer(fmt)
+    x = torch.randn(6, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        base = F.linear(x, layer.weight, layer.bias)
+    fs = [p.detach().double() for p in (layer.A1, layer.A2, layer.B1, layer.B2)]
+    want = base.double() + x.double() @ reference.delta_weight(*fs, layer.scale).T
+    delta = want - base.double()
+    assert ((y.double() - want).abs().max() / delta.abs().max()).item() < 3e-2  # bf16's rounding of the update
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in (layer.A1, layer.A2, layer.B1, layer.B2))
+    ops = {op for op, _ in dispatch.cached_choices()}
+    assert {"adapter_forward", "adapter_backward"} <= ops and "forward" not in ops
 
 
 def test_no_full_precision_copy_of_the_base_per_call(monkeypatch):
