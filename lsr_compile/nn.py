@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
                 scale: float, base_forward=None) -> Tensor:
-    """The layer as modules run it: autocast respected (all operands cast to the autocast dtype, as
-    nn.Linear does), then one ``torch.ops.lsr.linear`` call. Every kernel choice (Triton on a GPU too) is
-    made inside the op at run time, so a traced model holds the op and nothing device-specific."""
+    """The layer as modules run it: over a quantized base, the base's own kernel plus ``lsr::adapter``; else
+    autocast respected (all operands cast to the autocast dtype, as nn.Linear does), then one
+    ``torch.ops.lsr.linear`` call. Every kernel choice (Triton on a GPU too) is made inside the op at run time,
+    so a traced model holds the op and nothing device-specific."""
     base = base_format(weight)
     if base != DENSE and not torch._C._are_functorch_transforms_active():
         # a quantized frozen base runs its own kernels (its module's forward; under autocast its library decides);
