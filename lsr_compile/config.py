@@ -18,6 +18,7 @@ from ._peft_type import LSR_PEFT_TYPE
 # not "sensible": one Kronecker factor becomes a near-vector and the adapter
 # degenerates towards a rank-deficient LoRA on one side.
 MAX_FACTOR_RATIO = 64
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 class FactorizationError(ValueError):
@@ -230,4 +231,8 @@ class LSRConfig(PeftConfig):
     def scale_for(self, q: int) -> float:
         if self.alpha is None:
             return 1.0
-        return self.alpha / math.sqrt(q) if self.scaling == "rslora" else self.alpha / q
+        scale = self.alpha / math.sqrt(q) if self.scaling == "rslora" else self.alpha / q
+        if scale > FLOAT32_MAX:  # a kernel would fail converting it, or overflow every output
+            raise ValueError(f"alpha={self.alpha:g} gives scale {scale:g} for q={q}, beyond float32's range "
+                             f"({FLOAT32_MAX:g})")
+        return scale
