@@ -21,6 +21,7 @@ from . import bench, reference
 from .config import LSRConfig
 from .device import device_id, target_of
 from .nn import LSRLinear
+from .problem import dtype_name
 from .quantized import base_format
 from .tuning.timing import measure, median
 
@@ -88,12 +89,13 @@ def _formats(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[to
     return out
 
 
-def run(out: Path, quick: bool = False, d_in: int = 4096, d_out: int = 11008, tokens: int = 256,
+def run(out: Optional[Path], quick: bool = False, d_in: int = 4096, d_out: int = 11008, tokens: int = 256,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
         budget_s: Optional[float] = None, left_out: Optional[list[str]] = None) -> list[dict]:
     """Rows per (format, forward | forward+backward): bytes of base, adapter and AdamW state, the median time and
-    its ratio to the dense layer at ``dtype`` (the first format), all timed interleaved in one run. What does
-    not run on this device is logged and, with the reason, appended to ``left_out``."""
+    its ratio to the dense layer at ``dtype`` (the first format), all timed interleaved in one run, written to
+    ``out`` (None: returned only). What does not run on this device is logged and, with the reason, appended
+    to ``left_out``."""
     left_out = [] if left_out is None else left_out
 
     def leave_out(what: str, e: Exception) -> None:
@@ -147,11 +149,12 @@ def run(out: Path, quick: bool = False, d_in: int = 4096, d_out: int = 11008, to
             ref = median(times[f"{ref_name}|{mode}"])
             rows.append(meta | {"format": name, "base_format": base_format(layer.weight), "mode": mode,
                                 "d_in": d_in, "d_out": d_out, "tokens": tokens,
-                                "activations": str(layer.A1.dtype).removeprefix("torch."), "dense": ref_name,
+                                "activations": dtype_name(layer.A1.dtype), "dense": ref_name,
                                 "base_bytes": base_bytes, "adapter_bytes": adapter, "optimizer_bytes": adam,
                                 "p50_ms": round(t, 3), "ratio_to_dense": round(t / ref, 3),
                                 "adapter_rel_err": errors[name]})
-    bench.write_rows(out, rows)
+    if out is not None:
+        bench.write_rows(out, rows)
     return rows
 
 

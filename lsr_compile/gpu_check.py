@@ -382,30 +382,28 @@ def stage_quantized(run: Run, d_in: int, d_out: int, token_counts: list) -> None
     """A quantized frozen base under an LSR adapter (lsr_compile.bench_quantized): bf16 activations, torchao
     int8 and int4 weight-only bases against the bf16 base, forward and forward+backward, memory per format."""
     import importlib.util
-    import tempfile
 
     from . import bench_quantized
     from .tuning.harness import TOL
 
     if importlib.util.find_spec("torchao") is None:
         run.skip("quantized base: torchao is not installed (make gpu-artifacts puts its wheel in .whl/)")
-    with tempfile.TemporaryDirectory() as tmp:
-        for tokens in token_counts:
-            left_out: list[str] = []
-            rows = bench_quantized.run(Path(tmp) / "rows.jsonl", d_in=d_in, d_out=d_out, tokens=tokens,
-                                       device=run.device, dtype=torch.bfloat16, budget_s=5 if run.dry else 12,
-                                       left_out=left_out)
-            for what in left_out:
-                run.skip(f"quantized base, {tokens} tokens, {what.replace(': ', ' - ', 1)}: does not run here")
-            for r in rows:
-                run.row("quantized", **{k: v for k, v in r.items() if k not in (run.meta or {})})
-            tol = TOL[rows[0]["activations"]] if rows else 0.0
-            for name, err in {r["format"]: r["adapter_rel_err"] for r in rows}.items():
-                if not math.isfinite(err) or err > tol:
-                    run.fail(f"quantized base {name}, {tokens} tokens: the adapter beside it is off by {err:.3g} "
-                             f"(relative to max |x·ΔWᵀ|, float64 reference; tolerance {tol})")
-            run.say(f"quantized base, {tokens} tokens: " + ", ".join(
-                f"{r['format']} {r['mode']} {r['ratio_to_dense']:.2f}" for r in rows if r["format"] != r["dense"]))
+    for tokens in token_counts:
+        left_out: list[str] = []
+        rows = bench_quantized.run(None, d_in=d_in, d_out=d_out, tokens=tokens,
+                                   device=run.device, dtype=torch.bfloat16, budget_s=5 if run.dry else 12,
+                                   left_out=left_out)
+        for what in left_out:
+            run.skip(f"quantized base, {tokens} tokens, {what.replace(': ', ' - ', 1)}: does not run here")
+        for r in rows:
+            run.row("quantized", **{k: v for k, v in r.items() if k not in (run.meta or {})})
+        tol = TOL[rows[0]["activations"]] if rows else 0.0
+        for name, err in {r["format"]: r["adapter_rel_err"] for r in rows}.items():
+            if not math.isfinite(err) or err > tol:
+                run.fail(f"quantized base {name}, {tokens} tokens: the adapter beside it is off by {err:.3g} "
+                         f"(relative to max |x·ΔWᵀ|, float64 reference; tolerance {tol})")
+        run.say(f"quantized base, {tokens} tokens: " + ", ".join(
+            f"{r['format']} {r['mode']} {r['ratio_to_dense']:.2f}" for r in rows if r["format"] != r["dense"]))
 
 
 def stage_model(run: Run, hidden: int, layers: int, batch: int, seq: int) -> None:

@@ -379,10 +379,15 @@ def quantized_base_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1:
     """The layer over a quantized base: the base through its own module's forward (``base_forward``, e.g.
     bitsandbytes' ``Linear4bit``) or ``F.linear`` on the quantized tensor (torchao) — its library's kernels and
     autograd, no full-precision copy — plus ``lsr::adapter``."""
-    # the adapter runs in its factors' dtype (the autocast dtype under autocast); its shapes against x (a packed
-    # quantized weight does not show the layer's shape)
+    update = adapter_update(x, A1, A2, B1, B2, scale, base)
+    base_out = base_forward(x) if base_forward is not None else torch.nn.functional.linear(x, weight, bias)
+    return base_out + update.to(base_out.dtype)
+
+
+def adapter_update(x: Tensor, A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, scale: float, base: str) -> Tensor:
+    """``scale·(x Aᵀ) Bᵀ`` through ``lsr::adapter``, in the factors' dtype (the autocast dtype under autocast);
+    checked against the adapter's own shapes (a packed quantized weight does not show the layer's)."""
     xa = x if not x.is_floating_point() else x.to(A1.dtype)
     d_out, d_in = B1.shape[1] * B2.shape[1], A1.shape[2] * A2.shape[2]
     check_args(xa, xa.new_empty(()).expand(d_out, d_in), None, A1, A2, B1, B2)
-    base_out = base_forward(x) if base_forward is not None else torch.nn.functional.linear(x, weight, bias)
-    return base_out + torch.ops.lsr.adapter(xa, A1, A2, B1, B2, float(scale), base).to(base_out.dtype)
+    return torch.ops.lsr.adapter(xa, A1, A2, B1, B2, float(scale), base)

@@ -31,6 +31,16 @@ def _quantized_layer(fmt, d_in=96, d_out=64):
     return layer
 
 
+def _int8_bert():
+    """The tiny BERT with its encoder's linear layers int8-quantized (peft's order: quantize, then adapt)."""
+    from models import tiny_bert
+
+    model = tiny_bert()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and "classifier" not in fqn)
+    return model
+
+
 @pytest.mark.parametrize("fmt", sorted(CONFIGS))
 def test_values_and_gradients_match_the_dequantized_reference(fmt, fresh_dispatch):
     layer = _quantized_layer(fmt)
@@ -115,11 +125,9 @@ def test_merging_into_a_quantized_base_refuses_clearly():
 def test_peft_order_quantize_then_get_peft_model(fresh_dispatch):
     from peft import get_peft_model
 
-    from models import tiny_bert, tokens
+    from models import tokens
 
-    model = tiny_bert()
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
-              and "classifier" not in fqn)
+    model = _int8_bert()
     pm = get_peft_model(model, lc.LSRConfig(s=2, r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
                                             init="reference", alpha=200.0))
     ids = tokens(2, 9)
@@ -135,11 +143,9 @@ def test_peft_order_quantize_then_get_peft_model(fresh_dispatch):
 def test_mixed_batch_over_a_quantized_base_matches_each_sample_alone_and_trains_its_adapters(fresh_dispatch):
     from peft import get_peft_model
 
-    from models import each_sample_alone, tiny_bert, tokens
+    from models import each_sample_alone, tokens
 
-    model = tiny_bert()
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
-              and "classifier" not in fqn)
+    model = _int8_bert()
     cfg = dict(target_modules=["query", "value"], task_type="SEQ_CLS", init="reference")
     pm = get_peft_model(model, lc.LSRConfig(s=2, r=2, **cfg))
     pm.add_adapter("b", lc.LSRConfig(s=3, r=(2, 4), **cfg))  # another factor structure
@@ -213,11 +219,7 @@ def test_tuning_a_model_over_a_quantized_base_tunes_the_ops_it_runs(tmp_path, fr
     """``tune(model)`` and ``explain(layer)`` see the base's format: the adapter ops, keyed by it."""
     from peft import get_peft_model
 
-    from models import tiny_bert
-
-    model = tiny_bert()
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
-              and "classifier" not in fqn)
+    model = _int8_bert()
     pm = get_peft_model(model, lc.LSRConfig(s=2, r=2, target_modules=["query"], task_type="SEQ_CLS"))
     recs = lc.tune(pm, tokens=[32], log_dir=tmp_path, trials=0, time_budget_s=30, progress=False)
     assert {(r["key"]["op"], r["key"]["base"]) for r in recs} == {("adapter_forward", "int8_weight_only"),

@@ -13,7 +13,7 @@ from .. import formulations
 from ..config import LSRConfig
 from ..mixed_formulations import segments_of
 from ..nn import init_factors, lsr_forward
-from ..ops import mixed_linear
+from ..ops import adapter_update, mixed_linear
 from ..quantized import base_format, factor_dtype, is_quantized, refuse_merge
 
 
@@ -160,7 +160,7 @@ class Linear(nn.Module, LSRLayer):
             rows = torch.tensor(idx, device=x.device)
             xs = x.index_select(0, rows)
             A1, A2, B1, B2 = (t.to(xs.dtype) for t in self.factors(name))
-            delta = torch.ops.lsr.adapter(xs, A1, A2, B1, B2, float(self.lsr_scale[name]), base)
+            delta = adapter_update(xs, A1, A2, B1, B2, self.lsr_scale[name], base)
             y = y.index_add(0, rows, delta.to(y.dtype))
         return y
 
