@@ -211,7 +211,7 @@ def dispatch_overhead(calls: int = 2000, device="cpu") -> dict[str, float]:
     On a GPU, one synchronisation after all calls: what is measured is how fast calls can be issued."""
     import time
 
-    from . import formulations
+    from .kernels import torch_formulations
     from .ops import lsr_linear
 
     layer = LSRLinear(16, 16, config=LSRConfig(s=1, r=2, init="reference")).requires_grad_(False).to(device)
@@ -220,7 +220,7 @@ def dispatch_overhead(calls: int = 2000, device="cpu") -> dict[str, float]:
     args = (x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
     fns = {"frozen Linear": lambda: torch.nn.functional.linear(x, layer.weight, layer.bias),
            "plain LoRA module": lambda: lora(x),
-           "formulation (direct)": lambda: formulations.forward_materialise(*args),
+           "formulation (direct)": lambda: torch_formulations("forward")["materialise"](*args),
            "torch.ops.lsr.linear": lambda: lsr_linear(*args),
            "LSRLinear module": lambda: layer(x)}
     out = {}

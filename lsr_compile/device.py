@@ -48,6 +48,16 @@ def tvm_target(device: torch.device | str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    """The CPU's feature flags as the kernel reports them (empty where /proc/cpuinfo is absent)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []):
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
 def _cpu_info() -> dict:
     model, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere the fingerprint is the platform's names alone
@@ -94,6 +104,13 @@ def llvm_target(cores: int | None = None) -> dict:
         host_cpu = _host_cpu_name()
     if host_cpu:
         target["mcpu"] = host_cpu
+        # LLVM names the CPU from its family and model, which a virtual machine may not match: a Zen 4 guest
+        # whose hypervisor hides AVX-512 is still "znver4", and code for it dies with SIGILL. Switch off what
+        # the CPU's own flags do not list (LLVM drops the features that depend on it too).
+        flags = _cpu_flags()
+        missing = [f for f in ("avx512f", "avx2", "fma", "avx") if flags and f not in flags]
+        if missing and platform.machine() in ("x86_64", "AMD64"):
+            target["mattr"] = tuple(f"-{f}" for f in missing)
     return target
 
 

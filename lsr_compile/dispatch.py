@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import logging
 import warnings
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from . import kernels, logs
+from .config import FactorShapes
 from .problem import LSRShape, ProblemKey, dtype_name, token_bucket
 from .device import device_id, target_of
 
@@ -67,16 +69,28 @@ def reset() -> None:
 
 def cached_choices() -> list[tuple[str, "Choice"]]:
     """(op, choice) of every kernel built so far in this process, for inspection."""
-    return [(k[0], choice) for k, (_, choice) in _kernels.items()]
+    return [(k[0], choice) for k, (_, choice) in _kernels.items() if choice is not None]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_token() -> str:
+    """This package's code (its files' sizes and times): a cached graph traced by other code may hold
+    choices or shapes this code would not make."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.rglob("*.py")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:12]
 
 
 def state_token() -> str:
-    """Everything a choice depends on besides the problem: the forced backend and the tuning logs in use
-    (their paths, sizes and times). Compiled graphs that baked a choice in are cached under it."""
+    """Everything a choice depends on besides the problem: the forced backend, the tuning logs in use
+    (their paths, sizes and times) and this package's code. Compiled graphs that baked a choice in are
+    cached under it."""
     global _logs_token
     _drop_stale()
     if _logs_token is None:
-        h = hashlib.sha256()
+        h = hashlib.sha256(_code_token().encode())
         for d in log_dirs():
             for p in sorted(Path(d).rglob("*.jsonl")):
                 st = p.stat()
@@ -136,9 +150,10 @@ def choose(op: str, key: ProblemKey, device: torch.device) -> Choice:
     if rec is not None:
         return Choice(rec.backend, rec.variant, tuple(sorted(rec.config.items())),
                       f"tuned: {rec.source}, {rec.time_ms:.3g} ms")
-    variant, config = kernels.default_choice("torch", op, key, device)
-    return Choice("torch", variant, tuple(sorted(config.items())),
-                  f"default: no tuning record for {target_of(device)}/{device_id(device)} {key.token_bucket}-token bucket")
+    backend, variant, config, why = kernels.untuned_choice(op, key, device)
+    return Choice(backend, variant, tuple(sorted(config.items())),
+                  f"default: no tuning record for {target_of(device)}/{device_id(device)} {key.token_bucket}-token "
+                  f"bucket; {why}")
 
 
 def _build(op: str, key: ProblemKey, device: torch.device) -> tuple[Callable, Choice]:
@@ -200,19 +215,62 @@ def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1, base: 
     return hit[0]
 
 
+def step_kernels(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callable) -> tuple[Callable, Callable]:
+    """The forward and backward kernels of a training step, for a call whose arguments ``check`` validated
+    once: the key holds every shape, dtype and device ``check`` looked at, so a hit needs no check again."""
+    b = None if bias is None else (bias.shape, bias.dtype, bias.device)
+    fast = ("step", x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), x2d.shape[1], weight.shape, weight.dtype,
+            weight.device, b, A1.shape, A1.dtype, A1.device, A2.shape, A2.dtype, A2.device, B1.shape, B1.dtype,
+            B1.device, B2.shape, B2.dtype, B2.device, _forced.get())
+    _drop_stale()
+    hit = _kernels.get(fast)
+    if hit is None:
+        check(x2d, weight, bias, A1, A2, B1, B2)
+        fwd, bwd = kernel("forward", x2d, A1, A2, B1, B2), kernel("backward", x2d, A1, A2, B1, B2)
+        hit = _kernels[fast] = ((fwd, bwd), None)
+    return hit[0]
+
+
+def _hint(n, default: int) -> int:
+    """A traced size's example value, read without installing a guard."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else default
+
+
+def example_rows(x: torch.Tensor) -> int:
+    """The rows of ``x`` (leading dims flattened), at their example values when traced."""
+    n = 1
+    for v in x.shape[:-1]:
+        n *= _hint(v, 1)
+    return n
+
+
+def _traced_choice(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> tuple[ProblemKey, Choice]:
+    """The choice for a graph being traced. Symbolic sizes (the token count; any size under opcheck) are read
+    at their example values, without a guard, so dynamic shapes do not recompile per token bucket."""
+    s, r1, n1 = (_hint(v, 1) for v in A1.shape)
+    r2, n2 = (_hint(v, 1) for v in A2.shape[1:])
+    m1, m2 = _hint(B1.shape[1], 1), _hint(B2.shape[1], 1)
+    key = ProblemKey.of(op, x2d.dtype, _hint(x2d.shape[0], 2048), FactorShapes(s, r1, r2, n1, n2, m1, m2))
+    return key, choose(op, key, x2d.device)
+
+
 def traced_formulation(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Optional[Callable]:
-    """While a graph is compiled: the PyTorch formulation chosen for this problem, or None when the choice is
-    a compiled kernel (Triton, TVM) that must stay an opaque call. Nothing is built for those here (the
-    tensors are fake): a kernel's own checks run when the op runs. A symbolic token count is read at its
-    example value, without a guard, so dynamic shapes do not recompile per token bucket."""
+    """While a graph is compiled: the PyTorch formulation chosen for this problem (in ATen, for Inductor), or
+    None when the choice is a compiled kernel (Triton, TVM) that must stay an opaque call. Nothing is built
+    for those here (the tensors are fake): a kernel's own checks run when the op runs."""
     if _forced.get() not in (None, "torch"):
         return None
-    n = x2d.shape[0]
-    if not isinstance(n, int):
-        n = n.node.hint if getattr(n.node, "hint", None) is not None else 2048
-    key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2, tokens=int(n))
-    choice = choose(op, key, x2d.device)
-    return kernels.build("torch", op, choice.variant, {}, key, x2d.device) if choice.backend == "torch" else None
+    key, choice = _traced_choice(op, x2d, A1, A2, B1, B2)
+    return kernels.torch_formulations(op)[choice.variant] if choice.backend == "torch" else None
+
+
+def forward_saves(x2d: torch.Tensor, A1, A2, B1, B2) -> tuple[bool, bool]:
+    """What the forward chosen for this problem hands the backward besides A and Bt: (tT, folded weight)."""
+    choice = _traced_choice("forward", x2d, A1, A2, B1, B2)[1]
+    return kernels.forward_saves(choice.backend, choice.variant)
 
 
 def explain(shape: LSRShape, device=None) -> str:

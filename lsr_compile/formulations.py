@@ -1,12 +1,9 @@
-"""The PyTorch formulations of the layer (docs/design.md §2): the ``torch`` backend's kernels.
+"""The layer's math in ATen: the Kronecker sums, their projections, the factored contraction, ΔW, and the
+adapter alone beside a quantized base (``ADAPTER_FORWARDS`` / ``ADAPTER_BACKWARDS``). The layer's own
+forward and backward variants are written once over these in ``step.py``.
 
-Each forward takes ``(x, weight, bias, A1, A2, B1, B2, scale)`` with ``x`` 2-D
-``(N, d_in)``; each backward takes ``(dy, x, weight, A1, A2, B1, B2, scale,
-need_dx)`` and returns ``(dx | None, dA1, dA2, dB1, dB2)``. No backward forms a
-``d_out x d_in`` matrix.
-
-They are functional (no in-place ops): under ``torch.compile`` the op is decomposed
-into the chosen formulation after functionalisation, so Inductor can fuse it.
+Everything here is functional (no in-place ops): under ``torch.compile`` an op is decomposed into these
+after functionalisation, so Inductor can fuse them. No backward forms a ``d_out x d_in`` matrix.
 """
 from __future__ import annotations
 
@@ -79,21 +76,6 @@ def factor_grads(suT: Tensor, dy: Tensor, x: Tensor, A: Tensor, A1, A2, B1, B2, 
     return project_grads(dA_full, dBt_full, A1, A2, B1, B2)
 
 
-# ---- forward variants -------------------------------------------------------------------------
-
-def forward_materialise(x, weight, bias, A1, A2, B1, B2, scale):
-    """Build A and B, then two thin matmuls added into the base GEMM's output (the reference's algorithm)."""
-    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
-    y = F.linear(x, weight, bias)
-    return torch.addmm(y, torch.mm(A, x.T).T, Bt, alpha=scale)
-
-
-def forward_fold(x, weight, bias, A1, A2, B1, B2, scale):
-    """``x (W + scale·B·A)ᵀ``: one GEMM plus a ``d_out·d_in·q`` fold; wins for large N."""
-    A, B = build_A(A1, A2), build_B(B1, B2)
-    return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
-
-
 def adapter_factored(x, A1, A2, B1, B2):
     """``(x Aᵀ) Bᵀ`` without forming A or B: contractions over the Kronecker modes."""
     s, r1, n1 = A1.shape
@@ -105,46 +87,10 @@ def adapter_factored(x, A1, A2, B1, B2):
     return torch.einsum("lNcb,ldb->Ncd", z, B2).reshape(-1, m1 * m2)
 
 
-def forward_factored(x, weight, bias, A1, A2, B1, B2, scale):
-    """Base GEMM plus the factored Kronecker adapter; wins only when q is large relative to n."""
-    return torch.add(F.linear(x, weight, bias), adapter_factored(x, A1, A2, B1, B2), alpha=scale)
-
-
 def delta_weight(A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, scale: float) -> Tensor:
     """``ΔW = scale · B · A``, ``(d_out, d_in)``: what merging adds to the base weight and what a LoRA export
     factors. (``reference.delta_weight`` is the independent ground truth it is tested against.)"""
     return scale * (build_B(B1, B2) @ build_A(A1, A2))
-
-
-def lsr_linear(x, weight, bias, A1, A2, B1, B2, scale):
-    """The layer for any leading dims, differentiable by autograd and by torch.func transforms."""
-    return forward_materialise(x.reshape(-1, x.shape[-1]), weight, bias, A1, A2, B1, B2,
-                               scale).reshape(*x.shape[:-1], weight.shape[0])
-
-
-# ---- backward ---------------------------------------------------------------------------------
-
-def backward_materialise(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
-    """Token path: ``u = dy B``, ``t = x Aᵀ`` (kept as q-row ``uᵀ``, ``tᵀ``); ``dx = dy W + scale·u A``;
-    ``dA = scale·uᵀ x``, ``dBᵀ = scale·tᵀ dy``; then the projection onto the factors."""
-    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
-    suT = torch.mm(Bt, dy.T).mul(scale)  # scale applied to the (q, N) operands, never to an (N, d) one
-    # the adapter term first, then the GEMM accumulates onto it (beta): one pass over dx fewer than an addmm after
-    dx = torch.addmm(torch.mm(suT.T, A), dy, weight) if need_dx else None
-    return (dx, *factor_grads(suT, dy, x, A, A1, A2, B1, B2, scale))
-
-
-def backward_fold(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
-    """``dx = dy (W + scale·B·A)``: one GEMM on the folded weight instead of GEMM + an (N, d_in) adapter term
-    (768², N = 2048, time over ``dy W``: 1.24-1.26 against materialise's 1.42-1.44). Chunking the tokens so
-    the thin products find dy and x in cache measured no better on the 2-core AMD EPYC (1.39-1.46)."""
-    A, Bt = build_A(A1, A2), build_Bt(B1, B2)
-    dx = torch.mm(dy, torch.addmm(weight, Bt.T, A, alpha=scale)) if need_dx else None
-    return (dx, *factor_grads(torch.mm(Bt, dy.T).mul(scale), dy, x, A, A1, A2, B1, B2, scale))
-
-
-FORWARDS = {"materialise": forward_materialise, "fold": forward_fold, "factored": forward_factored}
-BACKWARDS = {"materialise": backward_materialise, "fold": backward_fold}
 
 
 # ---- the adapter alone (beside a quantized base that runs its own kernels) --------------------------------

@@ -235,19 +235,19 @@ def stage_correctness(run: Run) -> None:
 def correctness_candidates(op, key, dev, every_point: bool) -> list[tuple[str, str, dict]]:
     """Every PyTorch formulation, each TVM expression at its default schedule, Triton at the dtype's default
     (on a GPU in bf16 with ``every_point``: every point of its space, as tuning would run them)."""
-    from . import formulations, kernels, schedule_spaces
+    from . import kernels, schedule_spaces
     from .device import space_name, target_of
 
-    table = formulations.FORWARDS if op == "forward" else formulations.BACKWARDS
-    out = [("torch", v, {}) for v in sorted(table)]
+    out = [("torch", v, {}) for v in sorted(kernels.torch_formulations(op))]
     space = space_name("tvm", target_of(dev))
     if key.dtype in schedule_spaces.dtypes(space):
         out += [("tvm", v, schedule_spaces.default(space, op, v)) for v in schedule_spaces.variants(space, op)]
-    if dev.type == "cuda" and key.dtype == "bfloat16" and every_point:
-        from .kernels import triton_fused
+    from .kernels import triton_fused, triton_parts
 
-        return out + triton_fused.candidates(op, key)
-    return out + [("triton", "fused", kernels.default_choice("triton", op, key, dev)[1])]
+    if dev.type == "cuda" and key.dtype == "bfloat16" and every_point:
+        return out + triton_parts.candidates(op, key) + triton_fused.candidates(op, key)
+    return out + [("triton", v, triton_parts.default_config(op, v, key, dev)) for v in triton_parts.VARIANTS] + [
+        ("triton", "fused", triton_fused.default_choice(op, key, dev)[1])]
 
 
 def _max_error(op, fn, dims, N, dtype, dev) -> float:

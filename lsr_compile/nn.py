@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import formulations
-from . import dispatch
+from . import dispatch, formulations, step
 from .config import FactorShapes, LSRConfig
 from .ops import lsr_linear, quantized_base_linear
 from .quantized import DENSE, base_format, factor_dtype, refuse_merge
@@ -43,7 +42,7 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
     if torch._C._are_functorch_transforms_active():
         # torch.func.grad / vmap / jvp: the op's autograd is not a functorch-transformable Function, the
         # plain-PyTorch formulation is (same function, every transform)
-        return formulations.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
+        return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
     if A1.dtype != weight.dtype:
         # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): compute in
         # the base's dtype, as the base layer does; gradients reach the float32 factors through the cast
@@ -126,7 +125,8 @@ class LSRLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        return lsr_forward(x, self.weight, self.bias, self.A1, self.A2, self.B1, self.B2, self.scale,
+        p = self._parameters  # one dict instead of six Module.__getattr__ calls (a tiny layer's host time)
+        return lsr_forward(x, p["weight"], p.get("bias"), p["A1"], p["A2"], p["B1"], p["B2"], self.scale,
                            self._base_forward)
 
     def delta_weight(self) -> Tensor:

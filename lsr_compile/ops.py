@@ -1,7 +1,11 @@
 """Stage 5: the ``torch.ops.lsr`` custom ops, their fake implementations and autograd.
 
-    lsr::linear(x, weight, bias?, A1, A2, B1, B2, scale) -> y            the whole layer
-    lsr::linear_backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx)  -> (dx, dA1, dA2, dB1, dB2)
+    lsr::linear(x, weight, bias?, A1, A2, B1, B2, scale) -> y            the whole layer (what models call)
+    lsr::linear_forward(x, weight, bias?, A1, A2, B1, B2, scale) -> (y, A, Bt, tT, w_eff)
+    lsr::linear_backward(dy, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx)
+                                                                         -> (dx, dA1, dA2, dB1, dB2)
+        a training step: the forward hands the backward what it built (step.py: A and Bt always, tT and
+        the folded weight when it computed them), so nothing is built twice
     lsr::mixed_linear(x, weight, bias?, A1, A2, B1, B2, scales, seg_indptr, seg_adapter) -> y
     lsr::mixed_linear_backward(dy, x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx)
                                                                          -> (dx, dA1, dA2, dB1, dB2)
@@ -11,18 +15,19 @@
     lsr::adapter_backward(dy, x, A1, A2, B1, B2, scale, base, need_dx)   format ``base`` (lsr_compile.quantized)
                                                                          that runs its own kernels
 
-The whole layer is one op so that a kernel may fuse the adapter into the base
-GEMM or fold it into the weight. Both ops run whatever ``dispatch`` picks for
-the shape and device. Registered with ``torch.library.Library`` define/impl
-(about 5 µs per call, against 22 µs for ``custom_op``), fake implementations for
-``torch.compile``, and autograd through ``register_autograd``.
+The whole layer is one op so that a kernel may fuse the adapter into the base GEMM or fold it into the
+weight. Every op runs whatever ``dispatch`` picks for the shape and device. Registered with
+``torch.library.Library`` define/impl (about 5 µs per call, against 22 µs for ``custom_op``), fake
+implementations for ``torch.compile``. ``lsr::linear``'s autograd is a kernel of its own at the Autograd
+key: one ``autograd.Function`` that runs ``linear_forward`` and saves its extra outputs
+(``register_autograd`` can only save the op's inputs and its one output, and costs about 100 µs of host time
+per step on the CI machine); without a gradient to record it goes straight to the inference kernel.
 
-Under ``torch.compile`` Dynamo sees one ``lsr.linear`` node per layer (no graph
-break, nothing device-specific traced). When Inductor then compiles the graph and
-the choice for the problem is a PyTorch formulation, the op is decomposed into
-that formulation so Inductor fuses its small kernels (on the H200 the opaque op
-cost ~135 µs of host time per call against the frozen Linear's 14 µs); a Triton
-or TVM choice stays one opaque call. The choice is made while tracing, from the
+Under ``torch.compile`` Dynamo sees one ``lsr.linear`` node per layer (no graph break, nothing
+device-specific traced); AOTAutograd turns it into ``linear_forward`` / ``linear_backward``. When Inductor
+then compiles the graph and the choice is a PyTorch formulation, those are decomposed into it so Inductor
+fuses its small kernels (on the H200 the opaque op cost ~135 µs of host time per call against the frozen
+Linear's 14 µs); a Triton or TVM choice stays one opaque call. The choice is made while tracing, from the
 example token count: a compiled graph keeps it until it is traced again.
 """
 from __future__ import annotations
@@ -32,15 +37,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, step
 
 _lib = torch.library.Library("lsr", "DEF")
 _lib.define(
     "linear(Tensor x, Tensor weight, Tensor? bias, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale) -> Tensor"
 )
 _lib.define(
-    "linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale, "
-    "bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor A1, Tensor A2, Tensor B1, Tensor B2, Tensor A, "
+    "Tensor Bt, Tensor tT, Tensor w_eff, float scale, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _lib.define("adapter(Tensor x, Tensor A1, Tensor A2, Tensor B1, Tensor B2, float scale, str base) -> Tensor")
 _lib.define(
@@ -75,7 +84,8 @@ def check_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2
               and x.shape[-1] == d_in and x.is_floating_point()
               and dt == weight.dtype == A1.dtype == A2.dtype == B1.dtype == B2.dtype
               and dev == weight.device == A1.device == A2.device == B1.device == B2.device
-              and (bias is None or (bias.shape == (d_out,) and bias.dtype == dt and bias.device == dev)))
+              and (bias is None or (bias.dim() == 1 and bias.shape[0] == d_out and bias.dtype == dt
+                                    and bias.device == dev)))
     except (AttributeError, ValueError, TypeError, IndexError):
         ok = False
     if not ok:
@@ -127,24 +137,44 @@ def _diagnose(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2)
 
 
 def _flat(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _forward(x, weight, bias, A1, A2, B1, B2, scale):
+    check_args(x, weight, bias, A1, A2, B1, B2)
+    x2 = _flat(x)
+    y, *saved = dispatch.kernel("forward", x2, A1, A2, B1, B2)(x2, weight, bias, A1, A2, B1, B2, scale)
+    return (y if x2 is x else y.reshape(*x.shape[:-1], weight.shape[0])), saved
 
 
 @torch.library.impl(_lib, "linear", "CompositeExplicitAutograd")
 def _linear(x, weight, bias, A1, A2, B1, B2, scale):
-    check_args(x, weight, bias, A1, A2, B1, B2)
-    x2 = _flat(x)
-    y = dispatch.kernel("forward", x2, A1, A2, B1, B2)(x2, weight, bias, A1, A2, B1, B2, scale)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _forward(x, weight, bias, A1, A2, B1, B2, scale)[0]
+
+
+def _linear_forward(x, weight, bias, A1, A2, B1, B2, scale):
+    """y and what the backward reuses (None where the kernel did not compute it)."""
+    y, (A, Bt, tT, w_eff) = _forward(x, weight, bias, A1, A2, B1, B2, scale)
+    return y, A, Bt, tT, w_eff
+
+
+@torch.library.impl(_lib, "linear_forward", "CompositeExplicitAutograd")
+def _linear_forward_op(x, weight, bias, A1, A2, B1, B2, scale):
+    y, A, Bt, tT, w_eff = _linear_forward(x, weight, bias, A1, A2, B1, B2, scale)
+    return y, A, Bt, _tensor(tT, x), _tensor(w_eff, x)
+
+
+def _tensor(t, like):
+    """An op's fixed outputs: an empty tensor for one the kernel did not compute."""
+    return like.new_empty(0) if t is None else t
 
 
 @torch.library.impl(_lib, "linear_backward", "CompositeExplicitAutograd")
-def _linear_backward(grad, x, weight, A1, A2, B1, B2, scale, need_dx):
-    check_args(x, weight, None, A1, A2, B1, B2)
+def _linear_backward(grad, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx):
     x2, g2 = _flat(x), _flat(grad)
     dx, dA1, dA2, dB1, dB2 = dispatch.kernel("backward", x2, A1, A2, B1, B2)(
-        g2, x2, weight, A1, A2, B1, B2, scale, need_dx)
-    dx = dx.reshape(x.shape) if need_dx else x.new_empty(0)
+        g2, x2, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx)
+    dx = (dx if x2 is x else dx.reshape(x.shape)) if need_dx else x.new_empty(0)
     return dx, dA1, dA2, dB1, dB2
 
 
@@ -155,27 +185,45 @@ def _linear_fake(x, weight, bias, A1, A2, B1, B2, scale):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.register_fake("lsr::linear_forward", lib=_lib)
+def _linear_forward_fake(x, weight, bias, A1, A2, B1, B2, scale):
+    check_args(x, weight, bias, A1, A2, B1, B2)
+    _prepare_inductor()
+    x2 = _flat(x)
+    keeps_t, keeps_w = dispatch.forward_saves(x2, A1, A2, B1, B2)  # the shapes are the chosen kernel's
+    q, (d_out, d_in) = A1.shape[1] * A2.shape[1], weight.shape
+    return (x.new_empty(*x.shape[:-1], d_out), x.new_empty(q, d_in), x.new_empty(q, d_out),
+            x.new_empty(q, x2.shape[0]) if keeps_t else x.new_empty(0),
+            x.new_empty(d_out, d_in) if keeps_w else x.new_empty(0))
+
+
 @torch.library.register_fake("lsr::linear_backward", lib=_lib)
-def _linear_backward_fake(grad, x, weight, A1, A2, B1, B2, scale, need_dx):
+def _linear_backward_fake(grad, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx):
     _prepare_inductor()
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(A1), torch.empty_like(A2), torch.empty_like(B1), torch.empty_like(B2)
 
 
 def _linear_decomposed(x, weight, bias, A1, A2, B1, B2, scale):
+    out = _linear_forward_decomposed(x, weight, bias, A1, A2, B1, B2, scale)
+    return out if out is NotImplemented else out[0]
+
+
+def _linear_forward_decomposed(x, weight, bias, A1, A2, B1, B2, scale):
     x2 = _flat(x)
     fn = dispatch.traced_formulation("forward", x2, A1, A2, B1, B2)
     if fn is None:
         return NotImplemented
-    return fn(x2, weight, bias, A1, A2, B1, B2, scale).reshape(*x.shape[:-1], weight.shape[0])
+    y, A, Bt, tT, w_eff = fn(x2, weight, bias, A1, A2, B1, B2, scale)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), A, Bt, _tensor(tT, x), _tensor(w_eff, x)
 
 
-def _linear_backward_decomposed(grad, x, weight, A1, A2, B1, B2, scale, need_dx):
+def _linear_backward_decomposed(grad, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx):
     x2, g2 = _flat(x), _flat(grad)
     fn = dispatch.traced_formulation("backward", x2, A1, A2, B1, B2)
     if fn is None:
         return NotImplemented
-    dx, dA1, dA2, dB1, dB2 = fn(g2, x2, weight, A1, A2, B1, B2, scale, need_dx)
+    dx, dA1, dA2, dB1, dB2 = fn(g2, x2, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx)
     return (dx.reshape(x.shape) if need_dx else x.new_empty(0)), dA1, dA2, dB1, dB2
 
 
@@ -192,6 +240,7 @@ def _prepare_inductor() -> None:
 
     if not _decompositions_registered:
         for op, decomposed in ((torch.ops.lsr.linear.default, _linear_decomposed),
+                               (torch.ops.lsr.linear_forward.default, _linear_forward_decomposed),
                                (torch.ops.lsr.linear_backward.default, _linear_backward_decomposed)):
             decomposition.register_decomposition(op)(decomposed)
             # where the decomposition declines (a Triton or TVM choice), Inductor calls the op itself
@@ -208,29 +257,83 @@ def _prepare_inductor() -> None:
         config.unsafe_marked_cacheable_functions = {**marked, _CACHE_SALT: token}
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, A1, A2, B1, B2, scale = inputs
-    ctx.save_for_backward(x, weight, A1, A2, B1, B2)
-    ctx.scale = scale
-    ctx.has_bias = bias is not None
+class _LinearStep(torch.autograd.Function):
+    """One training step of the layer: the forward's extra outputs are the backward's inputs. ``direct``:
+    plain eager tensors, so the op implementations are called without the dispatcher (``_plain``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A1, A2, B1, B2, scale, direct):
+        if direct:  # one lookup finds both kernels of the step (and stands for the argument check)
+            x2 = _flat(x)
+            fwd, ctx.bwd = dispatch.step_kernels(x2, weight, bias, A1, A2, B1, B2, check_args)
+            y, A, Bt, tT, w_eff = fwd(x2, weight, bias, A1, A2, B1, B2, scale)
+            if x2 is not x:
+                y = y.reshape(*x.shape[:-1], weight.shape[0])
+        else:
+            y, A, Bt, tT, w_eff = torch.ops.lsr.linear_forward(x, weight, bias, A1, A2, B1, B2, scale)
+        # a traced token count is read at its example value (no guard: no recompile per token count)
+        if step.given(w_eff) and not step.keeps_folded(dispatch.example_rows(x), weight.shape[0]):
+            w_eff = None if direct else w_eff.new_empty(0)
+        ctx.save_for_backward(x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff)
+        ctx.scale, ctx.has_bias, ctx.direct = scale, bias is not None, direct
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if ctx.direct:
+            x2, g2 = _flat(x), _flat(grad)
+            dx, dA1, dA2, dB1, dB2 = ctx.bwd(g2, x2, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, ctx.scale, need[0])
+            if need[0] and x2 is not x:
+                dx = dx.reshape(x.shape)
+        else:
+            dx, dA1, dA2, dB1, dB2 = torch.ops.lsr.linear_backward(grad, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff,
+                                                                   ctx.scale, need[0])
+        # The base is frozen in LSRLinear; a caller that trains it still gets exact gradients.
+        dW = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need[1] else None
+        db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[2] else None
+        return (dx if need[0] else None), dW, db, dA1, dA2, dB1, dB2, None, None
 
 
-def _backward(ctx, grad):
-    x, weight, A1, A2, B1, B2 = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dA1, dA2, dB1, dB2 = torch.ops.lsr.linear_backward(grad, x, weight, A1, A2, B1, B2, ctx.scale, need[0])
-    # The base is frozen in LSRLinear; a caller that trains it still gets exact gradients.
-    dW = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need[1] else None
-    db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[2] else None
-    return (dx if need[0] else None), dW, db, dA1, dA2, dB1, dB2, None
+def _records_grad(x, weight, bias, A1, A2, B1, B2) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or A1.requires_grad or A2.requires_grad or B1.requires_grad
+                                        or B2.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
-torch.library.register_autograd("lsr::linear", _backward, setup_context=_setup_context, lib=_lib)
+@torch.library.impl(_lib, "linear", "Autograd")
+def _linear_autograd(x, weight, bias, A1, A2, B1, B2, scale):
+    if _records_grad(x, weight, bias, A1, A2, B1, B2):
+        return _LinearStep.apply(x, weight, bias, A1, A2, B1, B2, scale, False)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.lsr.linear.default(x, weight, bias, A1, A2, B1, B2, scale)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain(*tensors) -> bool:
+    """Eager calls on plain tensors, with no dispatch mode, subclass, functorch transform or tracer to see the
+    op: these skip the dispatcher and run the op's implementation directly (the dispatcher's round trips were
+    a third of a tiny layer's host time). Everything else goes through ``torch.ops.lsr.linear``."""
+    return (not torch.compiler.is_compiling()  # first: Dynamo folds it, and traces nothing after it
+            and not torch._C._len_torch_dispatch_stack() and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN for t in tensors))
+
+
+# autograd.Function.apply's Python wrapper binds default arguments and unwraps functorch's dead wrappers: plain
+# eager calls have neither, and its C++ base saves ~6 µs of a ~150 µs tiny step on the CI machine
+_step_apply = super(torch.autograd.Function, _LinearStep).apply
 
 
 def lsr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
                scale: float) -> Tensor:
     """``y = x Wᵀ + bias + scale·(x Aᵀ) Bᵀ`` through the tuned kernels (same signature as the reference)."""
+    if _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN):
+        if _records_grad(x, weight, bias, A1, A2, B1, B2):
+            return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), True)
+        return _linear(x, weight, bias, A1, A2, B1, B2, float(scale))
     return torch.ops.lsr.linear(x, weight, bias, A1, A2, B1, B2, float(scale))
 
 

@@ -16,10 +16,7 @@ ALL_OPS = OPS + MIXED_OPS + ADAPTER_OPS
 
 def token_bucket(n: int) -> int:
     """Round N up to a power of two (min 16): variants' costs cross over with N, slowly."""
-    b = 16
-    while b < n:
-        b *= 2
-    return b
+    return 16 if n <= 16 else 1 << (n - 1).bit_length()
 
 
 def count_bucket(n: int) -> int:

@@ -33,8 +33,15 @@ def default(name: str, op: str, variant: str, dtype: str | None = None) -> dict:
     return dict(entry.get("default_by_dtype", {}).get(dtype, entry["default"]))
 
 
+def generic(name: str, op: str, variant: str) -> dict | None:
+    """The point compiled once for every shape (TVM: ``{"shapes": "any"}``), where the space has one."""
+    g = load(name)[op][variant].get("generic")
+    return dict(g) if g is not None else None
+
+
 def space(name: str, op: str, variant: str) -> list[dict]:
-    """Every point of the space (a grid of knobs, or a list of points), the default first."""
+    """Every point of the space (a grid of knobs, or a list of points), the default first, the generic point
+    (if any) last."""
     entry = load(name)[op][variant]
     knobs = entry["space"]
     if isinstance(knobs, list):
@@ -42,7 +49,8 @@ def space(name: str, op: str, variant: str) -> list[dict]:
     else:
         points = [dict(zip(knobs, vals)) for vals in itertools.product(*knobs.values())]
     d = entry["default"]
-    return [d] + [p for p in points if p != d]
+    g = entry.get("generic")
+    return [d] + [p for p in points if p != d] + ([dict(g)] if g is not None else [])
 
 
 def points(name: str, op: str, variant: str) -> list[dict]:

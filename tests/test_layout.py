@@ -7,11 +7,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsr_compile"
 
 # lowest first; a module may import its own stage and the stages before it
 STAGES = [
-    ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "mixed_formulations", "device",
+    ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "step", "mixed_formulations", "device",
      "quantized"),
     ("expr",),  # 1. expression
     ("schedule_spaces",),  # 2. schedule space
     ("kernels",),  # 3. kernels
+    ("costmodel",),  # what a step of kernels costs on a device
     ("logs",),  # 4. the tuning-log format, under the tuner that writes it and dispatch that reads it
     ("tuning",),  # 5. tuner
     ("dispatch",),  # 6. run-time choice

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lsr_compile as lc
-from lsr_compile import formulations, reference
+from lsr_compile import reference
 from lsr_compile.ops import LSRInputError
 
 from conftest import make_layer_inputs
@@ -51,30 +51,6 @@ def test_op_matches_reference_values_and_grads(p):
         torch.testing.assert_close(f.grad.double(), want, atol=tol["atol"] * mag(want), rtol=tol["rtol"])
 
 
-@pytest.mark.parametrize("variant", sorted(formulations.FORWARDS))
-@pytest.mark.parametrize("dims", [(1, 1, 1, 5, 3, 2, 7), (3, 2, 3, 6, 7, 5, 9), (4, 3, 2, 12, 8, 8, 12)])
-def test_each_forward_formulation(variant, dims):
-    x, W, b, factors = make_layer_inputs(37, *dims, dtype=torch.float64)
-    got = formulations.FORWARDS[variant](x, W, b, *factors, 0.7)
-    torch.testing.assert_close(got, reference.lsr_linear(x, W, b, *factors, 0.7))
-
-
-@pytest.mark.parametrize("variant", sorted(formulations.BACKWARDS))
-@pytest.mark.parametrize("need_dx", [True, False])
-def test_each_backward_formulation(variant, need_dx):
-    dims = (3, 2, 3, 6, 7, 5, 9)
-    x, W, b, factors = make_layer_inputs(23, *dims, dtype=torch.float64)
-    g = torch.randn(23, 45, dtype=torch.float64)
-    _, dx_ref, df_ref = _ref_value_and_grads({"scale": 1.3}, x, W, b, factors, g)
-    dx, *df = formulations.BACKWARDS[variant](g, x, W, *factors, 1.3, need_dx)
-    if need_dx:
-        torch.testing.assert_close(dx, dx_ref)
-    else:
-        assert dx is None
-    for got, want in zip(df, df_ref):
-        torch.testing.assert_close(got, want)
-
-
 def test_gradcheck_float64():
     x, W, b, factors = make_layer_inputs(5, 2, 2, 3, 3, 4, 4, 2, dtype=torch.float64, lead=(2,))
     inputs = [x.requires_grad_(True)] + [f.requires_grad_(True) for f in factors]
@@ -88,10 +64,14 @@ def test_opcheck_every_op():
         f.requires_grad_(True)
     torch.library.opcheck(torch.ops.lsr.linear.default, (x, W, b, *factors, 0.9))
     torch.library.opcheck(torch.ops.lsr.linear.default, (x, W, None, *factors, 0.9))
+    torch.library.opcheck(torch.ops.lsr.linear_forward.default, (x.detach(), W, b, *[f.detach() for f in factors], 0.9))
     g = torch.randn(2, 6, 8, dtype=torch.float64)
+    fs = [f.detach() for f in factors]
+    _, A, Bt, tT, w_eff = torch.ops.lsr.linear_forward(x.detach(), W, b, *fs, 0.9)
+    empty = x.new_empty(0)
     for need_dx in (True, False):
-        torch.library.opcheck(torch.ops.lsr.linear_backward.default,
-                              (g, x.detach(), W, *[f.detach() for f in factors], 0.9, need_dx))
+        for saved in ((A, Bt, tT, w_eff), (A, Bt, empty, empty)):
+            torch.library.opcheck(torch.ops.lsr.linear_backward.default, (g, x.detach(), W, *fs, *saved, 0.9, need_dx))
 
 
 def test_trainable_base_weight_gets_exact_gradient():

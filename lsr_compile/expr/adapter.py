@@ -39,8 +39,9 @@ class Expression:
     build: Callable[[FactorShapes, str], list]
 
 
-def _lanes(d: int) -> int:
-    return LANES if d % LANES == 0 else 1
+def _lanes(d) -> int:
+    """Rfactor lanes for a contiguous reduction of length d (none for a symbolic d)."""
+    return LANES if isinstance(d, int) and d % LANES == 0 else 1
 
 
 def acc_dtype(dtype: str) -> str:
@@ -164,6 +165,45 @@ def backward_materialise(f: FactorShapes, dtype: str):
     return [dy, x, A, Bt, A1, A2, B1, B2, scale, dxa, *_project(f, dA, dBt, A1, A2, B1, B2)]
 
 
+def forward_generic(f: FactorShapes, dtype: str, bias: bool = True):
+    """A host-bound layer's forward in one kernel: A and Bᵀ from the factors (written out: the backward
+    reuses them), then ``y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ``, the base GEMM included (a host-bound problem's
+    cost is its calls, not its arithmetic). Built with symbolic shapes (one kernel for every layer), where its
+    indices cost divisions and nothing is scheduled: only tiny problems run it."""
+    n = te.var("n", "int64")
+    x = te.placeholder((n, f.d_in), dtype, name="x")
+    W = te.placeholder((f.d_out, f.d_in), dtype, name="W")
+    b = te.placeholder((f.d_out,), dtype, name="b") if bias else None
+    A1, A2, B1, B2 = _factors(f, dtype)
+    ac = acc_dtype(dtype)
+    scale = te.var("scale", ac)
+    la, lb = te.reduce_axis((0, f.s), name="la"), te.reduce_axis((0, f.s), name="lb")
+    A = te.compute((f.q, f.d_in), lambda k, i: te.sum(
+        _up(A1[la, k // f.r2, i // f.n2], ac) * _up(A2[la, k % f.r2, i % f.n2], ac), axis=la).astype(dtype), name="A")
+    Bt = te.compute((f.q, f.d_out), lambda k, o: te.sum(
+        _up(B1[lb, o // f.m2, k // f.r2], ac) * _up(B2[lb, o % f.m2, k % f.r2], ac), axis=lb).astype(dtype), name="Bt")
+    kk, kb = te.reduce_axis((0, f.d_in), name="kk"), te.reduce_axis((0, f.d_in), name="kb")
+    t = te.compute((n, f.q), lambda i, a: te.sum(_up(x[i, kk], ac) * _up(A[a, kk], ac), axis=kk), name="t")
+    base = te.compute((n, f.d_out), lambda i, j: te.sum(_up(x[i, kb], ac) * _up(W[j, kb], ac), axis=kb), name="base")
+    a = te.reduce_axis((0, f.q), name="a")
+    acc = te.compute((n, f.d_out), lambda i, j: te.sum(t[i, a] * _up(Bt[a, j], ac), axis=a), name="y_acc")
+    y = te.compute((n, f.d_out), lambda i, j: (base[i, j] + (_up(b[j], ac) if bias else 0.0)
+                                               + scale * acc[i, j]).astype(dtype), name="y")
+    return [x, W] + ([b] if bias else []) + [A1, A2, B1, B2, scale, A, Bt, y]
+
+
+def backward_generic(f: FactorShapes, dtype: str):
+    """A host-bound layer's backward in one kernel: ``backward_materialise`` plus the base's share of dx,
+    ``dy W``. Built with symbolic shapes."""
+    dy, x, A, Bt, A1, A2, B1, B2, scale, dxa, *grads = backward_materialise(f, dtype)
+    W = te.placeholder((f.d_out, f.d_in), dtype, name="W")
+    ac = acc_dtype(dtype)
+    o = te.reduce_axis((0, f.d_out), name="o")
+    dxb = te.compute(x.shape, lambda i, k: te.sum(_up(dy[i, o], ac) * _up(W[o, k], ac), axis=o), name="dx_base")
+    dx = te.compute(x.shape, lambda i, k: (dxb[i, k] + _up(dxa[i, k], ac)).astype(dtype), name="dx")
+    return [dy, x, W, A, Bt, A1, A2, B1, B2, scale, dx, *grads]
+
+
 EXPRESSIONS = {  # (op, variant) -> expression; the variants are named as the PyTorch formulations that
     # compute the same algorithm (lsr_compile.formulations)
     ("forward", "materialise"): Expression(("x", "A", "Bt", "scale", "y_io", "y"), forward_materialise),
@@ -171,4 +211,12 @@ EXPRESSIONS = {  # (op, variant) -> expression; the variants are named as the Py
     ("backward", "materialise"): Expression(
         ("dy", "x", "A", "Bt", "A1", "A2", "B1", "B2", "scale", "dx_adapter", "dA1", "dA2", "dB1", "dB2"),
         backward_materialise),
+}
+
+GENERIC = {  # what a generic config ({"shapes": "any"}) compiles, once per dtype: the whole layer, one call
+    ("forward", True): Expression(("x", "W", "b", "A1", "A2", "B1", "B2", "scale", "A", "Bt", "y"), forward_generic),
+    ("forward", False): Expression(("x", "W", "A1", "A2", "B1", "B2", "scale", "A", "Bt", "y"),
+                                   lambda f, dtype: forward_generic(f, dtype, bias=False)),
+    ("backward", True): Expression(("dy", "x", "W", "A", "Bt", "A1", "A2", "B1", "B2", "scale", "dx", "dA1", "dA2",
+                                    "dB1", "dB2"), backward_generic),
 }

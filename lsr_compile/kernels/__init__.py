@@ -11,21 +11,36 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import formulations, mixed_formulations, schedule_spaces
+from .. import formulations, mixed_formulations, schedule_spaces, step
 from ..device import space_name, tvm_target
 from ..problem import ADAPTER_OPS, MIXED_OPS, ProblemKey
 
 BACKENDS = ("torch", "tvm", "triton")
 
 
+_ATEN = {"forward": {v: step.bind(f, step.ATEN) for v, f in step.FORWARDS.items()},
+         "backward": {v: step.bind(f, step.ATEN) for v, f in step.BACKWARDS.items()},
+         "mixed_forward": mixed_formulations.FORWARDS, "mixed_backward": mixed_formulations.BACKWARDS,
+         "adapter_forward": formulations.ADAPTER_FORWARDS, "adapter_backward": formulations.ADAPTER_BACKWARDS}
+
+
 def torch_formulations(op: str) -> dict[str, Callable]:
-    """The PyTorch formulations of ``op`` (the ``torch`` backend's variants)."""
-    tables = {"forward": formulations.FORWARDS, "backward": formulations.BACKWARDS,
-              "mixed_forward": mixed_formulations.FORWARDS, "mixed_backward": mixed_formulations.BACKWARDS,
-              "adapter_forward": formulations.ADAPTER_FORWARDS, "adapter_backward": formulations.ADAPTER_BACKWARDS}
-    if op not in tables:
-        raise ValueError(f"unknown op {op!r}; known: {sorted(tables)}")
-    return tables[op]
+    """The PyTorch formulations of ``op``: the ``torch`` backend's variants, the layer's with ATen's
+    Kronecker parts (what Inductor's decomposition and every device run)."""
+    if op not in _ATEN:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(_ATEN)}")
+    return _ATEN[op]
+
+
+def forward_saves(backend: str, variant: str) -> tuple[bool, bool]:
+    """What a forward kernel hands the backward besides A and Bt: (tT, the folded weight). The step's
+    formulations (any parts): materialise keeps tT, fold the folded weight; the fused Triton GEMM writes tT;
+    TVM's token-path kernels (its materialise and factored) neither."""
+    if backend == "triton" and variant == "fused":
+        return True, False
+    if backend == "tvm" and variant != "fold":
+        return False, False
+    return variant == "materialise", variant == "fold"
 
 
 def torch_default_variant(op: str, key: ProblemKey, device: torch.device = torch.device("cpu")) -> str:
@@ -49,6 +64,31 @@ def torch_default_variant(op: str, key: ProblemKey, device: torch.device = torch
     return "fold" if key.token_bucket * (d_in + 2 * d_out) > 2 * d_out * d_in else "materialise"
 
 
+HOST_BOUND_MACS = 32768  # multiply-adds a serial generic TVM kernel does in ~30 µs on the CI CPU
+
+
+def untuned_choice(op: str, key: ProblemKey, device: torch.device) -> tuple[str, str, dict, str]:
+    """(backend, variant, config, why) for a problem no tuning record covers. On a GPU the Triton parts
+    around cuBLAS (fewer launches and passes than the ATen formulations); on a CPU, for a problem whose cost
+    is the host's calls, TVM's generic token-path kernels (one call per direction, compiled once per dtype);
+    else the PyTorch formulations. The variant by the memory-traffic rule (``torch_default_variant``)."""
+    variant = torch_default_variant(op, key, device)
+    kind = torch.device(device).type
+    if op in ("forward", "backward") and kind == "cuda" and unavailable("triton", device) is None:
+        from . import triton_parts
+
+        if key.dtype in triton_parts.DTYPES:
+            return ("triton", variant, triton_parts.default_config(op, variant, key, device),
+                    f"Triton's Kronecker parts around cuBLAS, {variant} by the memory-traffic rule")
+    f = key.shapes
+    if (op in ("forward", "backward") and kind == "cpu" and unavailable("tvm", device) is None
+            and key.dtype in schedule_spaces.dtypes("llvm")
+            and key.token_bucket * (f.d_in * f.d_out + f.q * (f.d_in + f.d_out)) <= HOST_BOUND_MACS):
+        return ("tvm", "materialise", schedule_spaces.generic("llvm", op, "materialise"),
+                "host-bound: TVM's generic kernel, the whole layer in one call per direction")
+    return "torch", variant, {}, f"the PyTorch formulation {variant} by the memory-traffic rule"
+
+
 def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device) -> tuple[str, dict]:
     """The variant and config a backend runs when nothing was tuned for ``key``."""
     if backend == "torch":
@@ -64,9 +104,10 @@ def default_choice(backend: str, op: str, key: ProblemKey, device: torch.device)
             from . import triton_mixed
 
             return triton_mixed.default_choice(op, key, device)
-        from . import triton_fused
+        from . import triton_parts
 
-        return triton_fused.default_choice(op, key, device)
+        variant = torch_default_variant(op, key, device)
+        return variant, triton_parts.default_config(op, variant, key, device)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -82,11 +123,16 @@ def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None)
         compiled += _round_robin(per_variant)
     if target == "cuda" and op not in ADAPTER_OPS:
         if op in MIXED_OPS:
-            from . import triton_mixed as triton
-        else:
-            from . import triton_fused as triton
+            from . import triton_mixed
 
-        compiled = _round_robin([triton.candidates(op, key), compiled])
+            triton = [triton_mixed.candidates(op, key)]
+        else:
+            from . import triton_fused, triton_parts
+
+            parts = triton_parts.candidates(op, key)
+            triton = [[c for c in parts if c[1] == v] for v in triton_parts.VARIANTS]
+            triton.append(triton_fused.candidates(op, key))
+        compiled = _round_robin(triton + [compiled])
     return out + (compiled if trials is None else compiled[:trials])
 
 
@@ -122,6 +168,10 @@ def static_problem(backend: str, op: str, variant: str, config: dict, key: Probl
             from . import triton_mixed
 
             return triton_mixed.static_problem(op, key, config, device)
+        if variant != "fused":
+            from . import triton_parts
+
+            return triton_parts.static_problem(op, variant, key, config, device)
         from . import triton_fused
 
         return triton_fused.static_problem(op, key, config, device)
@@ -147,7 +197,7 @@ def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, de
             from . import triton_mixed
 
             return triton_mixed.build(op, variant, config, key, device)
-        from . import triton_fused
+        from . import triton_parts
 
-        return triton_fused.build(op, variant, config, key, device)
+        return triton_parts.build(op, variant, config, key, device)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

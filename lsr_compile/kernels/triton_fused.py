@@ -6,9 +6,9 @@
     backward: a = dy, M = Wᵀ (d_in, d_out),  P = Bᵀ (q, d_out), Q = Aᵀ (d_in, q)    -> dx, u = dy B
 
 x is read once: ``a @ Pᵀ`` is accumulated in the base GEMM's K-loop and ``t Qᵀ`` added in
-the epilogue. Transposes are strides, never copies. The factor gradients
-(``dA = scale·uᵀ x``, ``dB = scale·dyᵀ t``, then the Kronecker projections) are
-q-wide GEMMs (``formulations.factor_grads``); no d_out x d_in matrix is formed (docs/design.md §2).
+the epilogue. Transposes are strides, never copies; P is K-contiguous in both directions (A and Bᵀ as
+built by the factors kernel), so its loads pipeline. The factor gradients (``uᵀ x``, ``tᵀ dy``, then the
+Kronecker projections, ``triton_parts``) are q-wide; no d_out x d_in matrix is formed (docs/design.md §2).
 
 Without a GPU the kernel runs in Triton's interpreter: correct and slow, for
 tests. The interpreter must be chosen before anything imports triton (torch and
@@ -27,11 +27,19 @@ import triton.language as tl
 
 from .. import schedule_spaces
 from ..device import space_name
-from ..formulations import build_A, build_B, factor_grads
 from ..problem import DTYPES as DTYPES_TORCH, ProblemKey
 from .cubin import resource_usage
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+recorder = None  # costmodel sets a callable(kernel, grid, args, meta): launches are recorded instead of run
+
+
+def launch(kernel, grid, args: tuple, meta: dict) -> None:
+    """Every Triton launch of the package goes through here (``costmodel`` records a step by it)."""
+    if recorder is not None:
+        recorder(kernel, grid, args, meta)
+        return
+    kernel[grid](*args, **meta)
 SPACE = space_name("triton", "cuda")
 DTYPES = tuple(schedule_spaces.dtypes(SPACE))
 KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
@@ -143,7 +151,7 @@ def fused_linear(a, Mt, bias, P, Q, scale: float, config: dict, want_t: bool = F
         Q, scale = Q * scale, 1.0
     args, kwargs, grid = _launch_args(a, Mt, bias, P, Q, scale, launch_config(config),
                                       want_t)
-    _fused_lsr_kernel[grid](*args, **kwargs)
+    launch(_fused_lsr_kernel, grid, args, kwargs)
     out, t = args[5], args[6]
     return (out, t) if want_t else out
 
@@ -174,24 +182,10 @@ def _operands(op, key: ProblemKey, device="meta"):
     """Tensors laid out exactly as ``forward``/``backward`` pass them (meta: no memory), for compiling."""
     f, dt = key.shapes, DTYPES_TORCH[key.dtype]
     e = lambda *s: torch.empty(*s, device=device, dtype=dt)  # noqa: E731
-    x, W, A, B = e(key.token_bucket, f.d_in), e(f.d_out, f.d_in), e(f.q, f.d_in), e(f.d_out, f.q)
+    x, W, A, Bt = e(key.token_bucket, f.d_in), e(f.d_out, f.d_in), e(f.q, f.d_in), e(f.q, f.d_out)
     if op == "forward":
-        return (x, W, e(f.d_out), A, B), False
-    return (e(key.token_bucket, f.d_out), W.T, None, B.T, A.T), True
-
-
-def forward(x, weight, bias, A1, A2, B1, B2, scale, config):
-    return fused_linear(x, weight, bias, build_A(A1, A2), build_B(B1, B2), scale, config)
-
-
-def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx, config):
-    """dx (and u = dy B) from the fused kernel; the factor gradients from q-wide GEMMs."""
-    A, B = build_A(A1, A2), build_B(B1, B2)
-    if need_dx:
-        dx, u = fused_linear(dy, weight.T, None, B.T, A.T, scale, config, want_t=True)
-    else:
-        dx, u = None, dy @ B
-    return (dx, *factor_grads(u.T.mul(scale), dy, x, A, A1, A2, B1, B2, scale))
+        return (x, W, e(f.d_out), A, Bt.T), True
+    return (e(key.token_bucket, f.d_out), W.T, None, Bt, A.T), True
 
 
 def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
@@ -216,18 +210,6 @@ def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
     if key.dtype not in DTYPES:
         return []
     return [("triton", "fused", c) for c in schedule_spaces.space(SPACE, op, "fused")]
-
-
-def build(op: str, variant: str, config: dict, key: ProblemKey, device):
-    if variant != "fused":
-        raise ValueError(f"no Triton {op} variant {variant!r}; known: ['fused']")
-    if key.dtype not in DTYPES:
-        raise ValueError(f"Triton kernels support {DTYPES}, not {key.dtype}")
-    if op == "forward":
-        return lambda x, weight, bias, A1, A2, B1, B2, scale: forward(x, weight, bias, A1, A2, B1, B2, scale,
-                                                                      config)
-    return lambda dy, x, weight, A1, A2, B1, B2, scale, need_dx: backward(dy, x, weight, A1, A2, B1, B2, scale,
-                                                                          need_dx, config)
 
 
 # ---- ahead-of-time compilation: resources of a config without a GPU ------------------------------
@@ -280,7 +262,7 @@ def compile_kernel(kernel, args: tuple, kwargs: dict, capability: int) -> Resour
     from triton.runtime.jit import create_function_from_signature
 
     kwargs = dict(kwargs)
-    if INTERPRETED:  # the interpreter's launch never compiles: the kernel's own arguments, on GPU terms
+    if INTERPRETED and "UPCAST" in kwargs:  # the interpreter's launch never compiles: a GPU's arguments
         kwargs["UPCAST"] = False
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
@@ -299,15 +281,25 @@ def compile_kernel(kernel, args: tuple, kwargs: dict, capability: int) -> Resour
     return Resources(capability, int(compiled.metadata.shared), usage["registers"], usage["spilled"], cores)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _compilable(kernel):
     """The kernel as a JITFunction even under the interpreter (where ``triton.jit`` returns an interpreted
-    one), made once per process."""
+    one), and so the ``@triton.jit`` helpers it calls, made once per process."""
     if not INTERPRETED:
         return kernel
+    import types
+
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    return JITFunction(kernel.fn)
+    fn = kernel.fn
+    names = fn.__code__.co_names
+    helpers = {n: _compilable(v) for n, v in fn.__globals__.items() if n in names and isinstance(v, InterpretedFunction)}
+    if helpers:
+        fn = types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__,
+                                fn.__closure__)
+        fn.__qualname__, fn.__module__, fn.__wrapped__ = kernel.fn.__qualname__, kernel.fn.__module__, kernel.fn
+    return JITFunction(fn)
 
 
 def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90) -> Resources:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from .. import schedule_spaces
 from ..config import FactorShapes
-from ..formulations import build_A, build_Bt
 from ..problem import ProblemKey
 from ..device import space_name, target_of, tvm_target
 
@@ -51,6 +50,11 @@ def _compiled(op, variant, config_items, f, dtype, target_items):
     return lib["main"]
 
 
+@functools.lru_cache(maxsize=None)
+def _generic_shapes() -> FactorShapes:
+    return symbolic_shapes()  # one object, so each compiled generic function is cached once per dtype
+
+
 def compile_count() -> int:
     """How many TVM functions this process has compiled (not counting the ones served from memory)."""
     return _compiled.cache_info().misses
@@ -60,11 +64,20 @@ def compile_for(op, variant, config, f, dtype, target):
     return _compiled(op, variant, tuple(sorted(config.items())), f, dtype, tuple(sorted(target.items())))
 
 
+def symbolic_shapes() -> FactorShapes:
+    """Factor shapes as TVM variables, bound from the factors' shapes at each call (the generic kernels)."""
+    from tvm import te
+
+    return FactorShapes(*(te.var(n, "int64") for n in ("s", "r1", "r2", "n1", "n2", "m1", "m2")))
+
+
 def _function(op, variant, config, f, dtype, device):
     """The compiled TVM function for ``device``: on a GPU a prebuilt artifact when there is one (TVM's
     runtime alone runs it), else compiled here; calls run on PyTorch's current CUDA stream."""
     target = tvm_target(device)
     if target["kind"] != "cuda":
+        if config.get("shapes") == "any":
+            f = _generic_shapes()
         return compile_for(op, variant, config, f, dtype, target)
     import tvm_ffi
 
@@ -79,31 +92,66 @@ def _function(op, variant, config, f, dtype, device):
     return on_torch_stream
 
 
+def _generic(op: str, config: dict, key: ProblemKey, device):
+    """The generic kernels: the whole layer in one TVM call per direction (``expr.GENERIC``), compiled once
+    per dtype (and bias or none) for every shape."""
+    fns = {has_bias: _function(op, "materialise", {**config, "bias": has_bias}, None, key.dtype, device)
+           for has_bias in ((True, False) if op == "forward" else (True,))}
+    if op == "forward":
+        def forward(x, weight, bias, A1, A2, B1, B2, scale):
+            x = x.contiguous()
+            q, (d_out, d_in) = A1.shape[1] * A2.shape[1], weight.shape
+            A, Bt, y = x.new_empty(q, d_in), x.new_empty(q, d_out), x.new_empty(x.shape[0], d_out)
+            args = (x, weight) + (() if bias is None else (bias,))
+            fns[bias is not None](*args, A1, A2, B1, B2, scale, A, Bt, y)
+            return y, A, Bt, None, None
+        return forward
+    fn = fns[True]
+
+    def backward(dy, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx):
+        dx = torch.empty_like(x)
+        grads = [torch.empty_like(t) for t in (A1, A2, B1, B2)]
+        fn(dy.contiguous(), x.contiguous(), weight, A, Bt, A1, A2, B1, B2, scale, dx, *grads)
+        return (dx if need_dx else None, *grads)
+    return backward
+
+
 def build(op: str, variant: str, config: dict, key: ProblemKey, device: torch.device):
-    """A layer kernel (signature of ``lsr_compile.formulations``) running the compiled TVM function."""
+    """A layer kernel (signature of ``step``: forwards return what the backward reuses) running the compiled
+    TVM function; A and Bᵀ come from the Kronecker parts of the device (``kernels.parts_for``)."""
+    from ..step import ATEN, BACKWARDS, FORWARDS, bind
+    from .tvm_parts import PARTS
+
+    parts = PARTS if torch.device(device).type == "cpu" else ATEN
+    if variant == "fold" and op in ("forward", "backward"):  # the step's fold with TVM's Kronecker parts
+        return bind((FORWARDS if op == "forward" else BACKWARDS)["fold"], parts)
+    if config.get("shapes") == "any":
+        return _generic(op, config, key, device)
     f = key.shapes
     fn = _function(op, variant, config, f, key.dtype, device)
     if op == "forward" and variant == "materialise":
         def forward(x, weight, bias, A1, A2, B1, B2, scale):
             x = x.contiguous()
+            A, Bt = parts.factors(A1, A2, B1, B2)
             y = F.linear(x, weight, bias)
-            fn(x, build_A(A1, A2), build_Bt(B1, B2), scale, y)
-            return y
+            fn(x, A, Bt, scale, y)
+            return y, A, Bt, None, None
         return forward
     if op == "forward" and variant == "factored":
         def forward(x, weight, bias, A1, A2, B1, B2, scale):
             x = x.contiguous()
             y = F.linear(x, weight, bias)
-            fn(x, A1.contiguous(), A2.contiguous(), B1.contiguous(), B2.contiguous(), scale, y)
-            return y
+            A1, A2, B1, B2 = (t.contiguous() for t in (A1, A2, B1, B2))
+            fn(x, A1, A2, B1, B2, scale, y)
+            return (y, *parts.factors(A1, A2, B1, B2), None, None)
         return forward
     if op == "backward" and variant == "materialise":
-        def backward(dy, x, weight, A1, A2, B1, B2, scale, need_dx):
+        def backward(dy, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx):
             dy, x = dy.contiguous(), x.contiguous()
             dx = torch.empty_like(x)
             grads = [torch.empty_like(t) for t in (A1, A2, B1, B2)]
             A1, A2, B1, B2 = (t.contiguous() for t in (A1, A2, B1, B2))
-            fn(dy, x, build_A(A1, A2), build_Bt(B1, B2), A1, A2, B1, B2, scale, dx, *grads)
+            fn(dy, x, A.contiguous(), Bt.contiguous(), A1, A2, B1, B2, scale, dx, *grads)
             # the vendor GEMM accumulates dy W onto the adapter term (beta = 1): no extra pass over dx
             return (torch.addmm(dx, dy, weight, out=dx) if need_dx else None, *grads)
         return backward

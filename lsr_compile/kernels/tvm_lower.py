@@ -8,7 +8,7 @@ from tvm import s_tir
 
 from .. import schedule_spaces
 from ..config import FactorShapes
-from ..expr import EXPRESSIONS
+from ..expr import EXPRESSIONS, GENERIC
 
 
 _SPATIAL, _REDUCE = 0, 2  # tirx.IterVar iter types
@@ -128,13 +128,19 @@ def lower(op: str, variant: str, config: dict, f: FactorShapes, dtype: str, targ
     kind = target["kind"]
     if dtype not in schedule_spaces.dtypes(kind):
         raise ValueError(f"TVM {kind} kernels support {schedule_spaces.dtypes(kind)}, not {dtype}")
-    if (op, variant) not in EXPRESSIONS:
+    generic = config.get("shapes") == "any"
+    gkey = (op, bool(config.get("bias", True)))
+    if generic and (variant != "materialise" or gkey not in GENERIC):
+        raise ValueError(f"no generic TVM expression for {op}/{variant}")
+    if not generic and (op, variant) not in EXPRESSIONS:
         raise ValueError(f"no TVM expression for {op}/{variant}; known: {sorted(EXPRESSIONS)}")
-    expr = EXPRESSIONS[op, variant]
+    expr = GENERIC[gkey] if generic else EXPRESSIONS[op, variant]
     func = te.create_prim_func(expr.build(f, dtype))
-    mod = schedule_llvm(func, config).mod if kind == "llvm" else schedule_cuda(func, config)
-    if "y_io" in expr.args:
-        main = mod["main"]
-        params = dict(zip(expr.args, main.params))
-        mod = tvm.IRModule({"main": main.specialize({params["y"]: params["y_io"]})})
-    return mod
+    if generic:  # serial, as written: a host-bound problem's kernel
+        mod = tvm.IRModule({"main": func})
+    else:
+        mod = schedule_llvm(func, config).mod if kind == "llvm" else schedule_cuda(func, config)
+    main = mod["main"]
+    params = dict(zip(expr.args, main.params))
+    io = {params[name[:-3]]: params[name] for name in expr.args if name.endswith("_io")}
+    return tvm.IRModule({"main": main.specialize(io)}) if io else mod

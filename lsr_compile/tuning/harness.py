@@ -42,8 +42,18 @@ def inputs(shape: LSRShape, tokens: int, device, dtype) -> dict:
     return d
 
 
+def save_forward(d: dict, forward, scale: float, keep_folded: bool = True) -> dict:
+    """Run a forward kernel on ``d`` and keep what it hands the backward (A, Bt, tT, W_eff; W_eff dropped
+    unless ``keep_folded``), as the op does in a training step. Returns ``d``."""
+    _, A, Bt, tT, w_eff = forward(d["x"], d["W"], d["b"], *d["factors"], scale)
+    d["saved"] = (A, Bt, tT, w_eff if keep_folded else w_eff.new_empty(0))
+    return d
+
+
 def call(op: str, fn, d: dict, scale: float):
-    """``fn`` (a kernel of ``op``) on the inputs ``d``, as a no-argument callable."""
+    """``fn`` (a kernel of ``op``) on the inputs ``d``, as a no-argument callable. A layer backward gets
+    ``d["saved"]`` (``save_forward``), by default what the ATen fold forward saves without W_eff: A and Bt,
+    so it computes everything else itself."""
     mixed = (d["scales"], d["seg_indptr"], d["seg_adapter"]) if op in MIXED_OPS else (scale,)
     if op in ADAPTER_OPS:  # the adapter alone: no base weight
         if op == "adapter_forward":
@@ -51,6 +61,12 @@ def call(op: str, fn, d: dict, scale: float):
         return lambda: fn(d["dy"], d["x"], *d["factors"], scale, True)
     if op.endswith("forward"):
         return lambda: fn(d["x"], d["W"], d["b"], *d["factors"], *mixed)
+    if op == "backward":
+        if "saved" not in d:
+            from ..step import ATEN, bind, forward_fold
+
+            save_forward(d, bind(forward_fold, ATEN), scale, keep_folded=False)
+        return lambda: fn(d["dy"], d["x"], d["W"], *d["factors"], *d["saved"], scale, True)
     return lambda: fn(d["dy"], d["x"], d["W"], *d["factors"], *mixed, True)
 
 
@@ -82,7 +98,10 @@ def expected(op: str, d: dict, scale: float) -> list[torch.Tensor]:
 
 
 def errors(op: str, out, want) -> list[float]:
-    """Per output: max |got - ref| / max(1, max |ref|) (NaN when the output holds NaN)."""
+    """Per output: max |got - ref| / max(1, max |ref|) (NaN when the output holds NaN). A layer forward's
+    extra outputs (what it saves for the backward) are not compared here."""
+    if op == "forward":
+        out = out[0]
     got = [out] if op.endswith("forward") else list(out)
     return [(g.double().cpu() - w).abs().max().item() / max(1.0, w.abs().max().item()) for g, w in zip(got, want)]
 

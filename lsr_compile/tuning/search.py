@@ -45,8 +45,21 @@ def shapes_of(model: nn.Module, tokens: Iterable[int], dtype=None) -> list[LSRSh
     return list(seen.values())
 
 
-def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progress: bool) -> Optional[dict]:
+def _forward_kernel(shape: LSRShape, device, winner: Optional[dict]):
+    """The forward a backward is tuned behind: this run's winner for the shape, else the untuned default."""
+    key = shape.key("forward")
+    if winner is not None:
+        backend, variant, config = winner["backend"], winner["variant"], winner["config"]
+    else:
+        backend, variant, config, _ = kernels.untuned_choice("forward", key, torch.device(device))
+    return kernels.build(backend, "forward", variant, config, key, torch.device(device))
+
+
+def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progress: bool,
+         forward_winner: Optional[dict] = None) -> Optional[dict]:
     from tqdm.auto import tqdm
+
+    from ..step import keeps_folded
 
     key = shape.key(op)
     dtype = key.dtype
@@ -59,6 +72,10 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     check = harness.inputs(shape, min(shape.tokens, CHECK_TOKENS), device, shape.dtype)
     want = harness.expected(op, check, scale)
     bench = harness.inputs(shape, shape.tokens, device, shape.dtype)
+    if op == "backward":  # timed with what the forward it runs behind hands it, as in a training step
+        forward = _forward_kernel(shape, device, forward_winner)
+        for d in (check, bench):
+            harness.save_forward(d, forward, scale, keeps_folded(d["x"].shape[0], shape.factors.d_out))
     built, rejected, skipped = {}, {}, {}
     bar = tqdm(total=len(cands), desc=f"{op:8s} {shape.label()}", disable=not progress, leave=True)
     for i, (backend, variant, config) in enumerate(cands):
@@ -211,11 +228,13 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     device = TARGET_DEVICES[target]
     jobs = [(s, op) for s in shapes for op in (ops or s.ops)]
     budget = (time_budget_s / len(jobs)) if time_budget_s else DEFAULT_BUDGET_S
-    written = []
+    written, forward_winners = [], {}
     for shape, op in jobs:
-        rec = _job(shape, op, target, device, trials, budget, progress)
+        rec = _job(shape, op, target, device, trials, budget, progress, forward_winners.get(shape))
         if rec is None:
             continue
+        if op == "forward":
+            forward_winners[shape] = rec
         logs.append(logs.log_path(log_dir, target, rec["device"]["id"], op), rec)
         written.append(rec)
         log.info("tune: %s", summary(rec))

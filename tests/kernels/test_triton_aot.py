@@ -95,3 +95,68 @@ def test_mixed_batch_fp32_fp64_defaults_fit(dims, dtype):
     cfg = schedule_spaces.default("triton_cuda", "mixed_forward", "gathered", dtype)
     r = triton_mixed.compile_report(key, cfg, SM90)
     assert r.problem(LIMIT) is None, r
+
+
+# ---- the Kronecker parts around cuBLAS (kernels/triton_parts.py) ---------------------------------------------
+
+def _parts_points():
+    from lsr_compile.kernels import triton_parts
+
+    return [(op, v, cfg) for op in ("forward", "backward") for v in triton_parts.VARIANTS
+            for cfg in schedule_spaces.space("triton_cuda", op, v)]
+
+
+PARTS_POINTS = _parts_points()
+
+
+@pytest.mark.parametrize("op,variant,cfg", PARTS_POINTS,
+                         ids=[f"{op}-{v}-" + "x".join(str(x) for x in c.values()) for op, v, c in PARTS_POINTS])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_parts_point_fits_sm90(op, variant, cfg, dtype):
+    """Every kernel a step variant launches (factors, fold, the pass over dy, the projection), for the 4096²
+    layer at N = 8192, compiled for sm_90: no spills, shared memory fits; the fold and the pass over dy, the
+    two that touch W, x or dy, use tensor cores."""
+    from lsr_compile.kernels import triton_parts
+
+    reports = triton_parts.compile_reports(op, variant, ProblemKey(op, dtype, 8192, *ALIGNED), cfg, SM90)
+    assert reports, "the variant launches no Triton kernel"
+    for name, r in reports.items():
+        assert r.problem(LIMIT) is None, (name, r)
+        assert 0 < r.registers <= 255, (name, r)
+        if name in ("_fold_kernel", "_dy_pass_kernel"):
+            assert r.tensor_cores in ("wgmma", "mma"), (name, r)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("dims", [ALIGNED, RAGGED], ids=["aligned", "ragged"])
+@pytest.mark.parametrize("variant", ["fold", "materialise"])
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_parts_defaults_fit_every_dtype(op, variant, dims, dtype):
+    """The untuned config a GPU picks fits: the dtype's default where it does (fp32, fp64; bf16 aligned), else
+    the first point that does (bf16 ragged: no vector loads, more registers)."""
+    from lsr_compile.kernels import triton_parts
+
+    key = ProblemKey(op, dtype, 512, *dims)
+    cfg = triton_parts.fitting_config(op, variant, key, SM90)
+    if dtype != "bfloat16" or dims == ALIGNED:
+        assert cfg == schedule_spaces.default("triton_cuda", op, variant, dtype)
+    for name, r in triton_parts.compile_reports(op, variant, key, cfg, SM90).items():
+        assert r.problem(LIMIT) is None, (name, cfg, r)
+
+
+def test_a_fold_step_launches_the_kernels_the_plan_says():
+    """The fold variant's Triton launches, in order: the forward folds (from the factors) and the backward folds
+    again, passes over dy once and projects once."""
+    from lsr_compile.kernels import triton_parts
+
+    key = ProblemKey("forward", "bfloat16", 8192, *ALIGNED)
+    fwd = triton_parts.build("forward", "fold", {}, key, "meta")
+    bwd = triton_parts.build("backward", "fold", {}, key.__class__(**{**key.as_dict(), "op": "backward"}), "meta")
+    names = lambda fn, args: [getattr(k, "__name__", None) or k.fn.__name__  # noqa: E731
+                              for k, *_ in triton_parts.launches(fn, *args)]
+    assert names(fwd, triton_parts.example_args("forward", key)) == ["_fold_kernel"]
+    bkey = key.__class__(**{**key.as_dict(), "op": "backward"})
+    assert names(bwd, triton_parts.example_args("backward", bkey)) == ["_fold_kernel", "_dy_pass_kernel",
+                                                                      "_project_kernel"]
+    assert names(bwd, triton_parts.example_args("backward", bkey, keep_folded=True)) == ["_dy_pass_kernel",
+                                                                                        "_project_kernel"]

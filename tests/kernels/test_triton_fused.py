@@ -6,8 +6,8 @@ import torch
 import torch._dynamo
 
 import lsr_compile as lc
-from lsr_compile import reference
-from lsr_compile.kernels import triton_fused
+from lsr_compile import formulations, reference
+from lsr_compile.kernels import triton_fused, triton_parts
 from lsr_compile.tuning.harness import TOL
 from lsr_compile.config import FactorShapes
 from lsr_compile.problem import ProblemKey
@@ -38,8 +38,15 @@ def test_fused_forward(dims, dtype, tol, bias):
     want = reference.lsr_linear(x.double(), W.double(), None if b is None else b.double(),
                                 *[f.double() for f in factors], 0.7)
     key = ProblemKey.of("forward", dtype, N, FactorShapes(*dims))
-    fn = triton_fused.build("forward", "fused", triton_fused.default_choice("forward", key, DEV)[1], key, DEV)
-    _rel_close(fn(x, W, b, *factors, 0.7), want, tol)
+    fn = triton_parts.build("forward", "fused", triton_fused.default_choice("forward", key, DEV)[1], key, DEV)
+    y, A, Bt, tT, w_eff = fn(x, W, b, *factors, 0.7)
+    _rel_close(y, want, tol)
+    # what it hands the backward: A, Bt and tT = A xᵀ (written by the fused kernel), no folded weight
+    A_ref = formulations.build_A(*[f.double() for f in factors[:2]])
+    _rel_close(A, A_ref, tol)
+    _rel_close(Bt, formulations.build_Bt(*[f.double() for f in factors[2:]]), tol)
+    _rel_close(tT, A_ref @ x.double().T, tol)
+    assert w_eff is None
 
 
 @pytest.mark.parametrize("dims", DIMS)
@@ -52,10 +59,12 @@ def test_fused_backward(dims, dtype, tol):
     fs = [f.double().requires_grad_(True) for f in factors]
     reference.lsr_linear(xs, W.double(), b.double(), *fs, 1.3).backward(g.double())
     key = ProblemKey.of("backward", dtype, N, FactorShapes(*dims))
-    fn = triton_fused.build("backward", "fused", triton_fused.default_choice("backward", key, DEV)[1], key, DEV)
-    got = fn(g, x, W, *factors, 1.3, True)
-    for out, want in zip(got, [xs.grad] + [f.grad for f in fs]):
-        _rel_close(out, want, tol)
+    fn = triton_parts.build("backward", "fused", triton_fused.default_choice("backward", key, DEV)[1], key, DEV)
+    A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
+    for tT in (None, A @ x.T):  # as the fused forward hands it over, or recomputed
+        got = fn(g, x, W, *factors, A, Bt, tT, None, 1.3, True)
+        for out, want in zip(got, [xs.grad] + [f.grad for f in fs]):
+            _rel_close(out, want, tol)
 
 
 @pytest.mark.parametrize("op", ["forward", "backward"])
@@ -69,9 +78,11 @@ def test_every_point_of_the_space_runs_and_is_right(op):
     g = torch.randn(N, dims[5] * dims[6], device=DEV)
     key = ProblemKey.of(op, torch.float32, N, FactorShapes(*dims))
     want = None
+    A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
     for cfg in points:
-        fn = triton_fused.build(op, "fused", cfg, key, DEV)
-        got = fn(x, W, b, *factors, 0.7) if op == "forward" else fn(g, x, W, *factors, 0.7, True)[0]
+        fn = triton_parts.build(op, "fused", cfg, key, DEV)
+        got = fn(x, W, b, *factors, 0.7)[0] if op == "forward" else fn(g, x, W, *factors, A, Bt, None, None, 0.7,
+                                                                       True)[0]
         want = got if want is None else want
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=str(cfg))
     ref = reference.lsr_linear(x.double(), W.double(), b.double(), *[f.double() for f in factors], 0.7) \

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lsr_compile import reference, schedule_spaces
+from lsr_compile import formulations, reference, schedule_spaces
 from lsr_compile.kernels import tvm_kernels
 from lsr_compile.tuning.harness import TOL
 from lsr_compile.config import FactorShapes
@@ -16,8 +16,11 @@ DIMS = [(2, 2, 4, 8, 6, 8, 6), (3, 2, 3, 6, 7, 5, 9), (1, 1, 2, 4, 8, 16, 12)]
 
 
 def _points(op, variant):
+    """The default, a middle point, the last static point and the generic kernel (where the variant has one)."""
     space = schedule_spaces.space("llvm", op, variant)
-    return [space[0], space[len(space) // 2], space[-1]]
+    generic = schedule_spaces.generic("llvm", op, variant)
+    static = [p for p in space if p != generic]
+    return [static[0], static[len(static) // 2], static[-1]] + ([generic] if generic else [])
 
 
 def _ref_backward(x, W, b, factors, g, scale):
@@ -36,8 +39,14 @@ def test_forward_expressions(dims, variant, dtype, tol):
         key = ProblemKey.of("forward", dtype, N, FactorShapes(*dims))
         want = reference.lsr_linear(x.double(), W.double(), b.double(), *[f.double() for f in factors], 0.7)
         for cfg in _points("forward", variant):
-            got = tvm_kernels.build("forward", variant, cfg, key, CPU)(x, W, b, *factors, 0.7)
-            torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=f"{variant} {cfg}")
+            for bias in (b, None):
+                got, A, Bt, _, _ = tvm_kernels.build("forward", variant, cfg, key, CPU)(x, W, bias, *factors, 0.7)
+                expect = want if bias is not None else want - b.double()
+                torch.testing.assert_close(got.double(), expect, atol=tol, rtol=tol, msg=f"{variant} {cfg}")
+                # what the forward hands the backward: A and Bt of the factors
+                torch.testing.assert_close(A.double(), formulations.build_A(*factors[:2]).double(), atol=tol, rtol=tol)
+                torch.testing.assert_close(Bt.double(), formulations.build_Bt(*factors[2:]).double(), atol=tol,
+                                           rtol=tol)
 
 
 @pytest.mark.parametrize("dims", DIMS)
@@ -48,14 +57,17 @@ def test_backward_expression(dims, need_dx):
     g = torch.randn(N, dims[5] * dims[6], dtype=torch.float64)
     want = _ref_backward(x, W, b, factors, g, 1.3)
     key = ProblemKey("backward", "float64", token_bucket(N), *dims)
-    for cfg in _points("backward", "materialise"):
-        dx, *df = tvm_kernels.build("backward", "materialise", cfg, key, CPU)(g, x, W, *factors, 1.3, need_dx)
-        if need_dx:
-            torch.testing.assert_close(dx, want[0])
-        else:
-            assert dx is None
-        for got, w in zip(df, want[1:]):
-            torch.testing.assert_close(got, w)
+    A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
+    for variant in schedule_spaces.variants("llvm", "backward"):
+        for cfg in _points("backward", variant):
+            fn = tvm_kernels.build("backward", variant, cfg, key, CPU)
+            dx, *df = fn(g, x, W, *factors, A, Bt, None, None, 1.3, need_dx)
+            if need_dx:
+                torch.testing.assert_close(dx, want[0])
+            else:
+                assert dx is None
+            for got, w in zip(df, want[1:]):
+                torch.testing.assert_close(got, w)
 
 
 def test_one_kernel_serves_every_token_count():
@@ -66,7 +78,7 @@ def test_one_kernel_serves_every_token_count():
         fn = tvm_kernels.build("forward", "materialise", schedule_spaces.default("llvm", "forward", "materialise"),
                                key, CPU)
         x, W, b, factors = make_layer_inputs(N, *dims)
-        torch.testing.assert_close(fn(x, W, b, *factors, 0.5), reference.lsr_linear(x, W, b, *factors, 0.5),
+        torch.testing.assert_close(fn(x, W, b, *factors, 0.5)[0], reference.lsr_linear(x, W, b, *factors, 0.5),
                                    atol=1e-4, rtol=1e-4)
         assert tvm_kernels.compile_count() == before + 1  # compiled for the first count, reused after
 
