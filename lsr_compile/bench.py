@@ -96,14 +96,20 @@ def providers(shape: LSRShape, device="cpu") -> dict[str, nn.Module]:
 
 
 def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Callable[[], object]:
+    """One call as training or serving makes it. A training step starts with no gradients, as after an
+    optimizer's ``zero_grad()`` (set to None, its default): nothing is added into an old ``.grad``."""
     if mode == "forward":
         def run():
             with torch.no_grad():
                 return module(x)
         return run
 
+    params = [p for p in module.parameters() if p.requires_grad]
+
     def run():
         x.grad = None
+        for p in params:
+            p.grad = None
         module(x).backward(g)
     return run
 
@@ -237,6 +243,40 @@ def dispatch_overhead(calls: int = 2000, device="cpu") -> dict[str, float]:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             out[name] = (time.perf_counter() - t0) / calls * 1e6
+    return out
+
+
+def host_step_us(rounds: int = 9, steps: int = 500, device="cpu") -> dict[str, float]:
+    """Host µs per eager training step (forward + backward, gradients for the input and every trainable
+    parameter) at a tiny layer (8 tokens, 16x16), where the host's work is all there is: the frozen Linear,
+    plain LoRA of the same inner rank, the LSRLinear module. Rounds interleave the three; each value is the
+    median over rounds, and ``"lsr / lora"`` the median of the per-round ratios (this machine is noisy)."""
+    import statistics
+    import time
+
+    layer = LSRLinear(16, 16, config=LSRConfig(s=1, r=2, init="reference")).to(device)
+    lora = _LoRA(layer_base(layer), layer.factor_shapes.q, layer.scale).to(device)
+    frozen = nn.Linear(16, 16).requires_grad_(False).to(device)
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    g = torch.randn(8, 16, device=device)
+    steps_by = {"frozen Linear": frozen, "plain LoRA module": lora, "LSRLinear module": layer}
+    calls = {name: _step(m, x, g, "forward+backward") for name, m in steps_by.items()}
+    dev = torch.device(device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(max(steps // 10, 1)):
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times[name].append((time.perf_counter() - t0) / steps * 1e6)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out["lsr / lora"] = statistics.median(a / b for a, b in zip(times["LSRLinear module"], times["plain LoRA module"]))
     return out
 
 

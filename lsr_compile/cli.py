@@ -97,6 +97,9 @@ def main(argv=None) -> int:
         over = bench.dispatch_overhead()
         print("\neager µs per call at 8x16x16 (dispatch overhead): " +
               ", ".join(f"{k} {v:.1f}" for k, v in over.items()))
+        host = bench.host_step_us()
+        print("host µs per eager training step at 8x16x16: " + ", ".join(
+            f"{k} {v:.3f}" if k == "lsr / lora" else f"{k} {v:.1f}" for k, v in host.items()))
     elif a.cmd == "bench-mixed":
         from . import bench_mixed
 

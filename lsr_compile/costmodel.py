@@ -17,6 +17,7 @@ a step's ratio to the frozen layer, not its microseconds, is what it is for.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -55,9 +56,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def aten_calls(func, args, kwargs, out) -> list[Call]:
-    """The calls one ATen op makes. A GEMM: 2·m·n·k FLOPs; ``addmm`` with a matrix to add first copies it
-    into the output (a kernel of its own), then reads it again (β = 1); a bias vector goes into the epilogue."""
-    name = func.overloadpacket.__name__.rstrip("_")
+    """The calls one ATen op makes. A GEMM: 2·m·n·k FLOPs; out-of-place ``addmm`` with a matrix to add first
+    copies it into the output (a kernel of its own), then reads it again (β = 1); a bias vector goes into the
+    epilogue, and ``addmm_`` adds into the matrix itself."""
+    packet = func.overloadpacket.__name__
+    name, in_place = packet.rstrip("_"), packet.endswith("_") and not packet.startswith("_")
     if name in VIEWS:
         return [Call(name, "view")]
     if name in ALLOCS:
@@ -67,7 +70,8 @@ def aten_calls(func, args, kwargs, out) -> list[Call]:
     if name in GEMMS:
         a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
         flops = 2.0 * a.numel() * b.shape[-1]
-        if name == "addmm" and args[0].dim() == 2 and kwargs.get("beta", args[3] if len(args) > 3 else 1) != 0:
+        if (name == "addmm" and not in_place and args[0].dim() == 2
+                and kwargs.get("beta", args[3] if len(args) > 3 else 1) != 0):
             return [Call("copy", "kernel", 0.0, 2.0 * _nbytes(args[0])), Call(name, "kernel", flops, moved)]
         return [Call(name, "kernel", flops, moved)]
     return [Call(name, "kernel", float(sum(t.numel() for t in outs)), moved)]
@@ -159,7 +163,7 @@ H200 = Machine(
     name="nvidia-h200-sm90", tflops=776.0, tb_s=4.2, kernel_us=5.0,
     host_us={"aten": 14.4, "view": 8.1, "alloc": 8.1, "triton": 30.0},
     entry_us={"module": 7.5, "op": 42.5, "node": 30.8, "backward": 58.0, "old_op_autograd": 855.0,
-              "function": 120.0},
+              "glue": 60.0, "function": 200.0},
 )
 
 
@@ -252,12 +256,66 @@ def lsr_step(forward: Callable, backward: Callable | None, f, tokens: int, dtype
     calls: list[Call] = []
     with recording(calls):
         _, A, Bt, tT, w_eff = forward(x, W, b, *factors, 0.7)
-    entries = {"module": 1, "function": 1}
+    entries = {"module": 1, "glue": 1}
     if backward is not None:
         with recording(calls):
             backward(torch.empty_like(_meta(tokens, f.d_out, dtype=dtype)), x, W, *factors, A, Bt, tT,
                      w_eff if keep_folded else None, 0.7, True)
         if grads_exist:
             calls += [Call("add", "kernel", t.numel(), 3.0 * _nbytes(t)) for t in factors]
-        entries |= {"node": 1 + 4 + 1, "backward": 1}  # the Function's node; the four factors' and x's
+        entries |= {"function": 1, "node": 1 + 4 + 1, "backward": 1}  # the Function's node; the factors' and x's
     return calls, entries
+
+
+# ---- what dispatch runs untuned on a GPU -----------------------------------------------------------------
+
+def kernel_calls(op: str, fn: Callable, key, forward: Callable | None = None, keep_folded: bool = False) -> list:
+    """The calls of kernel ``fn`` for ``key`` on meta tensors; a backward gets what ``forward`` hands over."""
+    from .kernels.triton_parts import example_args
+
+    args = example_args(op, key)
+    if op == "backward" and forward is not None:
+        fkey = dataclasses.replace(key, op="forward")
+        with recording([]):  # the forward's launches are not run (meta tensors) and not this op's
+            _, A, Bt, tT, w_eff = forward(*example_args("forward", fkey))
+        args = args[:7] + (A, Bt, tT, w_eff if keep_folded else None) + args[11:]
+    return trace(fn, *args)
+
+
+def options(op: str, key, capability: int) -> list[tuple[str, str, dict]]:
+    """What a GPU could run for ``key`` untuned: the step's formulations with Triton's parts (every point of
+    their space whose kernels fit the problem on ``sm_<capability>``) and with ATen's."""
+    from . import schedule_spaces
+    from .kernels import torch_formulations, triton_parts
+    from .kernels.triton_fused import shared_limit
+
+    out = [("torch", v, {}) for v in sorted(torch_formulations(op)) if v in triton_parts.VARIANTS]
+    if key.dtype in triton_parts.DTYPES:
+        for v in triton_parts.VARIANTS:
+            for cfg in schedule_spaces.space(triton_parts.SPACE, op, v):
+                reports = triton_parts.compile_reports(op, v, key, cfg, capability).values()
+                if all(r.problem(shared_limit(capability)) is None for r in reports):
+                    out.append(("triton", v, cfg))
+    return out
+
+
+def cheapest(op: str, key, capability: int, machine: Machine = H200) -> tuple[str, str, dict, str]:
+    """(backend, variant, config, why): of ``options``, the one this model prices lowest (a backward behind
+    the forward it would choose). What dispatch runs on a GPU for a problem no tuning record covers."""
+    from .kernels import build
+    from .step import keeps_folded
+
+    forward = None
+    if op == "backward":
+        fkey = dataclasses.replace(key, op="forward")
+        b, v, c, _ = cheapest("forward", fkey, capability, machine)
+        forward = build(b, "forward", v, c, fkey, "cuda")
+    keep = keeps_folded(key.token_bucket, key.m1 * key.m2)
+    priced = []
+    for backend, variant, config in options(op, key, capability):
+        fn = build(backend, op, variant, config, key, "cuda")
+        cost = price(kernel_calls(op, fn, key, forward, keep), machine)
+        priced.append((cost.us, backend, variant, config))
+    us, backend, variant, config = min(priced, key=lambda p: p[0])
+    others = ", ".join(f"{b}:{v} {u:.0f}" for u, b, v, _ in sorted(priced, key=lambda p: p[0])[1:])
+    return backend, variant, config, f"cost model ({machine.name}): {us:.0f} µs predicted; {others}"

@@ -3,6 +3,7 @@ that tuning records are keyed by (a record is only valid on the hardware it was 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import os
 import platform
 import re
@@ -123,3 +124,21 @@ def _host_cpu_name() -> str:
         return str(tvm.get_global_func("target.llvm_get_system_cpu")())
     except Exception:  # older/newer TVM without the hook: generic code, still correct
         return ""
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU as dispatch sees it: its fingerprint (``device_id``) and compute capability. ``gpu_of`` reads a
+    real one; ``H200`` names the project's, so that what dispatch would run there can be built, counted and
+    priced on a machine without it (tests, the cost model)."""
+
+    id: str
+    capability: int
+
+
+H200 = GPU("nvidia-h200-sm90", 90)
+
+
+def gpu_of(device: torch.device | str) -> GPU:
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    return GPU(device_id(device), major * 10 + minor)

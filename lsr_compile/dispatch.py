@@ -17,10 +17,10 @@ from typing import Callable, Optional
 
 import torch
 
-from . import kernels, logs
+from . import costmodel, kernels, logs
 from .config import FactorShapes
-from .problem import LSRShape, ProblemKey, dtype_name, token_bucket
-from .device import device_id, target_of
+from .problem import OPS, LSRShape, ProblemKey, dtype_name, token_bucket
+from .device import GPU, device_id, gpu_of, target_of
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,10 @@ def use_backend(name: Optional[str]):
         _forced.reset(token)
 
 
-def choose(op: str, key: ProblemKey, device: torch.device) -> Choice:
+def choose(op: str, key: ProblemKey, device: torch.device, gpu: Optional[GPU] = None) -> Choice:
+    """What runs for ``key`` on ``device`` (or on ``gpu``, a GPU described rather than present: what dispatch
+    would run there) and why: a forced backend, else a tuning record, else a default: on a GPU the cost
+    model's cheapest plan (``costmodel.cheapest``), elsewhere ``kernels.untuned_choice``."""
     forced = _forced.get()
     if forced is not None:
         try:
@@ -146,14 +149,29 @@ def choose(op: str, key: ProblemKey, device: torch.device) -> Choice:
             variant, config = kernels.default_choice("torch", op, key, device)
             return Choice("torch", variant, (), f"use_backend({forced!r}) has no {op} kernel ({e})")
         return Choice(forced, variant, tuple(sorted(config.items())), f"forced by use_backend({forced!r})")
-    rec = records(target_of(device), device_id(device)).get(key)
+    target, dev_id = ("cuda", gpu.id) if gpu is not None else (target_of(device), device_id(device))
+    rec = records(target, dev_id).get(key)
     if rec is not None:
         return Choice(rec.backend, rec.variant, tuple(sorted(rec.config.items())),
                       f"tuned: {rec.source}, {rec.time_ms:.3g} ms")
-    backend, variant, config, why = kernels.untuned_choice(op, key, device)
+    if target == "cuda" and op in OPS and kernels.unavailable("triton", "cuda") is None:
+        backend, variant, config, why = costmodel.cheapest(op, key, (gpu or gpu_of(device)).capability)
+    else:
+        backend, variant, config, why = kernels.untuned_choice(op, key, device)
     return Choice(backend, variant, tuple(sorted(config.items())),
-                  f"default: no tuning record for {target_of(device)}/{device_id(device)} {key.token_bucket}-token "
-                  f"bucket; {why}")
+                  f"default: no tuning record for {target}/{dev_id} {key.token_bucket}-token bucket; {why}")
+
+
+def planned(shape: LSRShape, gpu: GPU) -> dict[str, tuple[Choice, Callable]]:
+    """What dispatch would run for ``shape`` on ``gpu`` (described, not present): per op, the choice and its
+    kernel, built for a GPU (for the cost model, launch counts and the GPU check's predictions)."""
+    cuda = torch.device("cuda")
+    out = {}
+    for op in shape.ops:
+        key = shape.key(op)
+        choice = choose(op, key, cuda, gpu)
+        out[op] = (choice, kernels.build(choice.backend, op, choice.variant, dict(choice.config), key, cuda))
+    return out
 
 
 def _build(op: str, key: ProblemKey, device: torch.device) -> tuple[Callable, Choice]:

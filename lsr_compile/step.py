@@ -11,7 +11,7 @@ backend supplies (``Parts``: ATen below, TVM on a CPU in ``kernels/tvm_parts.py`
       materialise  1  factors        reads the factors            writes A (q, d_in), Bt (q, d_out)
                    2  gemm           reads x, W, b                writes y = x Wᵀ + b
                    3  thin           reads x, A                   writes tT = A xᵀ (q, N)
-                   4  add_low_rank   reads y, tT, Bt              writes y += scale·tTᵀ Bt
+                   4  addmm          reads y, tT, Bt              writes y += scale·tTᵀ Bt
       factored     1  gemm + the factored adapter (never forms A or B for y); then factors, for the backward
 
     backward (dy, saved) -> dx, dA1, dA2, dB1, dB2
@@ -56,8 +56,9 @@ class Parts(Protocol):
     def fold_factors(self, W: Tensor, A1, A2, B1, B2, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(W + scale·B·A, A, Bt)`` from the factors."""
 
-    def add_low_rank(self, y: Tensor, tT: Tensor, Bt: Tensor, scale: float) -> Tensor:
-        """``y + scale·tTᵀ Bt`` (in place where ``functional`` is False)."""
+    def addmm(self, c: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+        """``beta·c + alpha·a b``, into ``c`` where ``functional`` is False (ATen's out-of-place addmm onto a
+        matrix copies it first: one more kernel and pass)."""
 
     def dy_pass(self, dy: Tensor, Bt: Tensor, tT: Tensor) -> tuple[Tensor, Tensor]:
         """One pass over dy: ``uT = Bt dyᵀ`` (q, N) and ``tT dy`` as partial sums (P, q, d_out)."""
@@ -82,8 +83,8 @@ class AtenParts:
         A, Bt = self.factors(A1, A2, B1, B2)
         return self.fold(W, A, Bt, scale), A, Bt
 
-    def add_low_rank(self, y, tT, Bt, scale):
-        return torch.addmm(y, tT.t(), Bt, alpha=scale)
+    def addmm(self, c, a, b, beta=1.0, alpha=1.0):
+        return torch.addmm(c, a, b, beta=beta, alpha=alpha)
 
     def dy_pass(self, dy, Bt, tT):
         return torch.mm(Bt, dy.t()), torch.mm(tT, dy).unsqueeze(0)
@@ -140,7 +141,7 @@ def forward_materialise(parts: Parts, x, weight, bias, A1, A2, B1, B2, scale):
     """The base GEMM plus two thin products (the reference's algorithm); wins for small N."""
     A, Bt = parts.factors(A1, A2, B1, B2)
     tT = torch.mm(A, x.t())
-    return parts.add_low_rank(F.linear(x, weight, bias), tT, Bt, scale), A, Bt, tT, None
+    return parts.addmm(F.linear(x, weight, bias), tT.t(), Bt, alpha=scale), A, Bt, tT, None
 
 
 def forward_factored(parts: Parts, x, weight, bias, A1, A2, B1, B2, scale):
@@ -173,7 +174,7 @@ def backward_fold(parts: Parts, dy, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff,
 def backward_materialise(parts: Parts, dy, x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, scale, need_dx):
     """``dx = dy W + scale·(dy B) A``: the GEMM accumulates onto the thin product (beta), no pass over dx more."""
     uT, grads = _factor_grads(parts, dy, x, A, Bt, tT, A1, A2, B1, B2, scale)
-    dx = torch.addmm(torch.mm(uT.t(), A), dy, weight, beta=scale) if need_dx else None
+    dx = parts.addmm(torch.mm(uT.t(), A), dy, weight, beta=scale) if need_dx else None
     return (dx, *grads)
 
 

@@ -68,18 +68,12 @@ HOST_BOUND_MACS = 32768  # multiply-adds a serial generic TVM kernel does in ~30
 
 
 def untuned_choice(op: str, key: ProblemKey, device: torch.device) -> tuple[str, str, dict, str]:
-    """(backend, variant, config, why) for a problem no tuning record covers. On a GPU the Triton parts
-    around cuBLAS (fewer launches and passes than the ATen formulations); on a CPU, for a problem whose cost
-    is the host's calls, TVM's generic token-path kernels (one call per direction, compiled once per dtype);
-    else the PyTorch formulations. The variant by the memory-traffic rule (``torch_default_variant``)."""
+    """(backend, variant, config, why) for a problem no tuning record covers, where the GPU cost model
+    (``dispatch``) does not decide: on a CPU, for a problem whose cost is the host's calls, TVM's generic
+    kernels (the whole layer in one call per direction, compiled once per dtype); else the PyTorch
+    formulation the memory-traffic rule picks (``torch_default_variant``)."""
     variant = torch_default_variant(op, key, device)
     kind = torch.device(device).type
-    if op in ("forward", "backward") and kind == "cuda" and unavailable("triton", device) is None:
-        from . import triton_parts
-
-        if key.dtype in triton_parts.DTYPES:
-            return ("triton", variant, triton_parts.default_config(op, variant, key, device),
-                    f"Triton's Kronecker parts around cuBLAS, {variant} by the memory-traffic rule")
     f = key.shapes
     if (op in ("forward", "backward") and kind == "cpu" and unavailable("tvm", device) is None
             and key.dtype in schedule_spaces.dtypes("llvm")

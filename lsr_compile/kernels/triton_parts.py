@@ -336,8 +336,8 @@ class TritonParts(AtenParts):
                      BLOCK_K=PROJECT_BLOCK_K, BLOCK_J=_pad(max(r1, r2)), num_warps=4))
         return tuple(grads)
 
-    def add_low_rank(self, y, tT, Bt, scale):
-        return y.addmm_(tT.t(), Bt, alpha=scale)
+    def addmm(self, c, a, b, beta=1.0, alpha=1.0):
+        return c.addmm_(a, b, beta=beta, alpha=alpha)
 
 
 # ---- the variants, their configs and their resources ------------------------------------------------------
@@ -418,8 +418,8 @@ def example_args(op: str, key: ProblemKey, device="meta", keep_folded: bool = Fa
     factors = [e(*sz) for sz in f.factor_sizes().values()]
     if op == "forward":
         return (e(n, f.d_in), e(f.d_out, f.d_in), e(f.d_out), *factors, 0.7)
-    w_eff = e(f.d_out, f.d_in) if keep_folded else e(0)
-    return (e(n, f.d_out), e(n, f.d_in), e(f.d_out, f.d_in), *factors, e(f.q, f.d_in), e(f.q, f.d_out), e(0),
+    w_eff = e(f.d_out, f.d_in) if keep_folded else None
+    return (e(n, f.d_out), e(n, f.d_in), e(f.d_out, f.d_in), *factors, e(f.q, f.d_in), e(f.q, f.d_out), None,
             w_eff, 0.7, True)
 
 

@@ -60,8 +60,8 @@ class TVMParts(AtenParts):
         _compiled("factors", str(A1.dtype).removeprefix("torch."))(A1, A2, B1, B2, A, Bt)
         return A.view(r1 * r2, n1 * n2), Bt.view(r1 * r2, m1 * m2)
 
-    def add_low_rank(self, y, tT, Bt, scale):
-        return y.addmm_(tT.t(), Bt, alpha=scale)
+    def addmm(self, c, a, b, beta=1.0, alpha=1.0):
+        return c.addmm_(a, b, beta=beta, alpha=alpha)
 
     def project(self, dA, dBt, A1, A2, B1, B2, scale):
         grads = [torch.empty_like(t) for t in (A1, A2, B1, B2)]
