@@ -24,6 +24,7 @@ from .device import device_id, device_info
 from .tuning.timing import measure, median
 
 PROVIDERS = ("floor", "lsr", "lsr_compiled", "reference", "reference_compiled", "lora", "peft_lora", "peft_lokr")
+GRAPHED = ("floor_graphs", "lsr_graphs")  # torch.compile(mode="reduce-overhead"): CUDA graphs, on a GPU
 
 
 def _git_rev() -> Optional[str]:
@@ -75,7 +76,9 @@ class _Reference(nn.Module):
         return reference.lsr_linear(x, l.weight, l.bias, l.A1, l.A2, l.B1, l.B2, l.scale)
 
 
-def providers(shape: LSRShape, device="cpu") -> dict[str, nn.Module]:
+def providers(shape: LSRShape, device="cpu", graphs: Optional[bool] = None) -> dict[str, nn.Module]:
+    """The side-by-side's modules on one frozen layer; ``graphs`` (default: on a GPU) adds the frozen layer and
+    the LSR layer compiled with ``mode="reduce-overhead"`` (CUDA graphs)."""
     from peft import LoKrConfig, LoraConfig
 
     f = shape.factors
@@ -92,14 +95,20 @@ def providers(shape: LSRShape, device="cpu") -> dict[str, nn.Module]:
         "lora": _LoRA(base, f.q, lsr.scale).to(device),
         "peft_lora": _peft(base, LoraConfig(r=f.q, lora_alpha=f.q, target_modules=["lin"], init_lora_weights=False)),
         "peft_lokr": _peft(base, LoKrConfig(r=f.q, alpha=f.q, target_modules=["lin"], init_weights=False)),
-    }
+    } | ({"floor_graphs": torch.compile(base, mode="reduce-overhead", dynamic=False),
+          "lsr_graphs": torch.compile(lsr, mode="reduce-overhead", dynamic=False)}
+         if (graphs if graphs is not None else torch.device(device).type == "cuda") else {})
 
 
-def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Callable[[], object]:
+def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str, graphed: bool = False
+          ) -> Callable[[], object]:
     """One call as training or serving makes it. A training step starts with no gradients, as after an
-    optimizer's ``zero_grad()`` (set to None, its default): nothing is added into an old ``.grad``."""
+    optimizer's ``zero_grad()`` (set to None, its default): nothing is added into an old ``.grad``. A module
+    under CUDA graphs marks each call a new step (its outputs are overwritten by the next replay)."""
+    mark = torch.compiler.cudagraph_mark_step_begin if graphed else (lambda: None)
     if mode == "forward":
         def run():
+            mark()
             with torch.no_grad():
                 return module(x)
         return run
@@ -107,6 +116,7 @@ def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Cal
     params = [p for p in module.parameters() if p.requires_grad]
 
     def run():
+        mark()
         x.grad = None
         for p in params:
             p.grad = None
@@ -115,18 +125,18 @@ def _step(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> Cal
 
 
 def bench_shape(shape: LSRShape, modes=("forward", "forward+backward"), device="cpu", rounds=15,
-                budget_s=60.0) -> list[dict]:
+                budget_s=60.0, graphs: Optional[bool] = None) -> list[dict]:
     # new module instances share Dynamo's per-code recompile limit: without a reset, later shapes' "compiled"
     # providers would silently run eager
     torch._dynamo.reset()
-    mods = providers(shape, device)
+    mods = providers(shape, device, graphs)
     f = shape.factors
     x = torch.randn(shape.tokens, f.d_in, device=device, dtype=shape.dtype)
     g = torch.randn(shape.tokens, f.d_out, device=device, dtype=shape.dtype)
     rows = []
     for mode in modes:
         xin = x.detach().clone().requires_grad_(mode != "forward")
-        calls = {name: _step(m, xin, g, mode) for name, m in mods.items()}
+        calls = {name: _step(m, xin, g, mode, graphed=name in GRAPHED) for name, m in mods.items()}
         times = measure(calls, device, warmup=3, rounds=rounds, budget_s=budget_s)
         floor = median(times["floor"])
         for name, t in times.items():
@@ -167,19 +177,28 @@ def run(shapes: Iterable[LSRShape], out: Path, device="cpu", rounds=15, budget_s
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    """Ratios per (shape, mode): each provider's median over the frozen Linear's, and LoRA/LSR, ref/LSR."""
+def table(rows: list[dict], predicted: Optional[dict] = None) -> str:
+    """Ratios per (shape, mode): each provider's median over the frozen Linear's, and LoRA/LSR, ref/LSR; under
+    CUDA graphs (where measured) LSR over the frozen layer, both graphed. ``predicted``: (shape label, mode) ->
+    the cost model's LSR/floor, printed beside the measured one."""
     keys = sorted({(r["d_out"], r["d_in"], r["tokens"], r["mode"]) for r in rows})
-    head = ("| shape (d_out x d_in, N) | mode | floor ms | LSR/floor | LSR compiled/floor | ref eager/LSR "
-            "| ref compiled/LSR compiled | LoRA/LSR | peft LoRA/LSR | peft LoKr/LSR |")
+    graphs = any(r["provider"] in GRAPHED for r in rows)
+    head = ("| shape (d_out x d_in, N) | mode | floor ms | LSR/floor | " + ("predicted | " if predicted else "")
+            + "LSR compiled/floor | " + ("LSR graphs/floor graphs | " if graphs else "")
+            + "ref eager/LSR | ref compiled/LSR compiled | LoRA/LSR | peft LoRA/LSR | peft LoKr/LSR |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for d_out, d_in, n, mode in keys:
-        p = {r["provider"]: r["p50_ms"] for r in rows
-             if (r["d_out"], r["d_in"], r["tokens"], r["mode"]) == (d_out, d_in, n, mode)}
-        lines.append(f"| {d_out}x{d_in}, {n} | {mode} | {p['floor']:.3f} | {p['lsr'] / p['floor']:.3f} | "
-                     f"{p['lsr_compiled'] / p['floor']:.3f} | {p['reference'] / p['lsr']:.3f} | "
-                     f"{p['reference_compiled'] / p['lsr_compiled']:.3f} | {p['lora'] / p['lsr']:.3f} | "
-                     f"{p['peft_lora'] / p['lsr']:.3f} | {p['peft_lokr'] / p['lsr']:.3f} |")
+        sub = [r for r in rows if (r["d_out"], r["d_in"], r["tokens"], r["mode"]) == (d_out, d_in, n, mode)]
+        p = {r["provider"]: r["p50_ms"] for r in sub}
+        pred = (predicted or {}).get((sub[0]["shape"], mode))
+        cells = [f"{d_out}x{d_in}, {n}", mode, f"{p['floor']:.3f}", f"{p['lsr'] / p['floor']:.3f}"]
+        cells += [f"{pred:.3f}" if pred else "-"] if predicted else []
+        cells += [f"{p['lsr_compiled'] / p['floor']:.3f}"]
+        if graphs:
+            cells += [f"{p['lsr_graphs'] / p['floor_graphs']:.3f}" if "lsr_graphs" in p else "-"]
+        cells += [f"{p['reference'] / p['lsr']:.3f}", f"{p['reference_compiled'] / p['lsr_compiled']:.3f}",
+                  f"{p['lora'] / p['lsr']:.3f}", f"{p['peft_lora'] / p['lsr']:.3f}", f"{p['peft_lokr'] / p['lsr']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

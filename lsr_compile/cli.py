@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     bq.add_argument("--tokens", type=int, default=256)
     e = sub.add_parser("explain", help="which kernel runs for a shape, and why")
     _shape_args(e)
+    pr = sub.add_parser("predict", help="the cost model's step on the H200 for the GPU shapes: LSR against the "
+                                        "frozen layer and plain LoRA, predicted")
+    pr.add_argument("--out", type=Path, default=None, help="also write the rows (JSON lines) here")
     lg = sub.add_parser("logs", help="list this machine's tuning records")
     lg.add_argument("--log-dir", type=Path, default=None)
     bt = sub.add_parser("build-tvm-cuda", help="build TVM's CUDA kernels here (nvcc, no GPU needed) for a GPU "
@@ -130,6 +133,17 @@ def main(argv=None) -> int:
             print(f"{w} ({w.stat().st_size / 1e6:.1f} MB)")
     elif a.cmd == "explain":
         print(dispatch.explain(_shape(a)))
+    elif a.cmd == "predict":
+        from . import costmodel
+        from .bench import provenance, write_rows
+        from .device import H200
+
+        shapes = workloads.gpu_shapes()
+        rows = costmodel.predicted_rows({s.label(): dispatch.planned(s, H200) for s in shapes}, shapes)
+        print(costmodel.predicted_table(rows))
+        if a.out:
+            write_rows(a.out, [r | provenance("cpu") for r in rows])
+            print(f"\nrows: {a.out}")
     elif a.cmd == "logs":
         from .device import device_id
 

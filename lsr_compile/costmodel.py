@@ -114,13 +114,13 @@ class _Recorder(TorchDispatchMode):
 @contextlib.contextmanager
 def recording(calls: list):
     """Inside: every ATen op and every Triton launch of the package is appended to ``calls``; the launches
-    are not run (their tensors may hold no data)."""
-    from .kernels import triton_fused
+    are not run (their tensors may hold no data) and take a GPU's arguments (full tiles)."""
+    from .kernels import triton_fused, triton_parts
 
     old = triton_fused.recorder
     triton_fused.recorder = lambda kernel, grid, args, meta: calls.append(triton_call(kernel, grid, args, meta))
     try:
-        with _Recorder(calls):
+        with _Recorder(calls), triton_parts.gpu_arguments():
             yield calls
     finally:
         triton_fused.recorder = old
@@ -319,3 +319,46 @@ def cheapest(op: str, key, capability: int, machine: Machine = H200) -> tuple[st
     us, backend, variant, config = min(priced, key=lambda p: p[0])
     others = ", ".join(f"{b}:{v} {u:.0f}" for u, b, v, _ in sorted(priced, key=lambda p: p[0])[1:])
     return backend, variant, config, f"cost model ({machine.name}): {us:.0f} µs predicted; {others}"
+
+
+def predicted_rows(plans: dict, shapes, machine: Machine = H200) -> list[dict]:
+    """Per shape and mode: the cost model's LSR step (with ``plans[shape.label()]``: {op: (choice, kernel)}),
+    frozen layer and plain LoRA of the same inner rank, in µs; the device time alone (what CUDA graphs, which
+    take the host out, can reach at most); kernels per step."""
+    from .step import keeps_folded
+
+    rows = []
+    for shape in shapes:
+        f = shape.factors
+        plan = plans[shape.label()]
+        keep = keeps_folded(shape.tokens, f.d_out)
+        for mode, backward in (("forward", False), ("forward+backward", True)):
+            lsr = price(*_with_machine(lsr_step(plan["forward"][1], plan["backward"][1] if backward else None, f,
+                                                shape.tokens, shape.dtype, keep), machine))
+            floor = price(*_with_machine(floor_step(f.d_in, f.d_out, shape.tokens, shape.dtype, backward), machine))
+            lora = price(*_with_machine(lora_step(f.d_in, f.d_out, f.q, shape.tokens, shape.dtype, backward),
+                                        machine))
+            choice = plan["forward"][0] if not backward else plan["backward"][0]
+            rows.append({"shape": shape.label(), "d_in": f.d_in, "d_out": f.d_out, "tokens": shape.tokens,
+                         "mode": mode, "plan": f"{plan['forward'][0].backend}:{plan['forward'][0].variant}"
+                         + (f" / {choice.backend}:{choice.variant}" if backward else ""),
+                         "lsr_us": round(lsr.us, 1), "floor_us": round(floor.us, 1), "lora_us": round(lora.us, 1),
+                         "lsr_over_floor": round(lsr.us / floor.us, 3), "lora_over_lsr": round(lora.us / lsr.us, 3),
+                         "device_ratio": round(lsr.gpu_us / floor.gpu_us, 3), "kernels": lsr.kernels,
+                         "machine": machine.name})
+    return rows
+
+
+def _with_machine(step: tuple, machine: Machine) -> tuple:
+    calls, entries = step
+    return calls, machine, entries
+
+
+def predicted_table(rows: list[dict]) -> str:
+    head = ("| shape (d_out x d_in, N) | mode | plan | kernels | LSR/floor | device time alone: LSR/floor "
+            "| LoRA/LSR |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['d_out']}x{r['d_in']}, {r['tokens']} | {r['mode']} | {r['plan']} | {r['kernels']} | "
+                     f"{r['lsr_over_floor']:.3f} | {r['device_ratio']:.3f} | {r['lora_over_lsr']:.3f} |")
+    return "\n".join(lines)

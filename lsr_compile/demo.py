@@ -56,8 +56,11 @@ def bert_encoder(hidden: int, layers: int, heads: int | None = None) -> nn.Modul
 LSR_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 
-def model_variants(base: nn.Module, config: LSRConfig) -> dict[str, nn.Module]:
-    """The frozen base and the LSR model (eager, compiled, and the reference formulation), on base's device."""
+def model_variants(base: nn.Module, config: LSRConfig, peft_lora: bool = False, graphs: bool = False
+                   ) -> dict[str, nn.Module]:
+    """The frozen base and the LSR model (eager, compiled, and the reference formulation), on base's device;
+    with ``peft_lora``, peft's LoRA of the same inner rank on the same layers, compiled; with ``graphs``, the
+    base and the LSR model compiled with ``mode="reduce-overhead"`` (CUDA graphs)."""
     base.requires_grad_(False)
     lsr = apply_lsr(copy.deepcopy(base), config, target_modules=LSR_TARGETS)
     # the training floor is the base's full input-gradient backward: one trainable LayerNorm at the bottom
@@ -67,31 +70,52 @@ def model_variants(base: nn.Module, config: LSRConfig) -> dict[str, nn.Module]:
     ref = copy.deepcopy(lsr)
     for layer in lsr_layers(ref).values():
         layer.forward = types.MethodType(_reference_forward, layer)
-    return {
+    out = {
         "frozen base (eager)": base,
         "frozen base + torch.compile": torch.compile(base, fullgraph=True),
         "LSR reference formulation (eager)": ref,
         "LSR autotuned ops (eager)": lsr,
         "LSR autotuned ops + torch.compile": torch.compile(lsr, fullgraph=True),
     }
+    if peft_lora:
+        from peft import LoraConfig, get_peft_model
+
+        q = next(iter(lsr_layers(lsr).values())).factor_shapes.q
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=q, lora_alpha=q, target_modules=list(LSR_TARGETS)))
+        lora.base_model.model.embeddings.LayerNorm.weight.requires_grad_(True)
+        out["peft LoRA (same rank) + torch.compile"] = torch.compile(lora, fullgraph=True)
+    if graphs:
+        out["frozen base + CUDA graphs"] = torch.compile(base, mode="reduce-overhead")
+        out["LSR autotuned ops + CUDA graphs"] = torch.compile(lsr, mode="reduce-overhead")
+    return out
 
 
 def throughput(models: dict[str, nn.Module], ids: torch.Tensor, rounds: tuple[int, int] = (8, 5)) -> list[dict]:
-    """Inference and train-step tokens/s of each model, interleaved in one run; ratios to the frozen base."""
-    def infer(m):
+    """Inference and train-step tokens/s of each model, interleaved in one run; ratios to the frozen base. A
+    training step starts with no gradients (``zero_grad()``'s default); a graphed model marks each step."""
+    def mark(name):
+        return torch.compiler.cudagraph_mark_step_begin if "CUDA graphs" in name else (lambda: None)
+
+    def infer(name, m):
         def run():
+            mark(name)()
             with torch.no_grad():
                 m(input_ids=ids)
         return run
 
-    def train(m):
+    def train(name, m):
+        params = [p for p in m.parameters() if p.requires_grad]
+
         def run():
+            mark(name)()
+            for p in params:
+                p.grad = None
             m(input_ids=ids).last_hidden_state.float().square().mean().backward()
         return run
 
     rows = []
     for mode, step, n in (("inference", infer, rounds[0]), ("train step", train, rounds[1])):
-        times = measure({k: step(m) for k, m in models.items()}, ids.device, rounds=n)
+        times = measure({k: step(k, m) for k, m in models.items()}, ids.device, rounds=n)
         t = {k: median(v) for k, v in times.items()}
         for k in models:
             rows.append({"model": k, "mode": mode, "ms": round(t[k], 4), "tokens": ids.numel(),
@@ -117,6 +141,14 @@ def throughput_table(rows: list[dict]) -> str:
     lines.append(f"autotuned+compiled vs reference eager: inference "
                  f"{ms(ref, 'inference') / ms(lsr_c, 'inference'):.2f}x faster, train step "
                  f"{ms(ref, 'train step') / ms(lsr_c, 'train step'):.2f}x faster")
+    peft_c = "peft LoRA (same rank) + torch.compile"
+    if (peft_c, "train step") in by:
+        lines.append(f"peft LoRA compiled vs LSR compiled: inference {ms(peft_c, 'inference') / ms(lsr_c, 'inference'):.3f}"
+                     f"x time, train step {ms(peft_c, 'train step') / ms(lsr_c, 'train step'):.3f}x time")
+    lsr_g, base_g = "LSR autotuned ops + CUDA graphs", "frozen base + CUDA graphs"
+    if (lsr_g, "train step") in by:
+        lines.append(f"under CUDA graphs, LSR vs frozen base: inference {ms(lsr_g, 'inference') / ms(base_g, 'inference'):.3f}"
+                     f"x time, train step {ms(lsr_g, 'train step') / ms(base_g, 'train step'):.3f}x time")
     return "\n".join(lines)
 
 

@@ -101,7 +101,11 @@ class Run:
         parts = [f"# GPU check on {self.env_line()}\n"]
         bench_rows = [r for r in self.rows if r["kind"] == "bench"]
         if bench_rows:
-            parts += ["## Layer: ratios of medians, measured side by side\n", bench.table(bench_rows), ""]
+            predicted = {(r["shape"], r["mode"]): r["lsr_over_floor"] for r in self.rows if r["kind"] == "predicted"}
+            parts += ["## Layer: ratios of medians, measured side by side (predicted: the cost model's LSR/floor)\n",
+                      bench.table(bench_rows, predicted), ""]
+        if (self.out / "profile.md").exists():
+            parts += ["## One training step, profiled: see profile.md\n"]
         tune_rows = [r for r in self.rows if r["kind"] == "tune"]
         if tune_rows:
             parts += ["## Tuning winners\n"] + [f"- {r['summary']}" for r in tune_rows] + [""]
@@ -320,6 +324,108 @@ def stage_compiled(run: Run) -> None:
             run.fail(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 
 
+def stage_profile(run: Run, shapes) -> None:
+    """First: one training step of the LSR layer, plain LoRA of the same inner rank and the frozen layer under
+    torch.profiler (CUDA activities): kernels per step with their device time, the host's time per step and
+    the fraction of the step the device idles. Rows, a table in ``profile.md`` and the Chrome trace of the LSR
+    step at the first shape (gzip)."""
+    from . import profile_step
+    from .bench import _LoRA, layer_base
+    from .config import LSRConfig
+    from .nn import LSRLinear
+
+    parts = []
+    for i, shape in enumerate(shapes):
+        f = shape.factors
+        lsr = LSRLinear(f.d_in, f.d_out, config=LSRConfig(s=f.s, r=(f.r1, f.r2), n=(f.n1, f.n2), m=(f.m1, f.m2),
+                                                          init="reference")).to(run.device, shape.dtype)
+        base = layer_base(lsr).to(run.device, shape.dtype)
+        mods = {"frozen Linear": base, "plain LoRA": _LoRA(base, f.q, lsr.scale).to(run.device, shape.dtype),
+                "LSRLinear": lsr}
+        x = torch.randn(shape.tokens, f.d_in, device=run.device, dtype=shape.dtype, requires_grad=True)
+        g = torch.randn(shape.tokens, f.d_out, device=run.device, dtype=shape.dtype)
+        profiles = profile_step.profile_steps(mods, x, g, steps=3 if run.dry else 5,
+                                              trace_dir=run.out if i == 0 else None, trace_of="LSRLinear")
+        for p in profiles.values():
+            run.row("profile", shape=shape.label(), **p.row())
+        parts.append(profile_step.table(profiles, shape.label()))
+        lsr_p, lora_p = profiles["LSRLinear"], profiles["plain LoRA"]
+        run.say(f"profile {shape.label()}: LSR {lsr_p.kernels} kernels, host {lsr_p.host_us:.0f} µs, device "
+                f"{lsr_p.device_us:.0f} µs, idle {100 * lsr_p.idle:.0f} %; LoRA host {lora_p.host_us:.0f} µs")
+    (run.out / "profile.md").write_text("# One training step, profiled\n\n" + "\n\n".join(parts) + "\n")
+
+
+def predictions(shape, device) -> dict:
+    """The cost model's LSR/floor for ``shape`` (forward, forward+backward) with what dispatch runs here (a
+    GPU: its own choices; the dry run: the H200's)."""
+    from . import costmodel, dispatch, step
+    from .device import H200, gpu_of
+
+    gpu = gpu_of(device) if torch.device(device).type == "cuda" else H200
+    plan = dispatch.planned(shape, gpu)
+    f = shape.factors
+    keep = step.keeps_folded(shape.tokens, f.d_out)
+    out = {}
+    for mode, backward in (("forward", False), ("forward+backward", True)):
+        lsr_c, lsr_e = costmodel.lsr_step(plan["forward"][1], plan["backward"][1] if backward else None, f,
+                                          shape.tokens, shape.dtype, keep)
+        floor_c, floor_e = costmodel.floor_step(f.d_in, f.d_out, shape.tokens, shape.dtype, backward)
+        out[(shape.label(), mode)] = (costmodel.price(lsr_c, costmodel.H200, lsr_e).us
+                                      / costmodel.price(floor_c, costmodel.H200, floor_e).us)
+    return out
+
+
+def stage_graphs(run: Run) -> None:
+    """CUDA graphs (``torch.compile(mode="reduce-overhead")``) around a model with LSR layers, training and
+    inference: the same values and gradients as eager, and no graph silently skipped (Inductor's
+    ``cudagraph_or_error``: a skip is an error here). On a CPU the same code compiles without graphs."""
+    from .config import LSRConfig
+    from .demo import bert_encoder
+    from .nn import apply_lsr
+
+    dev = run.device
+    dtype, tol = (torch.bfloat16, 5e-2) if dev.type == "cuda" else (torch.float32, 1e-4)
+    torch._dynamo.reset()
+    model = apply_lsr(bert_encoder(64 if run.dry else 768, 1 if run.dry else 2).to(dev, dtype),
+                      LSRConfig(s=4, r=(2, 4), init="reference", alpha=8.0), target_modules=("query", "value"))
+    ids = torch.randint(1000, 20000, (2, 16) if run.dry else (8, 128), device=dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    import torch._inductor.config as inductor_config
+
+    old = inductor_config.triton.cudagraph_or_error
+    inductor_config.triton.cudagraph_or_error = dev.type == "cuda"
+    try:
+        graphed = torch.compile(model, mode="reduce-overhead")
+        for mode in ("inference", "training"):
+            for _ in range(3):  # warm-up runs record, then replay
+                torch.compiler.cudagraph_mark_step_begin()
+                if mode == "inference":
+                    with torch.no_grad():
+                        out = graphed(input_ids=ids).last_hidden_state.clone()
+                else:
+                    for p in params:
+                        p.grad = None
+                    graphed(input_ids=ids).last_hidden_state.float().square().mean().backward()
+                    got = [p.grad.clone() for p in params]
+            if mode == "inference":
+                with torch.no_grad():
+                    want = model(input_ids=ids).last_hidden_state
+                err = (out.float() - want.float()).abs().max().item() / max(1.0, want.float().abs().max().item())
+            else:
+                for p in params:
+                    p.grad = None
+                model(input_ids=ids).last_hidden_state.float().square().mean().backward()
+                err = max((a.float() - p.grad.float()).abs().max().item() / max(1.0, p.grad.float().abs().max().item())
+                          for a, p in zip(got, params))
+            run.row("graphs", mode=mode, rel_err=err)
+            if not err <= tol:
+                run.fail(f"CUDA graphs, {mode}: relative error {err:.3g} > {tol} against eager")
+            else:
+                run.say(f"CUDA graphs, {mode}: values{' and gradients' if mode == 'training' else ''} ok")
+    finally:
+        inductor_config.triton.cudagraph_or_error = old
+
+
 def stage_shape(run: Run, shape, target: str, tune_s: float, bench_s: float, log_dir) -> None:
     """Tune one shape (both ops), then benchmark it against the floor and the peers."""
     from . import bench
@@ -341,12 +447,16 @@ def stage_shape(run: Run, shape, target: str, tune_s: float, bench_s: float, log
     if len(recs) < 2:
         run.fail(f"tune {shape.label()}: no correct candidate for {2 - len(recs)} op(s)")
     copy_logs(run, log_dir, target)
-    rows = bench.bench_shape(shape, device=run.device, rounds=10 if run.dry else 20, budget_s=bench_s / 2)
+    rows = bench.bench_shape(shape, device=run.device, rounds=10 if run.dry else 20, budget_s=bench_s / 2,
+                             graphs=True)
     for r in rows:
         run.row("bench", **r)
+    for (label, mode), ratio in predictions(shape, run.device).items():
+        run.row("predicted", shape=label, mode=mode, lsr_over_floor=round(ratio, 4))
     by = {(r["mode"], r["provider"]): r["p50_ms"] for r in rows}
     for mode in ("forward", "forward+backward"):
-        run.say(f"{shape.label()} {mode}: LSR/floor {by[mode, 'lsr'] / by[mode, 'floor']:.3f}, "
+        run.say(f"{shape.label()} {mode}: LSR/floor {by[mode, 'lsr'] / by[mode, 'floor']:.3f} "
+                f"(graphs {by[mode, 'lsr_graphs'] / by[mode, 'floor_graphs']:.3f}), "
                 f"compiled/floor {by[mode, 'lsr_compiled'] / by[mode, 'floor']:.3f}, "
                 f"LoRA/LSR {by[mode, 'lora'] / by[mode, 'lsr']:.3f}, "
                 f"peft LoKr/LSR {by[mode, 'peft_lokr'] / by[mode, 'lsr']:.3f}")
@@ -415,7 +525,8 @@ def stage_model(run: Run, hidden: int, layers: int, batch: int, seq: int) -> Non
     torch._dynamo.reset()
     dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
     base = bert_encoder(hidden, layers).to(run.device, dtype)
-    models = model_variants(base, LSRConfig(s=4, r=(2, 4), init="reference"))
+    models = model_variants(base, LSRConfig(s=4, r=(2, 4), init="reference"), peft_lora=True,
+                            graphs=run.device.type == "cuda")
     ids = torch.randint(1000, 20000, (batch, seq), device=run.device)
     name = f"BERT {layers} layers x {hidden} (random weights), {str(dtype)[6:]}, batch {batch} x seq {seq}"
     for r in throughput(models, ids, rounds=(5, 4) if run.dry else (15, 10)):
@@ -427,8 +538,7 @@ def stage_model(run: Run, hidden: int, layers: int, batch: int, seq: int) -> Non
 def plan(dry: bool):
     """(shape, tune seconds, bench seconds) in the order they run, the model's size, the mixed-batch cases
     (layer width, [(K, distribution, requests, tokens per request)]) and the quantized-base layer (d_in, d_out,
-    token counts: decoding, a training batch); the model, the mixed batch and the quantized base run once the
-    shapes the model's layers use (the first two) are tuned."""
+    token counts: decoding, a training batch)."""
     from . import workloads
 
     if dry:
@@ -437,14 +547,51 @@ def plan(dry: bool):
     shapes = workloads.gpu_shapes()
     mixed = [(s.adapters, dist, s.num_segments, s.tokens // s.num_segments) for s in workloads.gpu_mixed_shapes()
              for dist in ("uniform", "skewed")]
-    return ([(shapes[0], 60.0, 60.0)] + [(s, 25.0, 45.0) for s in shapes[1:]],
+    return ([(shapes[0], 50.0, 60.0), (shapes[1], 30.0, 40.0)] + [(s, 25.0, 35.0) for s in shapes[2:]],
             dict(hidden=768, layers=4, batch=32, seq=256), (4096, mixed), (4096, 11008, [16, 4096]))
+
+
+# Seconds each stage is given on the H200 (the estimate it must fit before it starts; the last run's own times
+# are its "stage" rows): first run 3 at 9d2c79e (correctness 28.5, compiled layer 8.6, host 2.0, 4096² tune +
+# bench 35.9, 768² 16.4, whole model 45.4, 11008x4096 28.6), raised where this check does more (every Triton
+# config of the Kronecker parts compiled and raced, CUDA graphs and peft LoRA beside the model); new stages
+# estimated. Part 1 fits the default 330 s budget: the first command of a 15-minute window, start-up included.
+STAGE_SECONDS = {"profile": 30, "graphs": 25, "whole model": 90, "correctness": 60, "compiled layer": 30,
+                 "host overhead": 5, "mixed batch": 90, "quantized base": 60}
+
+
+def stages(run: Run, part: int, target: str, log_dir) -> list[tuple]:
+    """(name, seconds needed, function, args) of one command. Part 1, in order of what the last windows left
+    least known: the profile of one training step, the target shapes tuned and side by side (eager, compiled,
+    CUDA graphs; TVM-CUDA artifacts race when TVM's runtime is installed), CUDA graphs around a model, the whole
+    model with peft LoRA beside it. Part 2: every kernel against float64, compiled layers, host µs per call,
+    many adapters in one batch, a quantized base, then the other shapes."""
+    shapes, model, mixed, quantized = plan(run.dry)
+    dry = run.dry
+    sec = (lambda name: 10.0) if dry else STAGE_SECONDS.get
+    shape_stage = lambda shp, tune_s, bench_s: (f"shape {shp.label()}", 2 * 30.0 if dry else tune_s + bench_s,  # noqa: E731
+                                               stage_shape, (run, shp, target, tune_s, bench_s, log_dir))
+    first = [("profile", sec("profile"), stage_profile, (run, [s for s, _, _ in shapes[:2]])),
+             *[shape_stage(*spec) for spec in shapes[:2]],
+             ("graphs", sec("graphs"), stage_graphs, (run,)),
+             ("whole model", sec("whole model"), stage_model, (run, *model.values()))]
+    second = [("correctness", sec("correctness"), stage_correctness, (run,)),
+              ("compiled layer", sec("compiled layer"), stage_compiled, (run,)),
+              ("host overhead", sec("host overhead"), stage_overhead, (run,)),
+              ("mixed batch", sec("mixed batch"), stage_mixed, (run, *mixed)),
+              ("quantized base", sec("quantized base"), stage_quantized, (run, *quantized)),
+              *[shape_stage(*spec) for spec in shapes[2:]]]
+    return {1: first, 2: second, 0: first + second}[part]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lsr_compile.gpu_check", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "results/gpu"))
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole check (default 330)")
+    ap.add_argument("--part", type=int, choices=(0, 1, 2), default=1,
+                    help="1: profile, target shapes side by side, CUDA graphs, whole model (the first command); "
+                         "2: correctness, compiled layers, mixed batch, quantized base, other shapes (the second); "
+                         "0: both (a long lease)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the same stages on this machine's CPU with tiny shapes (CI: the check's own test)")
     ap.add_argument("--log-dir", type=Path, default=None,
@@ -463,20 +610,12 @@ def main(argv=None) -> int:
     load_logs(log_dir)  # what the shape stages tune is what their benchmarks run
     torch.manual_seed(0)
     run.stage("environment", 0, stage_env, run)
-    run.stage("correctness", 20 if a.dry_run else 60, stage_correctness, run)
-    run.stage("compiled layer", 10 if a.dry_run else 45, stage_compiled, run)
-    run.stage("host overhead", 5, stage_overhead, run)
-    shapes, model, mixed, quantized = plan(a.dry_run)
-    for i, (shape, tune_s, bench_s) in enumerate(shapes):
-        run.stage(f"shape {shape.label()}", tune_s + bench_s, stage_shape, run, shape, target, tune_s, bench_s,
-                  log_dir)
-        if i == min(1, len(shapes) - 1):
-            run.stage("whole model", 30 if a.dry_run else 120, stage_model, run, *model.values())
-            run.stage("mixed batch", 20 if a.dry_run else 90, stage_mixed, run, *mixed)
-            run.stage("quantized base", 20 if a.dry_run else 60, stage_quantized, run, *quantized)
+    for name, need, fn, args in stages(run, a.part, target, log_dir):
+        run.stage(name, need, fn, *args)
     run.write_tables()
     print((a.out / "gpu_check.md").read_text(), flush=True)
-    run.say(f"done: {len(run.failures)} correctness failures, {len(run.skipped)} skipped; files in {a.out}")
+    run.say(f"done (part {a.part}): {len(run.failures)} correctness failures, {len(run.skipped)} skipped; files in "
+            f"{a.out}")
     return 1 if run.failures else 0
 
 

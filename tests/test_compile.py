@@ -102,3 +102,30 @@ def test_fake_cuda_model_traces_as_one_graph():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     nodes = [n for g in explanation.graphs for n in g.graph.nodes if "lsr.linear" in str(n.target)]
     assert len(nodes) == 2 * 2 + 3 * 2 + 1
+
+
+def test_the_training_graph_holds_nothing_cuda_graphs_refuse():
+    """What torch.compile(mode="reduce-overhead") captures: the forward and backward graphs AOTAutograd makes of
+    a model with LSR layers hold the step's ops, and none that Inductor's CUDA-graph check refuses (an op tagged
+    cudagraph_unsafe, a data-dependent size). Checked here on the graphs themselves; the GPU check runs them."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = _lsr_bert().train()
+    torch._dynamo.reset()
+    with lc.use_backend("triton"):  # the ops stay opaque (no Inductor decomposition in this backend anyway)
+        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+        compiled(input_ids=tokens(2, 9)).logits.square().sum().backward()
+    assert len(graphs) == 2
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("lsr.linear_forward" in o for o in ops) == 11 and sum("lsr.linear_backward" in o for o in ops) == 11
+    for g in graphs:
+        assert get_first_incompatible_cudagraph_node(g) is None
+    for op in (torch.ops.lsr.linear_forward.default, torch.ops.lsr.linear_backward.default):
+        assert torch._C.Tag.cudagraph_unsafe not in op.tags

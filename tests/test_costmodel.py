@@ -97,7 +97,7 @@ def _predicted(shape, backward: bool):
 
 def test_todays_step_at_the_target_shape(fresh_dispatch):
     """bf16 4096², N = 8192 on the H200, as predicted: forward within 6 % of the frozen layer, forward+backward
-    within 15 % (the target is 12 %: three passes over N x 4096 operands and a fold cost 1.09x at their
+    within 14 % (the target is 12 %: three passes over N x 4096 operands and a fold cost 1.09x at their
     bandwidth, and seven kernels' fixed costs the rest), faster than plain LoRA by more than 15 %, and less than
     0.6x the step the H200 measured at 9d2c79e (1.94 ms)."""
     from lsr_compile import workloads
@@ -106,6 +106,6 @@ def test_todays_step_at_the_target_shape(fresh_dispatch):
     lsr, floor, lora = _predicted(shape, backward=False)
     assert lsr / floor <= 1.06
     lsr, floor, lora = _predicted(shape, backward=True)
-    assert lsr / floor <= 1.15 and lora / lsr >= 1.15
+    assert lsr / floor <= 1.14 and lora / lsr >= 1.15
     old_calls, old_entries = _old_lsr_step("4096x4096", True)
     assert lsr <= 0.6 * cm.price(old_calls, cm.H200, old_entries).us

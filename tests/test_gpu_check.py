@@ -12,15 +12,22 @@ def _rows(out):
 
 
 def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
+    """Both commands' stages (``--part 0``), in the order of the two commands: part 1 starts with the profile."""
     out = tmp_path / "out"
-    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "240"]) == 0
+    assert gpu_check.main(["--dry-run", "--part", "0", "--out", str(out), "--budget", "400"]) == 0
     rows = _rows(out)
     kinds = {r["kind"] for r in rows}
-    assert {"env", "correctness", "overhead", "tune", "bench", "model", "mixed"} <= kinds, kinds
+    assert {"env", "profile", "correctness", "overhead", "tune", "bench", "predicted", "graphs", "model",
+            "mixed"} <= kinds, kinds
     assert not [r for r in rows if r["kind"] == "failure"]
     assert next(r for r in rows if r["kind"] == "correctness")["passed"] > 20
     providers = {r["provider"] for r in rows if r["kind"] == "bench"}
-    assert {"floor", "lsr", "lsr_compiled", "reference", "lora", "peft_lokr"} <= providers
+    assert {"floor", "lsr", "lsr_compiled", "lsr_graphs", "floor_graphs", "reference", "lora", "peft_lokr"} <= providers
+    profiles = {r["name"] for r in rows if r["kind"] == "profile"}
+    assert profiles == {"frozen Linear", "plain LoRA", "LSRLinear"} and (out / "profile.md").exists()
+    assert list(out.glob("trace-*.json.gz")), "the profiled step's Chrome trace"
+    assert {r["mode"] for r in rows if r["kind"] == "graphs"} == {"inference", "training"}
+    assert {r["model"] for r in rows if r["kind"] == "model"} >= {"peft LoRA (same rank) + torch.compile"}
     md = (out / "gpu_check.md").read_text()
     assert "| shape (d_out x d_in, N)" in md and "## Whole model" in md and "Correctness failures: 0" in md
     assert "## Many adapters in one batch" in md
@@ -32,12 +39,13 @@ def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
     assert "## A quantized frozen base" in md
     assert (out / "tuning-forward.jsonl").exists() and (out / "tuning-backward.jsonl").exists()
     stages = [r["name"] for r in rows if r["kind"] == "stage"]
-    assert stages[:3] == ["environment", "correctness", "compiled layer"]  # the cheap checks first
+    assert stages[:2] == ["environment", "profile"]  # profile first
+    assert stages.index("whole model") < stages.index("correctness")  # part 1, then part 2
 
 
 def test_a_budget_too_small_skips_stages_and_still_writes_the_report(tmp_path, fresh_dispatch):
     out = tmp_path / "out"
-    assert gpu_check.main(["--dry-run", "--out", str(out), "--budget", "3"]) == 0
+    assert gpu_check.main(["--dry-run", "--part", "0", "--out", str(out), "--budget", "3"]) == 0
     rows = _rows(out)
     skipped = [r["what"] for r in rows if r["kind"] == "skipped"]
     assert any(s.startswith("shape ") and "left in the budget" in s for s in skipped)

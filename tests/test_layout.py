@@ -19,7 +19,7 @@ STAGES = [
     ("ops",),  # 7. op registry
     ("nn", "bank"),  # 8. layers
     ("peft",),  # 9. peft glue
-    ("workloads", "bench", "bench_mixed", "bench_quantized", "demo", "gpu_check", "cli"),  # applications
+    ("workloads", "bench", "bench_mixed", "bench_quantized", "profile_step", "demo", "gpu_check", "cli"),  # applications
 ]
 
 

@@ -17,11 +17,12 @@ DIMS = [(1, 1, 1, 5, 3, 2, 7), (3, 2, 3, 6, 7, 5, 9), (2, 1, 1, 4, 4, 3, 3), (2,
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def _dtypes(name):
+def _dtypes(name, dims):
+    """Every dtype a provider takes; Triton's half precision (slow in its interpreter) on the ragged sizes only."""
     if name == "tvm":
         return [torch.float64, torch.float32]
     if name == "triton":
-        return [getattr(torch, d) for d in TRITON_DTYPES]
+        return [getattr(torch, d) for d in TRITON_DTYPES] if dims == DIMS[1] else [torch.float64, torch.float32]
     return [torch.float64, torch.float32, torch.bfloat16]
 
 
@@ -51,7 +52,7 @@ def _adapter_visible(want, x, W, b, dtype):
 @pytest.mark.parametrize("dims", DIMS)
 def test_every_variant_pair_every_hand_over(parts, dims):
     """forward variant x backward variant x (W_eff kept or not), values and the five gradients."""
-    for dtype in _dtypes(parts):
+    for dtype in _dtypes(parts, dims):
         N = 37
         x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype)
         factors = [f * 3 for f in factors]  # an adapter the size of the base's output

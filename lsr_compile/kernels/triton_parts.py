@@ -15,6 +15,7 @@ kernels, seven when the forward keeps W_eff (``step.keep_folded_weight``). Every
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -222,7 +223,19 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-_gpu_meta = False  # set by compile_reports: launches take a GPU's arguments even in the interpreter
+_gpu_meta = False  # launches take a GPU's arguments even in the interpreter (``gpu_arguments``)
+
+
+@contextlib.contextmanager
+def gpu_arguments():
+    """Inside: launches get the arguments a GPU would (full tiles, no upcast), even in Triton's interpreter,
+    for compiling and pricing them; they must not run there."""
+    global _gpu_meta
+    old, _gpu_meta = _gpu_meta, True
+    try:
+        yield
+    finally:
+        _gpu_meta = old
 
 
 def _interpreted() -> bool:
@@ -443,14 +456,10 @@ def compile_reports(op: str, variant: str, key: ProblemKey, config: dict, capabi
 
 @functools.lru_cache(maxsize=256)
 def _reports(op, variant, key, config_items, capability):
-    global _gpu_meta
     fn = build(op, variant, dict(config_items), key, "meta")
     out = []
-    _gpu_meta = True
-    try:
+    with gpu_arguments():
         found = launches(fn, *example_args(op, key))
-    finally:
-        _gpu_meta = False
     for kernel, grid, args, meta in found:
         name = getattr(kernel, "__name__", None) or kernel.fn.__name__
         out.append((name, compile_kernel(kernel, args, dict(meta), capability)))
