@@ -7,7 +7,7 @@ GPU_VENV ?= .venv-gpu-image
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_IMAGE_TESTS := tests/test_ops.py tests/test_nn.py tests/test_compile.py tests/kernels/test_triton_fused.py \
 	tests/kernels/test_triton_aot.py tests/test_gpu_check.py tests/peft_glue/test_peft_glue.py tests/test_robustness.py \
-	tests/test_layout.py tests/test_mixed.py
+	tests/test_layout.py tests/test_mixed.py tests/test_step.py tests/test_costmodel.py tests/test_launch_budget.py
 
 .PHONY: setup setup-gpu-image demo test test-main test-gpu-image test-all bench gpu-artifacts gpu-check
 setup: $(VENV)/.installed

@@ -301,14 +301,22 @@ def options(op: str, key, capability: int) -> list[tuple[str, str, dict]]:
 
 def cheapest(op: str, key, capability: int, machine: Machine = H200) -> tuple[str, str, dict, str]:
     """(backend, variant, config, why): of ``options``, the one this model prices lowest (a backward behind
-    the forward it would choose). What dispatch runs on a GPU for a problem no tuning record covers."""
+    the forward it would choose). What dispatch runs on a GPU for a problem no tuning record covers. Priced
+    outside any dispatch mode the caller is in (a fake-tensor trace must not see these meta tensors)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return _cheapest(op, key, capability, machine)
+
+
+def _cheapest(op: str, key, capability: int, machine: Machine) -> tuple[str, str, dict, str]:
     from .kernels import build
     from .step import keeps_folded
 
     forward = None
     if op == "backward":
         fkey = dataclasses.replace(key, op="forward")
-        b, v, c, _ = cheapest("forward", fkey, capability, machine)
+        b, v, c, _ = _cheapest("forward", fkey, capability, machine)
         forward = build(b, "forward", v, c, fkey, "cuda")
     keep = keeps_folded(key.token_bucket, key.m1 * key.m2)
     priced = []

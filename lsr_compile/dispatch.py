@@ -20,7 +20,7 @@ import torch
 from . import costmodel, kernels, logs
 from .config import FactorShapes
 from .problem import OPS, LSRShape, ProblemKey, dtype_name, token_bucket
-from .device import GPU, device_id, gpu_of, target_of
+from .device import GPU, H200, device_id, gpu_of, target_of
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,9 @@ def _traced_choice(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> tuple[ProblemK
     r2, n2 = (_hint(v, 1) for v in A2.shape[1:])
     m1, m2 = _hint(B1.shape[1], 1), _hint(B2.shape[1], 1)
     key = ProblemKey.of(op, x2d.dtype, _hint(x2d.shape[0], 2048), FactorShapes(s, r1, r2, n1, n2, m1, m2))
-    return key, choose(op, key, x2d.device)
+    # a graph traced for a GPU this process cannot see (fake CUDA tensors on a CPU machine): the H200's choices
+    gpu = H200 if x2d.device.type == "cuda" and not torch.cuda.is_available() else None
+    return key, choose(op, key, x2d.device, gpu)
 
 
 def traced_formulation(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> Optional[Callable]:

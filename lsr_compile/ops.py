@@ -272,7 +272,7 @@ class _LinearStep(torch.autograd.Function):
         else:
             y, A, Bt, tT, w_eff = torch.ops.lsr.linear_forward(x, weight, bias, A1, A2, B1, B2, scale)
         # a traced token count is read at its example value (no guard: no recompile per token count)
-        if step.given(w_eff) and not step.keeps_folded(dispatch.example_rows(x), weight.shape[0]):
+        if step.given(w_eff) and not step.keeps_folded(dispatch.example_rows(x), weight.shape[0], x.device.type):
             w_eff = None if direct else w_eff.new_empty(0)
         ctx.save_for_backward(x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff)
         ctx.scale, ctx.has_bias, ctx.direct = scale, bias is not None, direct

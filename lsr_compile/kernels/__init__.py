@@ -67,6 +67,12 @@ def torch_default_variant(op: str, key: ProblemKey, device: torch.device = torch
 HOST_BOUND_MACS = 32768  # multiply-adds a serial generic TVM kernel does in ~30 µs on the CI CPU
 
 
+def host_bound(key: ProblemKey) -> bool:
+    """The layer's arithmetic (base GEMM and adapter) is below what the host's calls cost on a CPU."""
+    f = key.shapes
+    return key.token_bucket * (f.d_in * f.d_out + f.q * (f.d_in + f.d_out)) <= HOST_BOUND_MACS
+
+
 def untuned_choice(op: str, key: ProblemKey, device: torch.device) -> tuple[str, str, dict, str]:
     """(backend, variant, config, why) for a problem no tuning record covers, where the GPU cost model
     (``dispatch``) does not decide: on a CPU, for a problem whose cost is the host's calls, TVM's generic
@@ -74,10 +80,8 @@ def untuned_choice(op: str, key: ProblemKey, device: torch.device) -> tuple[str,
     formulation the memory-traffic rule picks (``torch_default_variant``)."""
     variant = torch_default_variant(op, key, device)
     kind = torch.device(device).type
-    f = key.shapes
     if (op in ("forward", "backward") and kind == "cpu" and unavailable("tvm", device) is None
-            and key.dtype in schedule_spaces.dtypes("llvm")
-            and key.token_bucket * (f.d_in * f.d_out + f.q * (f.d_in + f.d_out)) <= HOST_BOUND_MACS):
+            and key.dtype in schedule_spaces.dtypes("llvm") and host_bound(key)):
         return ("tvm", "materialise", schedule_spaces.generic("llvm", op, "materialise"),
                 "host-bound: TVM's generic kernel, the whole layer in one call per direction")
     return "torch", variant, {}, f"the PyTorch formulation {variant} by the memory-traffic rule"
@@ -112,7 +116,10 @@ def candidates(target: str, op: str, key: ProblemKey, trials: int | None = None)
     compiled = []
     name = space_name("tvm", target)
     if key.dtype in schedule_spaces.dtypes(name):
-        per_variant = [[("tvm", v, c) for c in schedule_spaces.space(name, op, v)]
+        # the generic kernel (serial, unscheduled) only where the problem is host-bound: elsewhere it is slower
+        # by orders of magnitude (768², N = 2048: 1.6 s a call) and would eat the tuning budget
+        per_variant = [[("tvm", v, c) for c in schedule_spaces.space(name, op, v)
+                        if c != schedule_spaces.generic(name, op, v) or host_bound(key)]
                        for v in schedule_spaces.variants(name, op)]
         compiled += _round_robin(per_variant)
     if target == "cuda" and op not in ADAPTER_OPS:

@@ -46,7 +46,7 @@ def save_forward(d: dict, forward, scale: float, keep_folded: bool = True) -> di
     """Run a forward kernel on ``d`` and keep what it hands the backward (A, Bt, tT, W_eff; W_eff dropped
     unless ``keep_folded``), as the op does in a training step. Returns ``d``."""
     _, A, Bt, tT, w_eff = forward(d["x"], d["W"], d["b"], *d["factors"], scale)
-    d["saved"] = (A, Bt, tT, w_eff if keep_folded else w_eff.new_empty(0))
+    d["saved"] = (A, Bt, tT, w_eff if keep_folded else None)
     return d
 
 
