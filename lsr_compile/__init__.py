@@ -2,11 +2,13 @@
 
 The pipeline, one module per stage, in import order (each imports only from the lines above it):
 
-    config.py, problem.py, reference.py, formulations.py, device.py, shipped.py
-                        the function, its key, the PyTorch formulations, where it runs and where data lives
-    expr/               TVM tensor expressions of the layer (forward variants, backward)
+    config.py, problem.py, reference.py, formulations.py, step.py, device.py, shipped.py
+                        the function, its key, the layer's math in ATen, the training step kernel by kernel,
+                        where it runs and where data lives
+    expr/               TVM tensor expressions of the layer (forward variants, backward, the Kronecker parts)
     schedule_spaces.py  the knobs tuning searches (schedules/*.json, data)
-    kernels/            lower + build a config: TVM (llvm, cuda), Triton, PyTorch formulations
+    kernels/            lower + build a config: TVM (llvm, cuda), Triton, PyTorch formulations; each backend's parts
+    costmodel.py        what a step costs on a device (the GPU default)
     logs.py             the tuning-record format (JSON lines)
     tuning/             timing, the correctness harness, the search: tune()
     dispatch.py         run-time choice per (device, op, shape): forced > tuned > default
@@ -16,9 +18,9 @@ The pipeline, one module per stage, in import order (each imports only from the 
 """
 from . import _peft_type  # noqa: F401  (PeftType.LSR must exist before any peft lookup)
 from . import reference
-from .config import FactorizationError, FactorShapes, LSRConfig, factor_pair
+from .config import FactorizationError, FactorShapes, LSRConfig, LSRConfigWarning, factor_pair
 from .dispatch import load_logs, use_backend
-from .nn import LSRLinear, apply_lsr, count_parameters, explain, lsr_layers
+from .nn import LSRLinear, LSRMergedError, apply_lsr, count_parameters, explain, lsr_layers
 from .ops import LSRInputError, lsr_linear, mixed_linear
 from .problem import LSRShape
 from .tuning import tune
@@ -29,5 +31,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LSRConfig", "LSRLinear", "LSRShape", "FactorShapes", "FactorizationError", "LSRInputError", "apply_lsr",
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
-    "use_backend", "tune", "mixed_linear", "LSRModel", "export_lora", "load_reference_adapter",
+    "use_backend", "tune", "mixed_linear", "LSRModel", "export_lora", "load_reference_adapter", "LSRConfigWarning",
+    "LSRMergedError",
 ]

@@ -141,7 +141,7 @@ def run(out: Optional[Path], quick: bool = False, d_in: int = 4096, d_out: int =
     for name, layer in layers.items():
         base_bytes = _tensor_bytes(layer.weight) + (_tensor_bytes(layer.bias) if layer.bias is not None else 0)
         adapter = sum(p.numel() * p.element_size() for p in (layer.A1, layer.A2, layer.B1, layer.B2))
-        adam = 2 * sum(p.numel() * 4 for p in (layer.A1, layer.A2, layer.B1, layer.B2))  # fp32 moments
+        adam = 2 * sum(p.numel() * 4 for p in (layer.A1, layer.A2, layer.B1, layer.B2))  # computed: 2 fp32 moments
         for mode in ("forward", "forward+backward"):
             if f"{name}|{mode}" not in times or f"{ref_name}|{mode}" not in times:
                 continue
@@ -168,7 +168,7 @@ def table(rows: list[dict]) -> str:
         ref = group[1]
         d = rs[0]
         head = [f"{d['d_in']} -> {d['d_out']}, {group[0]} tokens, against the {ref} base:", "",
-                f"| base format | base | adapter | AdamW state | total | vs {ref} | forward / {ref} layer | "
+                f"| base format | base | adapter | AdamW state (computed) | total | vs {ref} | forward / {ref} layer | "
                 f"fwd+bwd / {ref} layer |", "|---|---|---|---|---|---|---|---|"]
         dense = next(r for r in rs if r["format"] == ref)
         total_ref = dense["base_bytes"] + dense["adapter_bytes"] + dense["optimizer_bytes"]

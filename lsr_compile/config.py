@@ -19,16 +19,30 @@ from ._peft_type import LSR_PEFT_TYPE
 # degenerates towards a rank-deficient LoRA on one side.
 MAX_FACTOR_RATIO = 64
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+# Sizes beyond any real layer are refused before any work (the widest layers in use, vocabulary heads, are
+# ~256k; factor searches are then bounded by a few thousand steps): a typo of 10**12 must not run for minutes.
+MAX_DIM = 1 << 22
+MAX_RANK = 1 << 12  # s, r1, r2: a Kronecker term of rank 4096 is far beyond any adapter
+
+
+class LSRConfigWarning(UserWarning):
+    """A configuration that computes what it says but cannot use all it asks for."""
 
 
 class FactorizationError(ValueError):
     """A dimension cannot be split into two Kronecker factors as asked."""
 
 
+def _check_dim(d, what: str) -> None:
+    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+        raise FactorizationError(f"{what} must be a positive integer, got {d!r}")
+    if d > MAX_DIM:
+        raise FactorizationError(f"{what} = {d} is beyond any real layer (at most {MAX_DIM:,}); check the size")
+
+
 def factor_pair(d: int, what: str = "dimension") -> tuple[int, int]:
     """Most balanced split ``d = a * b`` with ``a >= b``; e.g. 768 -> (32, 24)."""
-    if not isinstance(d, int) or d < 1:
-        raise FactorizationError(f"{what} must be a positive integer, got {d!r}")
+    _check_dim(d, what)
     b = math.isqrt(d)
     while d % b:
         b -= 1
@@ -60,17 +74,20 @@ def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
-def _as_pair(v, name) -> Optional[tuple[int, int]]:
+def _as_pair(v, name, limit: int = MAX_DIM) -> Optional[tuple[int, int]]:
     if v is None:
         return None
     if _is_count(v):
-        return (v, v)
-    try:
-        t = tuple(v)
-    except TypeError:
-        t = ()
-    if len(t) != 2 or not all(_is_count(i) for i in t):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
+        t = (v, v)
+    else:
+        try:
+            t = tuple(v)
+        except TypeError:
+            t = ()
+        if len(t) != 2 or not all(_is_count(i) for i in t):
+            raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {v!r}")
+    if max(t) > limit:
+        raise ValueError(f"{name} = {v!r} is beyond any real adapter (at most {limit:,}); check the value")
     return t
 
 
@@ -126,16 +143,40 @@ class FactorShapes:
 
 def resolve_shapes(d_in: int, d_out: int, s: int, r, n=None, m=None) -> FactorShapes:
     """Factor shapes for a (d_out x d_in) layer; ``n``/``m`` pin them, ``None`` = automatic."""
-    if not _is_count(s):
-        raise ValueError(f"separation rank s must be a positive int, got {s!r}")
-    r1, r2 = _as_pair(r, "r")
+    if not _is_count(s) or s > MAX_RANK:
+        raise ValueError(f"separation rank s must be a positive int of at most {MAX_RANK}, got {s!r}")
+    r1, r2 = _as_pair(r, "r", MAX_RANK)
+    _check_dim(d_in, "d_in")
+    _check_dim(d_out, "d_out")
     n1, n2 = _as_pair(n, "n") or factor_pair(d_in, "d_in")
     m1, m2 = _as_pair(m, "m") or factor_pair(d_out, "d_out")
     if n1 * n2 != d_in:
         raise FactorizationError(f"n = ({n1}, {n2}) does not factor d_in = {d_in}: {n1}*{n2} = {n1 * n2}")
     if m1 * m2 != d_out:
         raise FactorizationError(f"m = ({m1}, {m2}) does not factor d_out = {d_out}: {m1}*{m2} = {m1 * m2}")
+    _warn_unusable(s, r1, r2, n1, n2, m1, m2)
     return FactorShapes(s, r1, r2, n1, n2, m1, m2)
+
+
+_unusable_warned: set = set()
+
+
+def _warn_unusable(s, r1, r2, n1, n2, m1, m2) -> None:
+    """An inner rank no factor can carry (r1 > min(n1, m1): A1[l] is r1 x n1, B1[l] m1 x r1) or more terms
+    than the Kronecker sum can hold (s > min(r1·n1, r2·n2), the rank of A rearranged as Σ_l vec(A1[l])
+    vec(A2[l])ᵀ) computes correctly but trains parameters that add nothing. Warned once per shape, with the
+    nearest choice that does not."""
+    r1_ok, r2_ok = min(r1, n1, m1), min(r2, n2, m2)
+    s_ok = min(s, r1_ok * n1, r2_ok * n2, m1 * r1_ok, m2 * r2_ok)
+    key = (s, r1, r2, n1, n2, m1, m2)
+    if (r1_ok, r2_ok, s_ok) != (r1, r2, s) and key not in _unusable_warned:
+        _unusable_warned.add(key)
+        import warnings
+
+        warnings.warn(f"LSR adapter s={s}, r=({r1}, {r2}) on factors n=({n1}, {n2}), m=({m1}, {m2}) asks for more than "
+                      f"it can use: the inner ranks are at most min(n, m) per factor and the terms at most the "
+                      f"factors' sizes; s={s_ok}, r=({r1_ok}, {r2_ok}) trains the same update with fewer "
+                      f"parameters", LSRConfigWarning, stacklevel=3)
 
 
 LOADING_NOTE_HEADING = "## Loading this LSR-Adapt adapter"
@@ -203,11 +244,11 @@ class LSRConfig(PeftConfig):
             raise ValueError(f"init must be 'zeros' or 'reference', got {self.init!r}")
         if self.scaling not in ("rslora", "lora"):
             raise ValueError(f"scaling must be 'rslora' or 'lora', got {self.scaling!r}")
-        self.r = _as_pair(self.r, "r")
+        self.r = _as_pair(self.r, "r", MAX_RANK)
         self.n = _as_pair(self.n, "n")
         self.m = _as_pair(self.m, "m")
-        if not _is_count(self.s):
-            raise ValueError(f"s must be a positive int, got {self.s!r}")
+        if not _is_count(self.s) or self.s > MAX_RANK:
+            raise ValueError(f"s must be a positive int of at most {MAX_RANK}, got {self.s!r}")
         if self.alpha is not None:
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or \
                     not math.isfinite(self.alpha) or self.alpha <= 0:

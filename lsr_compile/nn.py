@@ -50,6 +50,28 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
     return lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
 
 
+class LSRMergedError(RuntimeError):
+    """An operation that needs the adapter apart from the weight ran on a merged layer."""
+
+
+class _MergedStep(torch.autograd.Function):
+    """Identity on a merged layer's output that refuses to send gradients to the factors, which the merged
+    weight no longer depends on (without it, training fails deep in autograd: "does not require grad and
+    does not have a grad_fn", or the factors silently get none)."""
+
+    @staticmethod
+    def forward(ctx, y, *factors):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if any(ctx.needs_input_grad[1:]):
+            raise LSRMergedError("this LSRLinear is merged (merge() folded the adapter into the weight), so its "
+                                 "factors get no gradient: call layer.unmerge() before training it, or freeze the "
+                                 "factors (requires_grad_(False)) to train only what is around it")
+        return (grad,) + (None,) * 4
+
+
 @torch.no_grad()
 def init_factors(A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, f: FactorShapes, init: str) -> None:
     """``"reference"``: every factor ~ N(0, 0.01²), as the method's code (ΔW ≠ 0 at step 0).
@@ -83,6 +105,7 @@ class LSRLinear(nn.Module):
                  *, device=None, dtype=None):
         super().__init__()
         config = config or LSRConfig()
+        config.shapes_for(in_features, out_features)  # refused before the base is allocated
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, config)
 
@@ -124,7 +147,11 @@ class LSRLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, self.bias)
+            factors = (self.A1, self.A2, self.B1, self.B2)
+            if torch.is_grad_enabled() and any(p.requires_grad for p in factors):
+                y = _MergedStep.apply(y, *factors)  # a backward to the factors says what is wrong
+            return y
         p = self._parameters  # one dict instead of six Module.__getattr__ calls (a tiny layer's host time)
         return lsr_forward(x, p["weight"], p.get("bias"), p["A1"], p["A2"], p["B1"], p["B2"], self.scale,
                            self._base_forward)

@@ -27,6 +27,8 @@ def count_bucket(n: int) -> int:
     return b
 
 
+MAX_TOKENS = 1 << 27  # rows of one call: sizes beyond any batch are refused before any work
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -98,8 +100,9 @@ class LSRShape:
     factors: FactorShapes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.tokens, int) or self.tokens < 1:
-            raise ValueError(f"tokens must be a positive int, got {self.tokens!r}")
+        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or not 1 <= self.tokens <= MAX_TOKENS:
+            raise ValueError(f"tokens must be a positive int of at most {MAX_TOKENS:,} (beyond any batch), got "
+                             f"{self.tokens!r}")
         if isinstance(self.dtype, str):
             object.__setattr__(self, "dtype", DTYPES[self.dtype])
         for name in ("adapters",) + (("segments",) if self.segments is not None else ()):

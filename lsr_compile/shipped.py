@@ -8,6 +8,7 @@ it writes to the user's data directory.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -29,8 +30,22 @@ def checkout():
     return root if (root / "pyproject.toml").is_file() and (root / "schedules").is_dir() else None
 
 
+_warned: set = set()
+
+
+def missing_setting(variable: str, path: Path, consequence: str) -> None:
+    """Warn once per process that an environment variable names a folder that does not exist."""
+    if (variable, str(path)) not in _warned and not path.exists():
+        _warned.add((variable, str(path)))
+        warnings.warn(f"${variable} names {path}, which does not exist: {consequence}", RuntimeWarning, stacklevel=3)
+
+
 def env_log_dirs() -> list[Path]:
-    return [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    dirs = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    for i, d in enumerate(dirs):
+        missing_setting(ENV_VAR, d, "no tuning records are read from it" +
+                        (" (tune() creates it when it writes there)" if i == 0 else ""))
+    return dirs
 
 
 def user_log_dir() -> Path:

@@ -7,6 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lsr_compile as lc
 from lsr_compile import bench, ops
 
+from models import adapter_share, strong_adapters
+
 
 def test_eager_training_step_costs_the_host_no_more_than_plain_lora():
     r = bench.host_step_us(rounds=7, steps=300)
@@ -35,7 +37,8 @@ def test_arguments_are_checked_once_per_signature(monkeypatch, fresh_dispatch):
 
 
 def test_a_dispatch_mode_sees_the_op_and_plain_calls_do_not_need_it():
-    layer = lc.LSRLinear(12, 10, config=lc.LSRConfig(s=2, r=2))
+    with torch.no_grad():
+        layer = strong_adapters(lc.LSRLinear(12, 10, config=lc.LSRConfig(s=2, r=2)))
     x = torch.randn(5, 12, requires_grad=True)
 
     class Seen(TorchDispatchMode):
@@ -50,4 +53,5 @@ def test_a_dispatch_mode_sees_the_op_and_plain_calls_do_not_need_it():
         y.sum().backward()
     assert "lsr.linear_forward.default" in Seen.ops and "lsr.linear_backward.default" in Seen.ops
     want = lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
+    assert adapter_share(lambda: layer(x), layer) > 100 * 1e-5
     torch.testing.assert_close(layer(x), want)  # the direct path computes the same

@@ -4,6 +4,7 @@ import torch
 import lsr_compile as lc
 from lsr_compile import reference
 
+from models import adapter_share, strong_adapters
 from models import tiny_bert, tokens
 
 
@@ -20,10 +21,11 @@ def test_layer_parameters_shapes_and_count():
 
 def test_rectangular_auto_shapes_and_forward_matches_reference():
     lin = torch.nn.Linear(96, 40)
-    layer = lc.LSRLinear.from_linear(lin, lc.LSRConfig(s=3, r=(2, 3), init="reference"))
+    layer = strong_adapters(lc.LSRLinear.from_linear(lin, lc.LSRConfig(s=3, r=(2, 3))))
     f = layer.factor_shapes
     assert (f.n1 * f.n2, f.m1 * f.m2) == (96, 40)
     x = torch.randn(2, 5, 96)
+    assert adapter_share(lambda: layer(x), layer) > 100 * 1e-5  # assert_close's float32 tolerance
     want = reference.lsr_linear(x, lin.weight, lin.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
     torch.testing.assert_close(layer(x), want)
 
@@ -52,9 +54,10 @@ def test_reference_init_is_nonzero_and_small():
 
 
 def test_merge_unmerge_exact():
-    layer = lc.LSRLinear(48, 36, config=lc.LSRConfig(s=2, r=2, init="reference", alpha=500.0))
+    layer = strong_adapters(lc.LSRLinear(48, 36, config=lc.LSRConfig(s=2, r=2)))
     w0 = layer.weight.detach().clone()
     x = torch.randn(7, 48)
+    assert adapter_share(lambda: layer(x), layer) > 100 * 1e-5
     y = layer(x)
     layer.merge()
     assert layer.merged and "merged" in repr(layer)
@@ -68,16 +71,18 @@ def test_merge_unmerge_exact():
 
 
 def test_delta_weight_matches_reference():
-    layer = lc.LSRLinear(24, 30, config=lc.LSRConfig(s=3, r=(2, 1), init="reference"))
+    layer = strong_adapters(lc.LSRLinear(24, 30, config=lc.LSRConfig(s=3, r=(2, 1))))
     want = reference.delta_weight(layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
+    assert want.abs().max() > 100 * 1e-5
     torch.testing.assert_close(layer.delta_weight(), want)
 
 
 def test_layer_dtype_mismatch_is_an_error_and_autocast_works():
-    layer = lc.LSRLinear(24, 20, config=lc.LSRConfig(s=2, r=2, init="reference"))
+    layer = strong_adapters(lc.LSRLinear(24, 20, config=lc.LSRConfig(s=2, r=2)))
     with pytest.raises(lc.LSRInputError, match="dtype mismatch"):
         layer(torch.randn(3, 24, dtype=torch.float64))
     x = torch.randn(3, 24)
+    assert adapter_share(lambda: layer(x), layer) > 10 * 0.05  # far above the bf16 comparison below
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16

@@ -1,24 +1,31 @@
 """The custom ops and every PyTorch formulation against the reference (values and gradients)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lsr_compile as lc
 from lsr_compile import reference
 from lsr_compile.ops import LSRInputError
 
-from conftest import make_layer_inputs
+from conftest import make_layer_inputs, rounding_bound
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-4, rtol=2e-4),
-       torch.bfloat16: dict(atol=0.15, rtol=0.05)}
+# fp32/fp64: |error| <= K * u * (the reference on |inputs|), entry by entry, u the unit roundoff: K covers the
+# rounding steps of the longest chain, 3-4x over the worst measured over 300 random problems (4.1 and 5.1).
+# bf16: that worst-case bound sums |terms| and grows past the factor gradients themselves (their terms cancel),
+# so bf16 is held to what the plain-PyTorch reference achieves in bf16 on the same inputs: at most K times its
+# largest error, per tensor (the flash-attention tests' rule), plus 4 units of the tensor's largest entry (on
+# tiny problems the reference can come out nearly exact).
+K = {torch.float64: 16, torch.float32: 16, torch.bfloat16: 2}
+# how far the adapter's share of y, and each factor's gradient, must stand above the tolerance somewhere
+VISIBLE = {torch.float64: 100, torch.float32: 100, torch.bfloat16: 10}
 
 problems = st.fixed_dictionaries({
     "N": st.integers(1, 40), "s": st.integers(1, 4), "r1": st.integers(1, 3), "r2": st.integers(1, 3),
     "n1": st.integers(1, 9), "n2": st.integers(1, 9), "m1": st.integers(1, 9), "m2": st.integers(1, 9),
     "lead": st.sampled_from([(), (2,), (2, 3)]), "bias": st.booleans(),
     "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-    "scale": st.floats(0.1, 4.0),
+    "scale": st.floats(0.1, 4.0), "seed": st.integers(0, 2**31 - 1),
 })
 
 
@@ -27,28 +34,48 @@ def _ref_value_and_grads(p, x, W, b, factors, g):
     fs = [f.detach().double().requires_grad_(True) for f in factors]
     y = reference.lsr_linear(xs, W.double(), None if b is None else b.double(), *fs, p["scale"])
     y.backward(g.double())
-    return y, xs.grad, [f.grad for f in fs]
+    return y.detach(), xs.grad, [f.grad for f in fs]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems)
 def test_op_matches_reference_values_and_grads(p):
     dims = [p[k] for k in ("s", "r1", "r2", "n1", "n2", "m1", "m2")]
-    x, W, b, factors = make_layer_inputs(p["N"], *dims, dtype=p["dtype"], bias=p["bias"], lead=p["lead"])
+    dtype = p["dtype"]
+    torch.manual_seed(p["seed"])
+    x, W, b, factors = make_layer_inputs(p["N"], *dims, dtype=torch.float64, bias=p["bias"], lead=p["lead"])
+    if dtype == torch.bfloat16:  # the adapter 10x the base: above bf16's blur of the whole result
+        factors = [f * 10 ** 0.25 for f in factors]
+    x, W, b = x.to(dtype), W.to(dtype), None if b is None else b.to(dtype)
+    factors = [f.to(dtype).requires_grad_(True) for f in factors]
     x.requires_grad_(True)
-    for f in factors:
-        f.requires_grad_(True)
     y = lc.lsr_linear(x, W, b, *factors, p["scale"])
     g = torch.randn_like(y)
     y.backward(g)
     y_ref, dx_ref, df_ref = _ref_value_and_grads(p, x, W, b, factors, g)
-    tol = TOL[p["dtype"]]
-    # bf16 errors grow with the contraction length: compare relative to the magnitude
-    mag = lambda t: 1.0 if p["dtype"] != torch.bfloat16 else max(1.0, t.abs().max().item())  # noqa: E731
-    torch.testing.assert_close(y.double(), y_ref, atol=tol["atol"] * mag(y_ref), rtol=tol["rtol"])
-    torch.testing.assert_close(x.grad.double(), dx_ref, atol=tol["atol"] * mag(dx_ref), rtol=tol["rtol"])
-    for f, want in zip(factors, df_ref):
-        torch.testing.assert_close(f.grad.double(), want, atol=tol["atol"] * mag(want), rtol=tol["rtol"])
+    wants = [y_ref, dx_ref, *df_ref]
+    u = torch.finfo(dtype).eps / 2
+    if dtype == torch.bfloat16:
+        xp = x.detach().clone().requires_grad_(True)
+        fp = [f.detach().clone().requires_grad_(True) for f in factors]
+        y_pt = reference.lsr_linear(xp, W, b, *fp, p["scale"])
+        y_pt.backward(g)
+        tols = [K[dtype] * (pt.double() - w).abs().max() + 4 * u * w.abs().max()
+                for pt, w in zip([y_pt, xp.grad, *(f.grad for f in fp)], wants)]
+    else:
+        y_abs, dx_abs, df_abs = rounding_bound(x, W, b, factors, p["scale"], g)
+        tols = [K[dtype] * u * bound for bound in (y_abs, dx_abs, *df_abs)]
+    tols = [t + 1e-300 for t in tols]
+    # a result that lost the adapter (or a factor's gradient) must miss the tolerance by VISIBLE x somewhere;
+    # the rare draw where the reference itself does not (a 1x1 layer whose factors came out near zero) is
+    # discarded, judged on the references alone
+    base = torch.nn.functional.linear(x.detach().double(), W.double(), None if b is None else b.double())
+    assume(((y_ref - base).abs() / tols[0]).max() >= VISIBLE[dtype])
+    assume(all((w.abs() / t).max() >= VISIBLE[dtype] for w, t in zip(df_ref, tols[2:])))
+    for name, got, want, tol in zip(("y", "dx", "dA1", "dA2", "dB1", "dB2"),
+                                    [y, x.grad, *(f.grad for f in factors)], wants, tols):
+        worst = ((got.double() - want).abs() / tol).max().item()
+        assert worst <= 1, f"{name}: error {worst:.2f}x the tolerance ({dtype})"
 
 
 def test_gradcheck_float64():

@@ -62,8 +62,13 @@ int cuGetErrorString(int e, const char **s) { *s = "no CUDA driver here (build-t
 def artifact_dir(out_dir=None) -> Path:
     """``out_dir``, else ``$LSR_TVM_ARTIFACTS``, else ``build/tvm-cuda`` of a source checkout (what a GPU
     session carries), else the user's cache (``$XDG_CACHE_HOME/lsr_compile/tvm-cuda``)."""
-    if out_dir or os.environ.get(ENV_VAR):
-        return Path(out_dir or os.environ[ENV_VAR])
+    if out_dir:
+        return Path(out_dir)
+    if os.environ.get(ENV_VAR):
+        path = Path(os.environ[ENV_VAR])
+        shipped.missing_setting(ENV_VAR, path, "no prebuilt TVM-CUDA kernels are found there "
+                                               "(lsr-compile build-tvm-cuda creates it)")
+        return path
     checkout = shipped.checkout()
     if checkout is not None:
         return checkout / "build" / "tvm-cuda"

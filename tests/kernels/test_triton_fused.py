@@ -13,6 +13,7 @@ from lsr_compile.config import FactorShapes
 from lsr_compile.problem import ProblemKey
 
 from conftest import make_layer_inputs
+from models import adapter_share, strong_adapters
 from models import tiny_bert, tokens
 
 pytestmark = pytest.mark.skipif(not triton_fused.INTERPRETED and not torch.cuda.is_available(),
@@ -114,8 +115,9 @@ def test_bad_inputs():
 
 
 def test_layer_through_lsr_op_with_triton_backend_values_and_grads():
-    layer = lc.LSRLinear(42, 45, config=lc.LSRConfig(s=3, r=(2, 3), init="reference", alpha=40.0)).double().to(DEV)
+    layer = strong_adapters(lc.LSRLinear(42, 45, config=lc.LSRConfig(s=3, r=(2, 3))).double().to(DEV))
     x = torch.randn(2, 9, 42, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert adapter_share(lambda: layer(x), layer) > 1e-3
     with lc.use_backend("triton"):
         y = layer(x)
         y.square().sum().backward()
@@ -127,13 +129,15 @@ def test_layer_through_lsr_op_with_triton_backend_values_and_grads():
     want_y.square().sum().backward()
     torch.testing.assert_close(y, want_y)
     for g, w in zip(got, [x.grad] + [p.grad for p in (layer.A1, layer.A2, layer.B1, layer.B2)]):
+        assert w.abs().max() > 1e-3  # every gradient far above fp64's tolerance
         torch.testing.assert_close(g, w)
 
 
 def test_compiled_model_with_triton_backend_has_no_graph_break():
     model = tiny_bert(layers=1)
-    lc.apply_lsr(model, lc.LSRConfig(s=2, r=2, init="reference"), target_modules=("query", "value"))
-    model, ids = model.to(DEV), tokens(2, 8).to(DEV)
+    lc.apply_lsr(model, lc.LSRConfig(s=2, r=2), target_modules=("query", "value"))
+    model, ids = strong_adapters(model, gain=10).to(DEV), tokens(2, 8).to(DEV)
+    assert adapter_share(lambda: model(input_ids=ids).logits, model) > 100 * 1e-5
     with lc.use_backend("triton"):
         explanation = torch._dynamo.explain(model)(input_ids=ids)
         assert explanation.graph_break_count == 0, explanation.break_reasons

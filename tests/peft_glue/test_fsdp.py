@@ -18,7 +18,8 @@ import lsr_compile as lc
 
 from models import labelled_batches, tiny_bert, trainable_lsr_bert
 
-STEPS, LR = 3, 0.05
+STEPS, LR = 3, 1e-3  # Adam: every factor moves ~LR a step, far above the comparison's tolerance (SGD moved the
+# query factors by 6e-8 in three steps: a run that never updated them would have passed)
 
 
 _model = trainable_lsr_bert
@@ -39,7 +40,7 @@ def _adapter_state(model) -> dict:
 
 
 def _train(model, batches, rank=None):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
     for ids, labels in batches:
         if rank is not None:
             ids, labels = ids[rank * 4:rank * 4 + 4], labels[rank * 4:rank * 4 + 4]
@@ -125,11 +126,19 @@ def test_fully_shard_steps_match_one_process(tmp_path, mode):
     assert got["seen"] and all(got["seen"]), "the op saw sharded (DTensor) or partial tensors"
     state = got["state"]
     assert state.keys() == want.keys() and any("lsr_A1" in k for k in want)
-    tol = dict(atol=3e-2, rtol=3e-2) if "bf16" in mode else dict(atol=1e-5, rtol=1e-4)
     before = {k: v for k, v in _adapter_state(_model()).items()}
     for k in want:
-        assert not torch.equal(want[k], before[k]), f"{k} did not train"
-        torch.testing.assert_close(state[k], want[k], msg=k, **tol)
+        # the updates, each against a tolerance of its own size: a factor the sharded run did not update fails
+        step, want_step = state[k] - before[k], want[k] - before[k]
+        assert want_step.abs().max() > 0.5 * LR, f"{k} did not train"
+        if "bf16" in mode:
+            # bf16 compute perturbs every gradient by ~1 %, and Adam turns that into sign flips of the entries
+            # whose gradient is near zero: compare the whole update (measured: factors within 8 %, the
+            # classifier head, whose gradients are smallest, 25 %)
+            limit = 0.15 if ".lsr_" in k else 0.5
+            assert (step - want_step).norm() <= limit * want_step.norm(), k
+        else:
+            torch.testing.assert_close(step, want_step, atol=1e-3 * want_step.abs().max().item(), rtol=1e-3, msg=k)
 
 
 def test_adapter_only_distributed_checkpoint_loads_into_one_process_and_peft(tmp_path):
@@ -141,8 +150,11 @@ def test_adapter_only_distributed_checkpoint_loads_into_one_process_and_peft(tmp
     assert any("lsr_B2" in k for k in sd)
     dcp.load(sd, checkpoint_id=str(tmp_path / "dcp"))  # no process group: a plain single-process load
     model.load_state_dict(sd, strict=False)
+    fresh = dict(_model().named_parameters())
     for k, v in got["state"].items():
-        torch.testing.assert_close(dict(model.named_parameters())[k].detach(), v, msg=k)
+        loaded = dict(model.named_parameters())[k].detach()
+        assert (loaded - fresh[k].detach()).abs().max() > 100 * 1e-5, f"{k} was not loaded (still the initial value)"
+        torch.testing.assert_close(loaded, v, msg=k)
     model.eval()
     ids = _batches()[0][0]
     want = model(input_ids=ids).logits

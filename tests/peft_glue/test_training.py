@@ -61,7 +61,11 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     single = _grads(model)
     assert ddp.keys() == single.keys() and any("lsr_A1" in k for k in single)
     for k in single:
-        torch.testing.assert_close(ddp[k], single[k], atol=1e-6, rtol=1e-4, msg=k)
+        # each gradient against a tolerance of its own size (the query factors' are ~1e-7 here: an absolute
+        # 1e-6 would pass one DDP lost)
+        scale = single[k].abs().max().item()
+        assert scale > 1e-12, k
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-4 * scale, rtol=1e-4, msg=k)
 
 
 def test_transformers_trainer_runs_unchanged(tmp_path):

@@ -15,6 +15,8 @@ from lsr_compile import dispatch, logs, schedule_spaces
 from lsr_compile.device import device_id
 from lsr_compile.quantized import FORMATS
 
+from models import strong_adapters
+
 SHAPE = lc.LSRShape(24, 16, 12, s=2, r=2, n=(4, 4), m=(4, 3))
 DEV = device_id("cpu")
 
@@ -60,7 +62,7 @@ def line(draw, op):
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(fwd=st.lists(line("forward"), max_size=5), bwd=st.lists(line("backward"), max_size=5))
 def test_no_log_line_takes_a_layer_down(time_limit, fwd, bwd):
-    layer = lc.LSRLinear(16, 12, config=lc.LSRConfig(s=2, r=2, n=(4, 4), m=(4, 3), init="reference"))
+    layer = strong_adapters(lc.LSRLinear(16, 12, config=lc.LSRConfig(s=2, r=2, n=(4, 4), m=(4, 3))))
     x = torch.randn(SHAPE.tokens, 16, requires_grad=True)
     with tempfile.TemporaryDirectory() as d, time_limit(120):
         for op, lines in (("forward", fwd), ("backward", bwd)):
@@ -79,6 +81,7 @@ def test_no_log_line_takes_a_layer_down(time_limit, fwd, bwd):
     want = lc.reference.lsr_linear(xr, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2,
                                    layer.scale)
     want.square().sum().backward()
+    assert (want - torch.nn.functional.linear(xr, layer.weight, layer.bias)).abs().max() > 100 * 1e-5
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-4, rtol=1e-4)
 

@@ -11,6 +11,8 @@ from lsr_compile import dispatch, logs
 from lsr_compile.tuning import TuningError, tune
 from lsr_compile.device import device_id
 
+from models import adapter_share, strong_adapters
+
 SHAPE = lc.LSRShape(96, 48, 32, s=2, r=(2, 2))
 
 
@@ -29,8 +31,9 @@ def test_tiny_tuning_run_writes_log_and_winner_is_dispatched(tmp_path, fresh_dis
     assert json.loads(path.read_text().splitlines()[-1])["variant"] == recs[0]["variant"]
     text = lc.explain(SHAPE)
     assert f"forward  {recs[0]['backend']}:{recs[0]['variant']}" in text and "tuned:" in text
-    layer = lc.LSRLinear(48, 32, config=lc.LSRConfig(s=2, r=2, init="reference"))
+    layer = strong_adapters(lc.LSRLinear(48, 32, config=lc.LSRConfig(s=2, r=2)))
     x = torch.randn(SHAPE.tokens, 48)
+    assert adapter_share(lambda: layer(x), layer) > 100 * 1e-5  # the tuned kernel must get the adapter right
     torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
                                                                   layer.B1, layer.B2, layer.scale))
 
@@ -88,8 +91,9 @@ def test_a_tvm_record_is_built_and_used(tmp_path, fresh_dispatch):
     logs.append(logs.log_path(tmp_path, "llvm", device_id("cpu"), "forward"), rec)
     lc.load_logs(tmp_path)
     assert "forward  tvm:materialise[rows=16, unroll=0, vec=16]" in lc.explain(SHAPE)
-    layer = lc.LSRLinear(48, 32, config=lc.LSRConfig(s=2, r=2, init="reference"))
+    layer = strong_adapters(lc.LSRLinear(48, 32, config=lc.LSRConfig(s=2, r=2)))
     x = torch.randn(SHAPE.tokens, 48)
+    assert adapter_share(lambda: layer(x), layer) > 100 * 1e-5  # the tuned kernel must get the adapter right
     torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
                                                                   layer.B1, layer.B2, layer.scale))
     chosen = [c for op, c in dispatch.cached_choices() if op == "forward"]

@@ -1,0 +1,91 @@
+"""Four classes of input that used to get a wrong kind of answer: a configuration that cannot use what it asks
+for, a setting that points nowhere, sizes beyond any real layer (minutes of work before an answer), and
+training a merged layer."""
+import time
+import warnings
+
+import pytest
+import torch
+
+import lsr_compile as lc
+from lsr_compile import config, shipped
+
+
+@pytest.mark.parametrize("kwargs,d_in,d_out,nearest", [
+    (dict(s=4, r=8), 16, 16, "s=4, r=(4, 4)"),  # inner rank beyond the 4 x 4 factors
+    (dict(s=4, r=(1, 6), n=(8, 4), m=(8, 4)), 32, 32, "r=(1, 4)"),  # one side only
+    (dict(s=40, r=1, n=(2, 3), m=(2, 3)), 6, 6, "s=2"),  # more Kronecker terms than the factors can hold
+])
+def test_a_configuration_that_cannot_use_what_it_asks_for_warns_with_the_nearest_choice(kwargs, d_in, d_out, nearest):
+    config._unusable_warned.clear()
+    with pytest.warns(lc.LSRConfigWarning, match=nearest.replace("(", r"\(").replace(")", r"\)")):
+        layer = lc.LSRLinear(d_in, d_out, config=lc.LSRConfig(**kwargs))
+    x = torch.randn(3, d_in)
+    torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
+                                                                 layer.B1, layer.B2, layer.scale))
+    with warnings.catch_warnings():  # once per shape
+        warnings.simplefilter("error")
+        lc.LSRLinear(d_in, d_out, config=lc.LSRConfig(**kwargs))
+
+
+def test_a_usable_configuration_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lc.LSRConfigWarning)
+        lc.LSRLinear(768, 768, config=lc.LSRConfig(s=16, r=2))
+
+
+def test_a_setting_that_points_nowhere_warns_once_naming_it(tmp_path, monkeypatch, fresh_dispatch):
+    nowhere = tmp_path / "no-such-logs"
+    monkeypatch.setenv(shipped.ENV_VAR, str(nowhere))
+    shipped._warned.clear()
+    with pytest.warns(RuntimeWarning, match=f"LSR_TUNING_LOGS names {nowhere}, which does not exist"):
+        lc.explain(lc.LSRShape(64, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lc.explain(lc.LSRShape(64, 32, 32))
+        from lsr_compile import dispatch
+        dispatch.invalidate()
+        lc.explain(lc.LSRShape(64, 32, 32))
+
+
+def test_tvm_artifact_folder_that_points_nowhere_warns(tmp_path, monkeypatch):
+    from lsr_compile.kernels import tvm_cuda
+
+    monkeypatch.setenv(tvm_cuda.ENV_VAR, str(tmp_path / "none"))
+    shipped._warned.clear()
+    with pytest.warns(RuntimeWarning, match="LSR_TVM_ARTIFACTS names"):
+        tvm_cuda.artifact_dir()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: lc.LSRShape(8, 10**12, 768),
+    lambda: lc.LSRShape(8, 768, 10**18 + 39),
+    lambda: lc.LSRShape(10**15, 768, 768),
+    lambda: lc.LSRConfig(s=10**9),
+    lambda: lc.LSRConfig(r=(2, 10**8)),
+    lambda: lc.LSRConfig(n=(10**7, 10**7)).shapes_for(10**14, 16),
+    lambda: lc.LSRLinear(10**9, 16),
+    lambda: lc.factor_pair(2**61 - 1),
+], ids=["d_in", "d_out prime", "tokens", "s", "r", "n", "layer", "factor search"])
+def test_sizes_beyond_any_real_layer_are_refused_at_once(call):
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="beyond any|at most"):
+        call()
+    assert time.perf_counter() - started < 1.0
+
+
+def test_training_a_merged_layer_says_it_is_merged():
+    layer = lc.LSRLinear(16, 12, config=lc.LSRConfig(s=2, r=2))
+    layer.merge()
+    x = torch.randn(4, 16, requires_grad=True)
+    with pytest.raises(lc.LSRMergedError, match=r"merged.*unmerge\(\)"):
+        layer(x).sum().backward()
+    for p in (layer.A1, layer.A2, layer.B1, layer.B2):  # frozen factors: the layer passes gradients through
+        p.requires_grad_(False)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(4, 16))
+    layer.unmerge()
+    for p in (layer.A1, layer.A2, layer.B1, layer.B2):
+        p.requires_grad_(True)
+    layer(x).sum().backward()  # unmerged: trains
+    assert layer.A1.grad is not None
