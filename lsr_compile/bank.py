@@ -12,7 +12,9 @@ grows (doubling, the only time slots move) when it is full.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -48,7 +50,8 @@ class BankedLinear(nn.Module):
         if self.slots is None:
             return self.base(x)
         if self.slots.shape[0] != x.shape[0]:
-            raise ValueError(f"{self.slots.shape[0]} adapter names for a batch of {x.shape[0]} samples")
+            raise ValueError(f"{self.slots.shape[0]} adapter names for a batch of {x.shape[0]} samples: give "
+                             f"bank(...) one name per sample")
         # one segment per sample; tensors only, so a compiled model is not specialised on the assignment
         per_sample = x.numel() // max(x.shape[0] * x.shape[-1], 1)
         ptr = torch.arange(x.shape[0] + 1, device=x.device) * per_sample
@@ -63,12 +66,29 @@ class BankedLinear(nn.Module):
         return mixed_linear(x, self.base.weight, self.base.bias, self.A1, self.A2, self.B1, self.B2, self.scales,
                             ptr, self.slots)
 
-    def grow(self, capacity: int) -> None:
-        for name in FACTORS + ("scales",):
-            old = getattr(self, name)
-            new = old.new_zeros(capacity, *old.shape[1:])
-            new[:old.shape[0]] = old
-            setattr(self, name, new)
+    def storage(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in FACTORS + ("scales",)}
+
+    def use(self, storage: Mapping[str, Tensor]) -> None:
+        for name, t in storage.items():
+            setattr(self, name, t)
+
+    def grown(self, capacity: int) -> dict[str, Tensor]:
+        """New storage of ``capacity`` slots holding the current ones (nothing of this layer changes)."""
+        out = {}
+        for name, old in self.storage().items():
+            out[name] = old.new_zeros(capacity, *old.shape[1:])
+            out[name][:old.shape[0]] = old
+        return out
+
+    def read(self, slot: int) -> tuple[list[Tensor], Tensor]:
+        return [getattr(self, p)[slot].clone() for p in FACTORS], self.scales[slot].clone()
+
+    def write(self, slot: int, factors: list[Tensor], scale) -> None:
+        with torch.no_grad():
+            for p, t in zip(FACTORS, factors):
+                getattr(self, p)[slot].copy_(t)
+            self.scales[slot] = scale
 
     def extra_repr(self) -> str:
         f = self.factor_shapes
@@ -78,14 +98,21 @@ class BankedLinear(nn.Module):
 
 class AdapterBank:
     """K LSR adapters of one structure, resident on every target layer of ``model`` (replaced in place by
-    ``BankedLinear``), served in mixed batches."""
+    ``BankedLinear``), served in mixed batches.
+
+    Changes are all-or-nothing: ``add``/``load`` check and convert everything before writing a slot and put
+    back what was there if a write fails, so an adapter is served whole or not at all. Calls and changes are
+    serialised by a lock: one from another thread waits for the batch in flight to finish, and one made from
+    inside a call (a forward hook) is refused, since waiting there would never end and going on would change
+    the batch being served.
+    """
 
     def __init__(self, model: nn.Module, config: LSRConfig, capacity: int = 8, prefix: str = "base_model.model."):
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         self.model, self.config, self.prefix = model, config, prefix
-        targets = _matcher(config.target_modules or default_target_modules(model))
-        excluded = _matcher(config.exclude_modules or ())
+        target_modules = config.target_modules or default_target_modules(model)
+        targets, excluded = _matcher(target_modules), _matcher(config.exclude_modules or ())
         self.layers: dict[str, BankedLinear] = {}
         for name, module in list(model.named_modules()):
             if name and targets(name) and not excluded(name) and isinstance(module, nn.Linear):
@@ -95,9 +122,12 @@ class AdapterBank:
                 setattr(parent, child, layer)
                 self.layers[name] = layer
         if not self.layers:
-            raise ValueError(f"no nn.Linear of the model matches target_modules={config.target_modules!r}")
+            raise ValueError(f"no nn.Linear of the model matches target_modules={target_modules!r} (less "
+                             f"exclude_modules={config.exclude_modules!r}): a bank needs at least one layer")
         self.slots: dict[str, int] = {}
         self.capacity = capacity
+        self._lock = threading.RLock()
+        self._serving = False
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapters: Mapping[str, str | Path], capacity: Optional[int] = None,
@@ -109,80 +139,163 @@ class AdapterBank:
         if not adapters:
             raise ValueError("adapters is empty: give {name: saved peft folder}")
         first = _read_config(next(iter(adapters.values())))
-        bank = cls(model, first, capacity or len(adapters), prefix)
+        bank = cls(model, first, len(adapters) if capacity is None else capacity, prefix)
         for name, folder in adapters.items():
             bank.load(name, folder)
         return bank
 
     def load(self, name: str, folder: str | Path) -> int:
-        """Add (or replace) adapter ``name`` from a saved peft folder; returns its slot."""
-        from safetensors.torch import load_file
+        """Add (or replace) adapter ``name`` from a saved peft folder; returns its slot.
 
+        Served exactly as peft serves it on ``model``, or refused: the adapter must have factors of the bank's
+        structure for every layer of the bank and for no other, and no trained module saved whole
+        (``modules_to_save``, e.g. a classifier head) inside ``model``. Saved modules outside ``model`` (the
+        head above a bank on the encoder) play no part in ``model``'s outputs; applying them is the caller's.
+        """
         cfg = _read_config(folder)
-        state = load_file(str(Path(folder) / "adapter_model.safetensors"))
-        factors = {}
+        state = _read_state(folder)
+        where = f"{folder} (adapter {name!r})"
         for path, layer in self.layers.items():
-            keys = [f"{self.prefix}{path}.lsr_{p}" for p in FACTORS]
-            missing = [k for k in keys if k not in state]
-            if missing:
-                raise KeyError(f"{folder}: no factors for layer {path} (missing {missing[0]}); the adapter must "
-                               f"cover the bank's layers {sorted(self.layers)}")
-            factors[path] = [state[k] for k in keys]
+            try:
+                shapes = cfg.shapes_for(layer.in_features, layer.out_features)
+            except ValueError as e:
+                raise ValueError(f"{where}: its config does not fit layer {path}: {e}") from e
+            if shapes != layer.factor_shapes:
+                raise ValueError(f"{where}: its config gives layer {path} factors {_structure(shapes)}, the bank "
+                                 f"holds {_structure(layer.factor_shapes)}; serve it from a bank built from its "
+                                 f"own config")
+        factors: dict[str, dict[str, Tensor]] = {}
+        extra, outside, whole = set(), set(), set()  # full module paths, as saved
+        for key, t in state.items():
+            module, dot, part = key.rpartition(".lsr_")
+            inside, path = key.startswith(self.prefix), module[len(self.prefix):]
+            if not (dot and part in FACTORS):
+                if inside:
+                    whole.add(key.rpartition(".")[0])
+            elif not inside:
+                outside.add(module)
+            elif path in self.layers:
+                factors.setdefault(path, {})[part] = t
+            else:
+                extra.add(module)
+        # nothing under the prefix, yet the bank's layers under another one: the prefix is wrong
+        hint = None if factors else next((m[:-len(p)] for m in sorted(outside | extra) for p in self.layers
+                                          if m.endswith("." + p)), None)
+        if outside or hint is not None:
+            raise ValueError(f"{where}: its factors sit at {sorted(outside | extra)[:3]}, not under this bank's "
+                             f"layers with prefix={self.prefix!r}: it was saved from another model layout. Pass "
+                             f"the prefix its keys put before this model's module paths"
+                             + (f" (here prefix={hint!r})" if hint is not None else ", or serve it through peft"))
+        if extra:
+            raise ValueError(f"{where} adapts layers the bank holds no slots for: {sorted(extra)[:6]}; build the "
+                             f"bank with target_modules covering them (the adapter's: {cfg.target_modules!r}), "
+                             f"or serve it through peft")
+        if whole:
+            raise ValueError(f"{where} holds trained modules saved whole (modules_to_save, e.g. a classifier "
+                             f"head): {sorted(whole)[:4]}; the bank would run them with the base model's weights. "
+                             f"Serve it through peft (PeftModel.from_pretrained), or build the bank on the part "
+                             f"of the model below them (e.g. the encoder, with prefix= the saved keys' path to it)")
+        missing = sorted(path for path in self.layers if len(factors.get(path, ())) < len(FACTORS))
+        if missing:
+            raise ValueError(f"{where} lacks factors for {len(missing)} of the bank's layers ({missing[:4]}): an "
+                             f"adapter must cover every layer of the bank; serve it from a bank built from its "
+                             f"own config (target_modules={cfg.target_modules!r})")
         scale = cfg.scale_for(next(iter(self.layers.values())).factor_shapes.q)
-        return self.add(name, factors, scale)
+        return self._put(name, {path: [f[p] for p in FACTORS] for path, f in factors.items()}, scale, where)
 
     def add(self, name: str, factors: Mapping[str, list[Tensor]], scale: float) -> int:
-        """Add (or replace) adapter ``name``: ``factors[layer path] = [A1, A2, B1, B2]``; returns its slot."""
-        if name == BASE:
-            raise ValueError(f"{BASE!r} names the base model, not an adapter")
+        """Add (or replace) adapter ``name``: ``factors[layer path] = [A1, A2, B1, B2]`` for every layer of the
+        bank; returns its slot."""
+        return self._put(name, factors, scale, f"adapter {name!r}")
+
+    def _put(self, name: str, factors: Mapping[str, list[Tensor]], scale: float, where: str) -> int:
+        if not isinstance(name, str) or name == BASE:
+            raise ValueError(f"adapter names are strings other than {BASE!r} (the base model), got {name!r}")
+        unknown = sorted(set(factors) - set(self.layers))
+        if unknown:
+            raise ValueError(f"{where}: factors for layers the bank does not hold: {unknown[:6]}; its layers: "
+                             f"{sorted(self.layers)}")
+        staged = {}  # every layer's factors checked and converted before any slot is written
         for path, layer in self.layers.items():
-            want = layer.factor_shapes.factor_sizes()
-            got = {p: tuple(t.shape) for p, t in zip(FACTORS, factors.get(path, ()))}
-            if got != {p: tuple(s) for p, s in want.items()}:
-                raise ValueError(f"adapter {name!r} at {path}: factor shapes {got or 'missing'}, the bank holds "
-                                 f"{dict(want)}")
-        slot = self.slots.get(name)
-        if slot is None:
-            used = set(self.slots.values())
-            slot = next((k for k in range(self.capacity) if k not in used), None)
+            want = {p: tuple(s) for p, s in layer.factor_shapes.factor_sizes().items()}
+            got = list(factors.get(path, ()))
+            shapes = {p: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for p, t in zip(FACTORS, got)}
+            if len(got) != len(FACTORS) or shapes != want or not all(t.is_floating_point() for t in got):
+                raise ValueError(f"{where} at {path}: got {len(got)} factors {shapes} "
+                                 f"({', '.join(str(t.dtype) for t in got if isinstance(t, Tensor))}); the bank "
+                                 f"holds 4 floating-point ones {want}")
+            try:
+                staged[path] = [t.detach().to(device=layer.A1.device, dtype=layer.A1.dtype) for t in got]
+            except (RuntimeError, NotImplementedError) as e:  # a meta tensor, a device this process cannot reach
+                raise ValueError(f"{where} at {path}: its factors cannot be read into the bank's "
+                                 f"{layer.A1.dtype} on {layer.A1.device}: {e}") from e
+        scale = float(scale)
+        with self._changing():
+            old = {path: layer.storage() for path, layer in self.layers.items()}
+            slot, capacity, backup = self.slots.get(name), self.capacity, {}
             if slot is None:
-                slot = self.capacity
-                self.capacity *= 2
-                for layer in self.layers.values():
-                    layer.grow(self.capacity)
-        with torch.no_grad():
-            for path, layer in self.layers.items():
-                for p, t in zip(FACTORS, factors[path]):
-                    getattr(layer, p)[slot].copy_(t)
-                layer.scales[slot] = float(scale)
-        self.slots[name] = slot
-        return slot
+                used = set(self.slots.values())
+                slot = next((k for k in range(self.capacity) if k not in used), None)
+            try:
+                if slot is None:  # full: every layer's storage doubled (allocated first, then swapped in)
+                    slot, capacity = self.capacity, 2 * self.capacity
+                    grown = {path: layer.grown(capacity) for path, layer in self.layers.items()}
+                    for path, layer in self.layers.items():
+                        layer.use(grown[path])
+                else:
+                    backup = {path: layer.read(slot) for path, layer in self.layers.items()}
+                for path, layer in self.layers.items():
+                    layer.write(slot, staged[path], scale)
+            except BaseException:
+                for path, layer in self.layers.items():
+                    layer.use(old[path])
+                    if path in backup:
+                        layer.write(slot, *backup[path])
+                raise
+            self.capacity = capacity
+            self.slots[name] = slot
+            return slot
 
     def evict(self, name: str) -> None:
         """Free ``name``'s slot (zeroed, so a stale slot can never serve it); nothing else moves."""
-        if name not in self.slots:
-            raise KeyError(f"no adapter {name!r} in the bank; resident: {sorted(self.slots)}")
-        slot = self.slots.pop(name)
-        with torch.no_grad():
+        with self._changing():
+            if name not in self.slots:
+                raise KeyError(f"no adapter {name!r} in the bank; resident: {sorted(self.slots)}")
+            slot = self.slots.pop(name)
             for layer in self.layers.values():
-                for p in FACTORS:
-                    getattr(layer, p)[slot].zero_()
-                layer.scales[slot] = 0.0
+                layer.write(slot, [torch.zeros(())] * len(FACTORS), 0.0)
+
+    @contextlib.contextmanager
+    def _changing(self):
+        with self._lock:
+            if self._serving:
+                raise RuntimeError("the bank is serving a batch; change it between calls (not from a forward "
+                                   "hook or from inside the model)")
+            yield
 
     def __call__(self, adapter_names: list[str], *args, **kwargs):
         """The model on one batch, sample i with adapter ``adapter_names[i]`` (``"__base__"``: none)."""
-        unknown = sorted({n for n in adapter_names if n != BASE} - set(self.slots))
-        if unknown:
-            raise ValueError(f"adapters not in the bank: {unknown}; resident: {sorted(self.slots)}")
-        device = next(iter(self.layers.values())).A1.device
-        slots = torch.tensor([self.slots.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
-        for layer in self.layers.values():
-            layer.slots = slots
-        try:
-            return self.model(*args, **kwargs)
-        finally:
+        if isinstance(adapter_names, str) or not adapter_names:
+            raise ValueError(f"adapter_names must list one adapter name per sample (at least one), got "
+                             f"{adapter_names!r}")
+        with self._lock:
+            if self._serving:
+                raise RuntimeError("bank(...) was called while the bank is serving a batch (from a forward hook "
+                                   "or from inside the model); one call at a time")
+            unknown = sorted({n for n in adapter_names if n != BASE} - set(self.slots), key=str)
+            if unknown:
+                raise ValueError(f"adapters not in the bank: {unknown}; resident: {sorted(self.slots)}")
+            device = next(iter(self.layers.values())).A1.device
+            slots = torch.tensor([self.slots.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
+            self._serving = True
             for layer in self.layers.values():
-                layer.slots = None
+                layer.slots = slots
+            try:
+                return self.model(*args, **kwargs)
+            finally:
+                for layer in self.layers.values():
+                    layer.slots = None
+                self._serving = False
 
     def bytes_per_adapter(self) -> int:
         """Memory one resident adapter takes: its factors on every layer."""
@@ -194,11 +307,41 @@ class AdapterBank:
                    for l in self.layers.values())
 
 
+def _structure(f: FactorShapes) -> str:
+    return f"s={f.s}, r=({f.r1}, {f.r2}), n=({f.n1}, {f.n2}), m=({f.m1}, {f.m2})"
+
+
 def _read_config(folder) -> LSRConfig:
     path = Path(folder) / "adapter_config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a saved peft adapter (no adapter_config.json)")
-    d = json.loads(path.read_text())
+        raise FileNotFoundError(f"{folder} is not a saved peft adapter: " +
+                                ("no adapter_config.json in it" if Path(folder).is_dir() else "no such folder"))
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise ValueError(f"{path} is corrupt or unreadable ({e}); save the adapter again") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is corrupt: a JSON {type(d).__name__}, not a peft config object; save the "
+                         f"adapter again")
     if d.get("peft_type") != "LSR":
         raise ValueError(f"{folder} holds a {d.get('peft_type')!r} adapter, not LSR")
-    return LSRConfig.from_pretrained(str(folder))
+    try:
+        return LSRConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid LSR config: {e}") from e
+
+
+def _read_state(folder) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        legacy = (Path(folder) / "adapter_model.bin").is_file()
+        raise FileNotFoundError(f"{folder} has no adapter_model.safetensors" + (
+            " (only adapter_model.bin: save it again with safe_serialization=True)" if legacy else ""))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:  # a truncated or garbled file, or one this process cannot read
+        raise ValueError(f"{path} is corrupt or unreadable ({type(e).__name__}: {e}); save the adapter "
+                         f"again") from e

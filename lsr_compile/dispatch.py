@@ -298,7 +298,7 @@ def explain(shape: LSRShape, device=None) -> str:
     (``lsr_compile.explain`` also takes a layer.)"""
     device = torch.device(device or "cpu")
     f = shape.factors
-    mixed = f", K={shape.adapters} S={shape.num_segments}" if shape.adapters > 1 else ""
+    mixed = f", K={shape.adapters} S={shape.num_segments}" if shape.mixed else ""
     mixed += f", base {shape.base}" if shape.base != "dense" else ""
     lines = [f"{f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) "
              f"{dtype_name(shape.dtype)}, N={shape.tokens}{mixed}, on {target_of(device)}/{device_id(device)}:"]

@@ -35,6 +35,10 @@ def row_index(seg_indptr: Tensor, seg_adapter: Tensor, rows: int) -> Tensor:
 
 def segments_from_index(index: Tensor) -> tuple[Tensor, Tensor]:
     """``(seg_indptr, seg_adapter)`` of a per-row index: one segment per run of equal values."""
+    if not isinstance(index, Tensor) or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"a per-row index must be an integer tensor of bank slots (-1: none), got "
+                         f"{index.dtype if isinstance(index, Tensor) else type(index).__name__}: a float index "
+                         f"would be truncated to slots it does not name")
     index = index.reshape(-1).to(torch.int64)
     if index.numel() == 0:
         return torch.zeros(1, dtype=torch.int64, device=index.device), index
@@ -51,6 +55,23 @@ def segments_of(lengths, adapters, device=None) -> tuple[Tensor, Tensor]:
         ptr.append(ptr[-1] + int(n))
     return (torch.tensor(ptr, dtype=torch.int64, device=device),
             torch.tensor(list(adapters), dtype=torch.int64, device=device))
+
+
+# ---- isolation ------------------------------------------------------------------------------------------------
+# A row's result depends on its own slot only. Formulations that gather per row read *some* slot for rows
+# without an adapter (-1); what they read there is discarded with ``torch.where``, never multiplied by a 0/1
+# mask (a NaN or inf in that slot times 0 is NaN), and their sums over rows go to a spare slot K that is
+# dropped, so a base-only row's values never reach slot 0's gradients either.
+
+def _own_rows(idx: Tensor, per_row: Tensor) -> Tensor:
+    """``per_row`` where the row has an adapter, exact zeros elsewhere (whatever the gathered slot held)."""
+    keep = (idx >= 0).view(-1, *([1] * (per_row.dim() - 1)))
+    return torch.where(keep, per_row, per_row.new_zeros(()))
+
+
+def _spare_slot(idx: Tensor, K: int) -> Tensor:
+    """Rows' slots for a per-slot sum, rows without an adapter sent to slot K (dropped afterwards)."""
+    return torch.where(idx >= 0, idx, K)
 
 
 # ---- the bank, materialised ---------------------------------------------------------------------------------
@@ -129,8 +150,8 @@ def forward_gathered(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_ad
     slot = idx.clamp(min=0)
     A, Bt = bank_A(A1, A2), bank_Bt(B1, B2)
     t = torch.bmm(A[slot], x.unsqueeze(2))  # (N, q, 1)
-    w = (scales.to(x.dtype)[slot] * (idx >= 0)).view(-1, 1, 1)
-    return torch.baddbmm(F.linear(x, weight, bias).unsqueeze(1), (t * w).transpose(1, 2), Bt[slot]).squeeze(1)
+    w = scales.to(x.dtype)[slot].view(-1, 1, 1)
+    return F.linear(x, weight, bias) + _own_rows(idx, torch.bmm((t * w).transpose(1, 2), Bt[slot]).squeeze(1))
 
 
 def adapter_factored_rows(x, A1g, A2g, B1g, B2g):
@@ -149,8 +170,8 @@ def adapter_rows(x, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
     beside a quantized base, whose GEMM its own library computes. No host synchronisation."""
     idx = row_index(seg_indptr, seg_adapter, x.shape[0])
     slot = idx.clamp(min=0)
-    w = (scales.to(x.dtype)[slot] * (idx >= 0)).unsqueeze(1)
-    return adapter_factored_rows(x, A1[slot], A2[slot], B1[slot], B2[slot]) * w
+    w = scales.to(x.dtype)[slot].unsqueeze(1)
+    return _own_rows(idx, adapter_factored_rows(x, A1[slot], A2[slot], B1[slot], B2[slot]) * w)
 
 
 def forward_factored(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
@@ -188,16 +209,17 @@ def backward_gathered(dy, x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_ada
     idx = row_index(seg_indptr, seg_adapter, x.shape[0])
     slot = idx.clamp(min=0)
     A, Bt = bank_A(A1, A2), bank_Bt(B1, B2)
-    w = (scales.to(x.dtype)[slot] * (idx >= 0)).unsqueeze(1)
+    w = scales.to(x.dtype)[slot].unsqueeze(1)
     su = torch.bmm(Bt[slot], dy.unsqueeze(2)).squeeze(2) * w  # (N, q): scale·(dy B) per row
     t = torch.bmm(A[slot], x.unsqueeze(2)).squeeze(2) * w  # (N, q): scale·(x Aᵀ) per row
-    dx = torch.addmm(torch.bmm(su.unsqueeze(1), A[slot]).squeeze(1), dy, weight) if need_dx else None
+    dx = torch.addmm(_own_rows(idx, torch.bmm(su.unsqueeze(1), A[slot]).squeeze(1)), dy, weight) if need_dx else None
     K = A1.shape[0]
-    dA = torch.zeros(K, *A.shape[1:], dtype=x.dtype, device=x.device)
-    dBt = torch.zeros(K, *Bt.shape[1:], dtype=x.dtype, device=x.device)
-    dA.index_add_(0, slot, su.unsqueeze(2) * x.unsqueeze(1))
-    dBt.index_add_(0, slot, t.unsqueeze(2) * dy.unsqueeze(1))
-    return (dx, *torch.func.vmap(project_grads)(dA, dBt, A1, A2, B1, B2))
+    dA = torch.zeros(K + 1, *A.shape[1:], dtype=x.dtype, device=x.device)
+    dBt = torch.zeros(K + 1, *Bt.shape[1:], dtype=x.dtype, device=x.device)
+    spare = _spare_slot(idx, K)
+    dA.index_add_(0, spare, su.unsqueeze(2) * x.unsqueeze(1))
+    dBt.index_add_(0, spare, t.unsqueeze(2) * dy.unsqueeze(1))
+    return (dx, *torch.func.vmap(project_grads)(dA[:K], dBt[:K], A1, A2, B1, B2))
 
 
 FORWARDS = {"loop": forward_loop, "gathered": forward_gathered, "factored": forward_factored}

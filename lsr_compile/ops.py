@@ -409,6 +409,9 @@ def _mixed_linear_backward_fake(grad, x, weight, A1, A2, B1, B2, scales, seg_ind
 
 def _mixed_setup_context(ctx, inputs, output):
     x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter = inputs
+    if scales.requires_grad:
+        raise LSRInputError("scales requires grad, but a bank's scales are constants (alpha over the rank, per "
+                            "slot) and get no gradient: pass scales.detach(), and train the factors")
     ctx.save_for_backward(x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
     ctx.has_bias = bias is not None
 
@@ -435,8 +438,28 @@ def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, 
 
 # ---- the adapter alone, beside a quantized base ----------------------------------------------------------------
 
+def check_adapter_args(x: Tensor, A1, A2, B1, B2, base: str) -> None:
+    """``lsr::adapter`` is public: its inputs are checked against the adapter's own shapes (a packed quantized
+    weight does not show the layer's), and ``base`` must name a format tuning logs can key (an unknown name
+    would be a key no layer ever looks up)."""
+    from .quantized import FORMATS
+
+    if base not in FORMATS:
+        raise LSRInputError(f"base={base!r} is not a base format; known: {', '.join(FORMATS)}")
+    for name, t in (("A1", A1), ("A2", A2), ("B1", B1), ("B2", B2)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise LSRInputError(f"{name} must be a 3-D factor tensor (s, rows, cols), got "
+                                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise LSRInputError(f"x must be a tensor with a last dimension d_in, got "
+                            f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    d_out, d_in = B1.shape[1] * B2.shape[1], A1.shape[2] * A2.shape[2]
+    check_args(x, x.new_empty(()).expand(d_out, d_in), None, A1, A2, B1, B2)
+
+
 @torch.library.impl(_lib, "adapter", "CompositeExplicitAutograd")
 def _adapter(x, A1, A2, B1, B2, scale, base):
+    check_adapter_args(x, A1, A2, B1, B2, base)
     x2 = _flat(x)
     out = dispatch.kernel("adapter_forward", x2, A1, A2, B1, B2, base=base)(x2, A1, A2, B1, B2, scale)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -452,6 +475,7 @@ def _adapter_backward(grad, x, A1, A2, B1, B2, scale, base, need_dx):
 
 @torch.library.register_fake("lsr::adapter", lib=_lib)
 def _adapter_fake(x, A1, A2, B1, B2, scale, base):
+    check_adapter_args(x, A1, A2, B1, B2, base)
     return x.new_empty(*x.shape[:-1], B1.shape[1] * B2.shape[1])
 
 
@@ -491,6 +515,4 @@ def adapter_update(x: Tensor, A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, sc
     """``scale·(x Aᵀ) Bᵀ`` through ``lsr::adapter``, in the factors' dtype (the autocast dtype under autocast);
     checked against the adapter's own shapes (a packed quantized weight does not show the layer's)."""
     xa = x if not x.is_floating_point() else x.to(A1.dtype)
-    d_out, d_in = B1.shape[1] * B2.shape[1], A1.shape[2] * A2.shape[2]
-    check_args(xa, xa.new_empty(()).expand(d_out, d_in), None, A1, A2, B1, B2)
     return torch.ops.lsr.adapter(xa, A1, A2, B1, B2, float(scale), base)

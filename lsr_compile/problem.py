@@ -109,6 +109,15 @@ class LSRShape:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        from .quantized import DENSE, FORMATS
+
+        if self.base not in FORMATS:
+            raise ValueError(f"base={self.base!r} is not a base format (a key no layer would look up); known: "
+                             f"{', '.join(FORMATS)}")
+        if self.base != DENSE and self.mixed:
+            raise ValueError(f"a mixed batch over a {self.base} base runs no mixed-batch op to tune: peft's "
+                             f"adapter_names runs lsr::adapter once per adapter (tune LSRShape(tokens per adapter, "
+                             f"..., base={self.base!r})) and an AdapterBank its factored rows, untuned")
         object.__setattr__(self, "factors", resolve_shapes(self.d_in, self.d_out, self.s, self.r, self.n, self.m))
 
     @staticmethod
@@ -116,10 +125,15 @@ class LSRShape:
         return LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dtype, base=base)
 
     @property
+    def mixed(self) -> bool:
+        """A bank of adapters, or segments given: a mixed batch (one slot with base-only segments is one)."""
+        return self.adapters > 1 or self.segments is not None
+
+    @property
     def ops(self) -> tuple[str, ...]:
         """What this problem runs: the mixed-batch ops for a bank, the adapter ops beside a quantized base,
         else the layer ops."""
-        if self.adapters > 1:
+        if self.mixed:
             return MIXED_OPS
         return ADAPTER_OPS if self.base != "dense" else OPS
 
@@ -136,6 +150,6 @@ class LSRShape:
 
     def label(self) -> str:
         f = self.factors
-        mixed = f" K={self.adapters} S={self.num_segments}" if self.adapters > 1 or self.segments else ""
+        mixed = f" K={self.adapters} S={self.num_segments}" if self.mixed else ""
         return (f"N={self.tokens} {f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) "
                 f"n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) {dtype_name(self.dtype)}{mixed}")

@@ -213,14 +213,14 @@ def build_artifacts(shapes: Iterable, ops: Optional[Iterable[str]] = None, arch:
     """Lower and compile every TVM candidate for ``shapes`` (each point of the CUDA schedule space, or only
     the defaults with ``configs="default"``) for ``arch`` with nvcc, export each for TVM's runtime, and
     record it in ``<dir>/<arch>/index.jsonl``. ``ops``: default a shape's own (forward and backward, or the
-    mixed-batch ops for a shape with ``adapters > 1``). Artifacts already built by this TVM are kept. Runs in
+    mixed-batch ops for a mixed shape). Artifacts already built by this TVM are kept. Runs in
     a fresh process (see the module's docstring); returns the index records of this build's artifacts."""
     from .. import schedule_spaces
     from ..problem import MIXED_OPS, OPS
 
     spec = {"arch": arch, "out_dir": str(artifact_dir(out_dir)), "configs": configs,
             "problems": [{"dtype": str(s.dtype).removeprefix("torch."), **vars(s.factors),
-                          "ops": list(ops or (MIXED_OPS if s.adapters > 1 else OPS))} for s in shapes
+                          "ops": list(ops or (MIXED_OPS if s.mixed else OPS))} for s in shapes
                          if str(s.dtype).removeprefix("torch.") in schedule_spaces.dtypes("cuda")]}
     if configs not in ("space", "default"):
         raise ValueError(f"configs must be 'space' or 'default', got {configs!r}")

@@ -25,11 +25,18 @@ def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None, overwri
     Load it with ``peft.PeftModel.from_pretrained(base_model, out_dir)``.
 
     A folder that already holds files is refused unless ``overwrite=True``; the adapter is written next to
-    it first and moved in place whole, so a failure never leaves a half-written folder.
+    it first and moved in place whole, so a failure never leaves a half-written folder. A symlink is followed
+    (its target is replaced, the link kept); the working directory, or a folder holding it, is refused, as
+    replacing it would leave this process in a deleted folder. Returns the folder written.
     """
     from peft import LoraConfig, get_peft_model
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
+    cwd = Path.cwd().resolve()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise ValueError(f"out_dir {out_dir} is the working directory or holds it: export_lora replaces the "
+                         f"folder whole, which would pull the working directory from under this process; "
+                         f"give a subfolder (e.g. ./lora)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         held = sorted(p.name for p in out_dir.iterdir())[:5] if out_dir.is_dir() else [out_dir.name]
         raise FileExistsError(f"{out_dir} already holds {held}; export_lora(..., overwrite=True) replaces it, "

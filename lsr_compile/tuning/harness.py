@@ -16,7 +16,7 @@ TOL = {"float64": 1e-9, "float32": 2e-4, "bfloat16": 3e-2, "float16": 3e-3}
 
 def inputs(shape: LSRShape, tokens: int, device, dtype) -> dict:
     """Fresh data on every call (never zeros): the tensors in ``dtype`` on ``device``, and their float64
-    originals on the CPU (``ref``) for the reference. A mixed-batch shape (``adapters > 1``) gets a bank of
+    originals on the CPU (``ref``) for the reference. A mixed-batch shape (``shape.mixed``) gets a bank of
     that many adapters, one scale per slot, and ``num_segments`` ragged segments (some empty, some without
     adapter, slots repeated) over the tokens."""
     f = shape.factors
@@ -25,7 +25,7 @@ def inputs(shape: LSRShape, tokens: int, device, dtype) -> dict:
     x = r(tokens, f.d_in)
     W = r(f.d_out, f.d_in) / math.sqrt(f.d_in)
     b = r(f.d_out)
-    bank = (shape.adapters,) if shape.adapters > 1 else ()
+    bank = (shape.adapters,) if shape.mixed else ()
     factors = [r(*bank, *sz) * 0.3 for sz in f.factor_sizes().values()]
     dy = r(tokens, f.d_out)
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
@@ -36,6 +36,7 @@ def inputs(shape: LSRShape, tokens: int, device, dtype) -> dict:
         cuts = sorted(torch.randint(0, tokens + 1, (S - 1,), generator=g).tolist())
         ptr = torch.tensor([0] + cuts + [tokens], dtype=torch.int64)
         ad = torch.randint(-1, shape.adapters, (S,), generator=g)
+        ad[torch.randint(0, S, (1,), generator=g)] = torch.randint(0, shape.adapters, (1,), generator=g)  # one in use
         scales = 0.5 + torch.rand(shape.adapters, generator=g, dtype=torch.float64)
         d |= dict(scales=scales.float().to(device), seg_indptr=ptr.to(device), seg_adapter=ad.to(device),
                   mixed_ref=(scales, ptr, ad))
@@ -94,7 +95,8 @@ def expected(op: str, d: dict, scale: float) -> list[torch.Tensor]:
     x = x.clone().requires_grad_(True)
     fs = [t.clone().requires_grad_(True) for t in factors]
     _reference(op, x, W, b, fs, scale, mixed).backward(dy)
-    return [x.grad] + [t.grad for t in fs]
+    # a bank slot no segment uses gets no gradient from autograd and exact zeros from a kernel
+    return [x.grad] + [torch.zeros_like(t) if t.grad is None else t.grad for t in fs]
 
 
 def errors(op: str, out, want) -> list[float]:

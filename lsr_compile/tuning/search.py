@@ -205,7 +205,7 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
 
     ``shapes``: LSRShapes, or a model with LSR layers (then ``tokens`` gives the token counts).
     ``trials``: at most this many compiled-kernel configs per (shape, op) besides the PyTorch formulations.
-    ``ops``: default forward and backward; for a mixed-batch shape (``adapters > 1``) ``mixed_forward`` and
+    ``ops``: default forward and backward; for a mixed-batch shape (``shape.mixed``) ``mixed_forward`` and
     ``mixed_backward``; for a shape over a quantized base (``base != "dense"``) ``adapter_forward`` and
     ``adapter_backward`` (timed against the dense layer as the floor).
     ``time_budget_s``: for the whole call (default 85 s per shape and op: under 3 minutes per shape).
