@@ -5,18 +5,23 @@ The protocol (docs/finetune-protocol.md has the reasons):
 - one fixed split of the 12,752 snippets: 3,000 train, 2,500 validation, the other 7,252 test;
 - per seed, every method sees the same data order, the same classifier-head initialisation and the same
   dropout stream, so per-seed differences between methods are paired;
-- each method's learning rate is chosen from one grid by mean *validation* accuracy on the selection seeds
-  (test never chooses), then every method runs the remaining seeds at its chosen rate;
+- each method's learning rate is chosen by mean *validation* accuracy on the selection seeds (test never
+  chooses) from one grid, extended by half-decade steps while the chosen rate sits at an edge of what was
+  tried, so every method is compared at an interior optimum; then it runs the remaining seeds at that rate;
+- besides LoRA r=8, peft's LoKr and LSR with this library's defaults, the method's reference recipe (16 terms,
+  r = 2, factors N(0, 0.01²), scale 4096, weight decay 0.01) at MiniLM's size;
 - reported per method against LoRA r=8: the mean paired difference of test accuracy with a 95 % interval
   from a two-level bootstrap (seeds, and test snippets shared across methods) and from a paired t over seeds,
   plus an exact McNemar test per seed on the test predictions.
 
 Rows are appended to ``<out>/paired.jsonl`` as runs finish; a rerun skips the runs already there, so the
-protocol (about 1.5 hours on 2 cores) can span sessions. ``--report`` rewrites the table and plot only.
+protocol (about 2.7 minutes a run on 2 cores; hours in all) can span sessions. ``--report`` rewrites the
+table and plot only.
 
     python examples/finetune_rotten_tomatoes.py            # the whole protocol, resumable
     python examples/finetune_rotten_tomatoes.py --report   # table + plot from the rows so far
     python examples/finetune_rotten_tomatoes.py --quick    # tiny slice, for CI
+    python examples/finetune_rotten_tomatoes.py --curves 6 # is 2 epochs enough? one seed per method, 6 epochs
 """
 from __future__ import annotations
 
@@ -77,6 +82,14 @@ def split(data, train: int, val: int, test: int | None, seed: int = 1234):
     return data[:train], data[train:train + val], rest if test is None else rest[:test]
 
 
+PAPER = "LSR s=16 r=2 paper recipe (~0.42x LoRA)"
+OURS_AT_PAPER = "LSR s=16 r=2 defaults (~0.42x LoRA)"
+# AdamW weight decay per method (default 0): the paper's recipe brings its own
+WEIGHT_DECAY = {PAPER: 0.01}
+# learning rates the grid may extend to: half-decade steps, 1e-5 .. 1
+LADDER = sorted({float(f"{m}e{k}") for k in range(-5, 0) for m in (1, 3)} | {1.0})
+
+
 def methods():
     from peft import LoKrConfig, LoraConfig
 
@@ -87,6 +100,13 @@ def methods():
                                                       task_type="SEQ_CLS"),
         "LSR s=27 r=(2,4) (~1x LoRA)": lc.LSRConfig(s=27, r=(2, 4), alpha=8.0, target_modules=TARGETS,
                                                     task_type="SEQ_CLS"),
+        # the method's reference recipe at MiniLM's 384: 16 terms, r = 2 (inner rank 2·2), factors 24 x 16 (the
+        # most balanced split, larger first, as its 768 = 32 x 24), every factor ~ N(0, 0.01²), alpha 8192
+        # scaled by alpha / r = 4096, AdamW weight decay 0.01
+        PAPER: lc.LSRConfig(s=16, r=2, alpha=8192.0, init="reference", scaling="rslora", target_modules=TARGETS,
+                            task_type="SEQ_CLS"),
+        # the same shapes with this library's defaults (scale 1, B2 = 0 so ΔW = 0 at step 0, no weight decay)
+        OURS_AT_PAPER: lc.LSRConfig(s=16, r=2, target_modules=TARGETS, task_type="SEQ_CLS"),
         # peft's Kronecker adapter at LSR's budget: W1 (8x8) ⊗ W2 with W2 = rank 16 (48x16 · 16x48)
         "LoKr r=16 f=8 (~0.26x LoRA)": LoKrConfig(r=16, alpha=32, decompose_factor=8, target_modules=TARGETS,
                                                  task_type="SEQ_CLS"),
@@ -174,14 +194,15 @@ def run(name, cfg, seed, lr, data, args) -> dict:
     model = build(cfg, seed, args.base)
     n_adapter, n_head = adapter_and_head_params(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    wd = WEIGHT_DECAY.get(name, 0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = data
     steps = args.epochs * ((len(tr_y) + args.batch - 1) // args.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps + 1))
                                               * max(0.0, 1 - s / steps))
     torch.manual_seed(20_000 + seed)  # dropout: one stream per seed, whatever the method
     start = time.perf_counter()
-    best_val, best_state = -1.0, None
+    best_val, best_state, curve = -1.0, None, []
     bar = tqdm(total=steps, desc=f"{name} lr {lr:g} seed {seed}", leave=False)
     for epoch in range(args.epochs):
         model.train()
@@ -194,6 +215,7 @@ def run(name, cfg, seed, lr, data, args) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         val = float((predictions(model, va_x) == np.array(va_y)).mean())
+        curve.append(val)
         if val > best_val:  # model selection on validation only
             best_val, best_state = val, [p.detach().clone() for p in params]
     bar.close()
@@ -202,7 +224,8 @@ def run(name, cfg, seed, lr, data, args) -> dict:
             p.copy_(saved)
     correct = predictions(model, te_x) == np.array(te_y)
     return {"protocol": PROTOCOL, "setup": setup_id(args), "base": args.base, "method": name, "seed": seed, "lr": lr,
-            "val_acc": best_val, "test_acc": float(correct.mean()), "test_n": len(te_y),
+            "val_acc": best_val, "val_curve": curve, "weight_decay": wd, "epochs": args.epochs,
+            "test_acc": float(correct.mean()), "test_n": len(te_y),
             "test_correct": pack(correct), "adapter_params": n_adapter, "head_params": n_head,
             "trainable_params": n_adapter + n_head, "wall_s": round(time.perf_counter() - start, 1),
             "threads": torch.get_num_threads()}
@@ -220,14 +243,43 @@ def setup_id(args, base: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def chosen_lr(rows, method: str, select_seeds) -> float | None:
-    """The learning rate with the best mean validation accuracy over the selection seeds (all of them run)."""
+def complete_rates(rows, method: str, select_seeds) -> dict[float, dict[int, float]]:
+    """Validation accuracy by rate and seed, for the rates that every selection seed has run."""
     by_lr = {}
     for r in rows:
         if r["method"] == method and r["seed"] in select_seeds:
             by_lr.setdefault(r["lr"], {})[r["seed"]] = r["val_acc"]
-    done = {lr: v for lr, v in by_lr.items() if set(v) >= set(select_seeds)}
+    return {lr: v for lr, v in by_lr.items() if set(v) >= set(select_seeds)}
+
+
+def chosen_lr(rows, method: str, select_seeds) -> float | None:
+    """The learning rate with the best mean validation accuracy over the selection seeds (all of them run)."""
+    done = complete_rates(rows, method, select_seeds)
     return max(done, key=lambda lr: (statistics.mean(done[lr].values()), -lr)) if done else None
+
+
+def next_rate(rows, method: str, select_seeds) -> float | None:
+    """The rate to try next: one half-decade step beyond the end of the tried rates where the chosen one sits
+    (an optimum at the edge of a grid is not known to be one); None once it is interior or the ladder ends."""
+    done = sorted(complete_rates(rows, method, select_seeds))
+    best = chosen_lr(rows, method, select_seeds)
+    if best is None:
+        return None
+    if best == done[-1]:
+        up = [x for x in LADDER if x > best * (1 + 1e-9)]
+        if up:
+            return up[0]
+    if best == done[0]:
+        down = [x for x in LADDER if x < best * (1 - 1e-9)]
+        if down:
+            return down[-1]
+    return None
+
+
+def at_edge(rows, method: str, select_seeds) -> bool:
+    """The chosen rate is the largest or smallest tried: not shown to be an optimum."""
+    done = sorted(complete_rates(rows, method, select_seeds))
+    return bool(done) and chosen_lr(rows, method, select_seeds) in (done[0], done[-1])
 
 
 def mcnemar_p(b: int, c: int) -> float:
@@ -300,8 +352,9 @@ def summarise(rows, select_seeds) -> str:
                 cells = [f"{p['mean']:+.2f}", f"[{p['boot_lo']:+.2f}, {p['boot_hi']:+.2f}]",
                          f"[{p['t_lo']:+.2f}, {p['t_hi']:+.2f}]" if "t_lo" in p else "-",
                          " ".join(f"{x:.2g}" for x in p["mcnemar_p"])]
+        edge = "; at an edge" if at_edge(rows, name, select_seeds) else ""
         lines.append(f"| {name} | {rs[0]['adapter_params']:,}{rel} | {rs[0]['lr']:g} "
-                     f"({', '.join(f'{x:g}' for x in sorted(tried[name]))}) | {len(rs)} | "
+                     f"({', '.join(f'{x:g}' for x in sorted(tried[name]))}{edge}) | {len(rs)} | "
                      f"{statistics.mean(te):.2f} ± {sd:.2f} | {100 * statistics.mean(r['val_acc'] for r in rs):.2f} | "
                      f"{' | '.join(cells)} | {statistics.mean(r['wall_s'] for r in rs):.0f} s |")
     return "\n".join(lines)
@@ -382,13 +435,80 @@ def report(rows, args) -> str:
     return table
 
 
+def _append(path: Path, row: dict, rows: list[dict]) -> None:
+    with open(path, "a") as fh:  # appended as it finishes: an interrupted protocol resumes here
+        fh.write(json.dumps(row) + "\n")
+    rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k != "test_correct"}), flush=True)
+
+
+def protocol(name, cfg, rows, data, args, path) -> None:
+    """One method: every rate of the grid on the selection seeds, one more half-decade step while the chosen
+    rate sits at an edge (at most ``--max-extra-rates`` beyond the grid), then the other seeds at the chosen
+    rate. Runs already in the rows are skipped, so an interrupted protocol resumes where it stopped."""
+    def ensure(seed, lr):
+        if not any(r["method"] == name and r["seed"] == seed and r["lr"] == lr for r in rows):
+            _append(path, run(name, copy.deepcopy(cfg), seed, lr, data, args), rows)
+
+    for lr in args.lrs:
+        for seed in args.select_seeds:
+            ensure(seed, lr)
+    while len(set(complete_rates(rows, name, args.select_seeds)) - set(args.lrs)) < args.max_extra_rates:
+        lr = next_rate(rows, name, args.select_seeds)
+        if lr is None:
+            break
+        for seed in args.select_seeds:
+            ensure(seed, lr)
+    best = chosen_lr(rows, name, args.select_seeds)
+    for seed in args.seeds:
+        if seed not in args.select_seeds:
+            ensure(seed, best)
+
+
+def curves(rows, chosen, data, args) -> str:
+    """Is the budget enough? One selection seed per method, at its chosen rate, trained ``--curves`` epochs
+    (warm-up and decay stretched over them): validation per epoch beside the protocol's run."""
+    long = argparse.Namespace(**vars(args))
+    long.epochs = args.curves
+    stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
+    path = args.out / f"{stem}-curves-{args.curves}ep.jsonl"
+    crows = read_rows(path, setup_id(long))
+    seed = args.select_seeds[0]
+    for name, cfg in chosen.items():
+        lr = chosen_lr(rows, name, args.select_seeds)
+        if lr is not None and not any(r["method"] == name and r["seed"] == seed and r["lr"] == lr for r in crows):
+            _append(path, run(name, copy.deepcopy(cfg), seed, lr, data, long), crows)
+    lines = [f"| method | lr | {args.epochs} epochs: validation per epoch | {args.curves} epochs: validation per "
+             f"epoch | best of {args.curves} − best of {args.epochs}, points |", "|---|---|---|---|---|"]
+    for c in crows:
+        short = [r for r in rows if (r["method"], r["seed"], r["lr"]) == (c["method"], c["seed"], c["lr"])]
+        if not short:
+            continue
+        sc = short[0].get("val_curve")
+        lines.append(f"| {c['method']} | {c['lr']:g} | "
+                     + (" ".join(f"{100 * v:.2f}" for v in sc) if sc else f"best {100 * short[0]['val_acc']:.2f}")
+                     + f" | {' '.join(f'{100 * v:.2f}' for v in c['val_curve'])} | "
+                     f"{100 * (c['val_acc'] - short[0]['val_acc']):+.2f} |")
+    table = "\n".join(lines)
+    (args.out / f"{stem}-curves-{args.curves}ep.md").write_text(
+        f"Seed {seed}, each method at its chosen rate; validation accuracy (%) after each epoch.\n\n{table}\n")
+    print(table)
+    return table
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny slice, 2 seeds, 1 epoch, one rate (CI)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1],
                     help="seeds on which every rate of the grid runs; the rate is chosen on their validation")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="the learning-rate grid")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
+                    help="the learning-rate grid every method starts from")
+    ap.add_argument("--max-extra-rates", type=int, default=4,
+                    help="half-decade steps a method may add beyond the grid while its chosen rate is at an edge")
+    ap.add_argument("--curves", type=int, default=0, metavar="EPOCHS",
+                    help="instead of the protocol: one selection seed per method at its chosen rate, trained "
+                         "EPOCHS epochs, validation per epoch beside the protocol's run (is the budget enough?)")
     ap.add_argument("--train-size", type=int, default=3000)
     ap.add_argument("--val-size", type=int, default=2500)
     ap.add_argument("--test-size", type=int, default=None, help="default: every snippet not in train/val")
@@ -402,7 +522,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("results/finetune"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.select_seeds, args.lrs = [0, 1], [0], [3e-3]
+        args.seeds, args.select_seeds, args.lrs, args.max_extra_rates = [0, 1], [0], [3e-3], 0
         args.train_size, args.val_size, args.test_size, args.epochs, args.max_len = 64, 32, 48, 1, 32
     if not set(args.select_seeds) <= set(args.seeds):
         raise SystemExit(f"--select-seeds {args.select_seeds} must be among --seeds {args.seeds}")
@@ -416,8 +536,8 @@ def main(argv=None):
     enc = lambda part: (tok([t for t, _ in part], truncation=True, max_length=args.max_len)["input_ids"],  # noqa
                         [y for _, y in part])
     data = (enc(train), enc(val), enc(test))
-    chosen = {k: v for k, v in methods().items()
-              if args.methods is None or any(k.startswith(m) for m in args.methods)}
+    every = methods()
+    chosen = {k: every[k] for m in (args.methods or [""]) for k in every if k.startswith(m)}  # in the order asked
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
     path = args.out / f"{stem}.jsonl"
@@ -426,20 +546,11 @@ def main(argv=None):
     print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets (setup {setup}); methods "
           f"{list(chosen)}; seeds {args.seeds} (rate chosen on {args.select_seeds}); rates {args.lrs}; "
           f"{args.epochs} epochs; {torch.get_num_threads()} threads; {len(rows)} runs already in {path}")
-    if not args.report:
-        done = {(r["method"], r["seed"], r["lr"]) for r in rows}
-        todo = [(n, s, lr) for s in args.select_seeds for lr in args.lrs for n in chosen]
-        todo += [(n, s, None) for s in args.seeds if s not in args.select_seeds for n in chosen]
-        for name, seed, lr in todo:
-            lr = lr if lr is not None else chosen_lr(rows, name, args.select_seeds)
-            if (name, seed, lr) in done:
-                continue
-            row = run(name, copy.deepcopy(chosen[name]), seed, lr, data, args)
-            with open(path, "a") as fh:  # appended as it finishes: an interrupted protocol resumes here
-                fh.write(json.dumps(row) + "\n")
-            rows.append(row)
-            done.add((name, seed, lr))
-            print(json.dumps({k: v for k, v in row.items() if k != "test_correct"}), flush=True)
+    if args.curves:
+        curves(rows, chosen, data, args)
+    elif not args.report:
+        for name, cfg in chosen.items():
+            protocol(name, cfg, rows, data, args, path)
     table = report(rows, args)
     print(table)
     return rows

@@ -36,6 +36,100 @@ def test_learning_rate_is_chosen_on_validation_never_on_test():
     assert mod.chosen_lr(rows, "B", [0, 1]) is None
 
 
+def _val_rows(mod, method, rates, peak, seeds=(0, 1)):
+    """Validation accuracy that peaks at ``peak`` (a smooth bump in log-rate)."""
+    return [_row(mod, method, s, lr, 0.8 - 0.05 * (np.log10(lr / peak)) ** 2 + 0.001 * s, np.ones(4))
+            for lr in rates for s in seeds]
+
+
+def test_next_rate_steps_off_an_edge_and_stops_inside():
+    mod = _example()
+    up = _val_rows(mod, "A", [1e-3, 3e-3], peak=3e-2)
+    assert mod.next_rate(up, "A", [0, 1]) == 1e-2 and mod.at_edge(up, "A", [0, 1])
+    down = _val_rows(mod, "A", [1e-3, 3e-3], peak=1e-4)
+    assert mod.next_rate(down, "A", [0, 1]) == 3e-4
+    inside = _val_rows(mod, "A", [1e-3, 3e-3, 1e-2], peak=3e-3)
+    assert mod.next_rate(inside, "A", [0, 1]) is None and not mod.at_edge(inside, "A", [0, 1])
+    top = _val_rows(mod, "A", [0.3, 1.0], peak=10.0)
+    assert mod.next_rate(top, "A", [0, 1]) is None  # the ladder ends at 1
+    half = up + _val_rows(mod, "A", [1e-2], peak=3e-2, seeds=(0,))  # 1e-2 has not run on seed 1 yet
+    assert mod.chosen_lr(half, "A", [0, 1]) == 3e-3 and mod.next_rate(half, "A", [0, 1]) == 1e-2
+    assert mod.next_rate([], "A", [0, 1]) is None and not mod.at_edge([], "A", [0, 1])
+
+
+def _fake_protocol(mod, monkeypatch, peak):
+    calls = []
+
+    def fake_run(name, cfg, seed, lr, data, args):
+        calls.append((seed, lr))
+        return _val_rows(mod, name, [lr], peak, seeds=(seed,))[0] | {"epochs": args.epochs,
+                                                                      "val_curve": [0.5] * args.epochs}
+    monkeypatch.setattr(mod, "run", fake_run)
+    return calls
+
+
+def _args(tmp_path, **kw):
+    import argparse
+    base = dict(lrs=[1e-3, 3e-3], select_seeds=[0, 1], seeds=[0, 1, 2, 3, 4], max_extra_rates=4, epochs=2,
+                base="fp32", out=tmp_path, curves=0)
+    return argparse.Namespace(**(base | kw))
+
+
+def test_protocol_extends_the_grid_until_the_optimum_is_interior_then_runs_the_other_seeds(tmp_path, monkeypatch):
+    mod = _example()
+    calls = _fake_protocol(mod, monkeypatch, peak=3e-2)
+    rows, path = [], tmp_path / "rows.jsonl"
+    mod.protocol("A", None, rows, None, _args(tmp_path), path)
+    assert calls == [(0, 1e-3), (1, 1e-3), (0, 3e-3), (1, 3e-3), (0, 1e-2), (1, 1e-2), (0, 3e-2), (1, 3e-2),
+                     (0, 0.1), (1, 0.1), (2, 3e-2), (3, 3e-2), (4, 3e-2)]
+    assert len(path.read_text().splitlines()) == 13 and not mod.at_edge(rows, "A", [0, 1])
+    calls.clear()
+    mod.protocol("A", None, rows, None, _args(tmp_path), path)  # resumes: nothing left
+    assert calls == []
+
+
+def test_protocol_extension_is_bounded(tmp_path, monkeypatch):
+    mod = _example()
+    calls = _fake_protocol(mod, monkeypatch, peak=1.0)
+    rows = []
+    mod.protocol("A", None, rows, None, _args(tmp_path, max_extra_rates=2, seeds=[0, 1]), tmp_path / "r.jsonl")
+    assert sorted({lr for _, lr in calls}) == [1e-3, 3e-3, 1e-2, 3e-2] and mod.at_edge(rows, "A", [0, 1])
+    table = mod.summarise(rows, [0, 1])
+    assert "| A | 10 | 0.03 (0.001, 0.003, 0.01, 0.03; at an edge) | 2 |" in table
+
+
+def test_curves_run_one_seed_per_method_longer(tmp_path, monkeypatch):
+    mod = _example()
+    calls = _fake_protocol(mod, monkeypatch, peak=3e-3)
+    rows = _val_rows(mod, "A", [1e-3, 3e-3, 1e-2], peak=3e-3)
+    for r in rows:
+        r |= {"epochs": 2, "val_curve": [0.7, r["val_acc"]]}
+    table = mod.curves(rows, {"A": None}, None, _args(tmp_path, curves=5, setup="x", split_sha="x", train_size=1,
+                                                    val_size=1, test_size=1, batch=1, max_len=1))
+    assert calls == [(0, 3e-3)]
+    assert "| A | 0.003 | 70.00 80.00 | 50.00 50.00 50.00 50.00 50.00 | +0.00 |" in table
+    assert (tmp_path / "paired-curves-5ep.jsonl").exists() and (tmp_path / "paired-curves-5ep.md").exists()
+
+
+def test_paper_recipe_is_the_reference_codes_at_minilms_size():
+    mod = _example()
+    cfg = mod.methods()[mod.PAPER]
+    import torch
+    from lsr_compile.nn import LSRLinear
+
+    torch.manual_seed(0)
+    layer = LSRLinear.from_linear(torch.nn.Linear(384, 384), cfg)
+    f = layer.factor_shapes
+    assert (f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2) == (16, 2, 2, 24, 16, 24, 16)
+    assert layer.scale == 4096.0  # alpha / r with the reference's r = 2 (inner rank 2·2)
+    for p in (layer.A1, layer.A2, layer.B1, layer.B2):
+        assert abs(p.std().item() - 0.01) < 0.002
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 2560  # 12 layers: 30,720
+    assert mod.WEIGHT_DECAY == {mod.PAPER: 0.01}
+    ours = mod.methods()[mod.OURS_AT_PAPER]
+    assert (ours.s, ours.r, ours.init, ours.alpha) == (16, (2, 2), "zeros", None)
+
+
 def test_mcnemar_exact_values():
     mod = _example()
     assert mod.mcnemar_p(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
@@ -70,7 +164,7 @@ def test_paired_difference_and_intervals():
     z = mod.paired(same, anchor)
     assert z["mean"] == 0 and z["boot_lo"] == 0 == z["boot_hi"] and z["mcnemar_p"] == [1.0] * 5
     table = mod.summarise(anchor + better, [0, 1])
-    assert "| B | 10 (1.00x) | 0.001 (0.001) | 5 | " in table and "+1.40" in table
+    assert "| B | 10 (1.00x) | 0.001 (0.001; at an edge) | 5 | " in table and "+1.40" in table
 
 
 def test_quantized_base_against_the_same_method_on_the_fp32_base():
@@ -126,6 +220,9 @@ def test_quick_protocol_end_to_end_and_resumes(tmp_path):
     assert small == 12 * 7 * (2 * 24 + 4 * 16 + 24 * 2 + 16 * 4) and 0.2 < small / lora < 0.3
     lokr = by[("LoKr r=16 f=8 (~0.26x LoRA)", 0)]["adapter_params"]
     assert lokr == 12 * (8 * 8 + 2 * 48 * 16) and 0.2 < lokr / lora < 0.3
+    assert by[(mod.PAPER, 0)]["adapter_params"] == by[(mod.OURS_AT_PAPER, 0)]["adapter_params"] == 12 * 2560
+    assert by[(mod.PAPER, 0)]["weight_decay"] == 0.01 and by[(mod.ANCHOR, 0)]["weight_decay"] == 0.0
+    assert all(len(r["val_curve"]) == r["epochs"] == 1 and r["val_acc"] == max(r["val_curve"]) for r in rows)
     assert all(r["head_params"] == 384 * 2 + 2 for r in rows)
     assert all(r["test_n"] == 48 and 0.0 <= r["test_acc"] <= 1.0 for r in rows)
     assert all(mod.unpack(r["test_correct"], 48).mean() == pytest.approx(r["test_acc"]) for r in rows)
