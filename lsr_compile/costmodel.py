@@ -89,12 +89,14 @@ TRITON_FLOPS: dict[str, Callable[[tuple], float]] = {
     "_factors_kernel": lambda a: 2.0 * a[6] * (a[4].numel() + a[5].numel()),  # s · (A + Bt)
     "_project_kernel": lambda a: 4.0 * a[12] * (a[0].numel() + a[1].numel() // a[1].shape[0]),  # s · (dA + dBt)
     "_fused_lsr_kernel": _fused_flops,
+    "_fused_lsr_tma_kernel": _fused_flops,
 }
 
 
 def triton_call(kernel, grid, args, meta) -> Call:
     name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-    ts = [t for t in args if isinstance(t, torch.Tensor)]
+    ts = [getattr(t, "base", t) for t in args]  # a TMA descriptor's tensor is its base
+    ts = [t for t in ts if isinstance(t, torch.Tensor)]
     return Call(name, "kernel", TRITON_FLOPS.get(name, lambda a: 0.0)(args), float(sum(_nbytes(t) for t in ts)),
                 "triton")
 

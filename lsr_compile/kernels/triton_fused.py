@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import schedule_spaces
 from ..device import space_name
@@ -43,6 +44,7 @@ def launch(kernel, grid, args: tuple, meta: dict) -> None:
 SPACE = space_name("triton", "cuda")
 DTYPES = tuple(schedule_spaces.dtypes(SPACE))
 KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+# TMA: 1 = the persistent kernel with TMA descriptors (Hopper and later; 16-byte-aligned rows), 0 or absent = pointers
 
 
 @triton.jit
@@ -118,6 +120,71 @@ def _fused_lsr_kernel(
                      tacc.to(t_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
+@triton.jit
+def _fused_lsr_tma_kernel(
+    # TMA descriptors (Hopper's tensor memory accelerator: a tile per instruction, bounds zero-filled in
+    # hardware, no address arithmetic or masks in the K-loop); bias and t stay pointers (t may be < 16 B wide)
+    a_desc, m_desc, bias_ptr, p_desc, q_desc, out_desc, t_ptr,
+    M, N, K, R,
+    stride_tm, stride_tr,
+    scale,
+    HAS_BIAS: tl.constexpr, WRITE_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, M_KMAJOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+):
+    """The fused layer as a persistent kernel: ``PROGRAMS`` programs (one per SM) walk the output tiles in
+    the same grouped order as ``_fused_lsr_kernel``, so a wave's tiles share rows of ``a`` in L2 and no
+    block is launched per tile."""
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: a @jit helper (see tl.full above)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_in_group = GROUP_M * num_pid_n
+    offs_r = tl.arange(0, BLOCK_R)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS):
+        group_id = tile // num_in_group
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((tile % num_in_group) % group_size)
+        pid_n = (tile % num_in_group) // group_size
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
+        tacc = tl.full((BLOCK_M, BLOCK_R), 0, dtype=ACC)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([om, k0])
+            if M_KMAJOR:  # the forward's W (d_out, d_in): a K-major tile, transposed in shared memory
+                w = m_desc.load([on, k0]).T
+            else:  # the backward's Wᵀ: W's own (d_out, d_in) rows are (K, N) tiles
+                w = m_desc.load([k0, on])
+            p = p_desc.load([0, k0]).T
+            if UPCAST:
+                a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=ACC)
+                tacc = tl.dot(a, p, tacc, input_precision="ieee", out_dtype=ACC)
+            else:
+                acc = tl.dot(a, w, acc, out_dtype=ACC)
+                tacc = tl.dot(a, p, tacc, out_dtype=ACC)
+        qm = q_desc.load([0, on])
+        if UPCAST:
+            qm = qm.to(ACC)
+        st = (tacc * scale).to(qm.dtype)
+        if IEEE:
+            acc = tl.dot(st, qm, acc, input_precision="ieee", out_dtype=ACC)
+        else:
+            acc = tl.dot(st, qm, acc, out_dtype=ACC)
+        offs_n = on + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += b[None, :].to(ACC)
+        out_desc.store([om, on], acc.to(out_desc.dtype))
+        if WRITE_T:
+            if pid_n == 0:
+                offs_m = om + tl.arange(0, BLOCK_M)
+                tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                         tacc.to(t_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
 def _check(a, Mt, P, Q):
     tensors = {"a": a, "M": Mt, "P": P, "Q": Q}
     dev = {t.device for t in tensors.values()}
@@ -145,15 +212,33 @@ def launch_config(config: dict) -> dict:
 
 def fused_linear(a, Mt, bias, P, Q, scale: float, config: dict, want_t: bool = False):
     """``a Mᵀ + bias + scale·(a Pᵀ) Qᵀ`` (and ``a Pᵀ``) for 2-D ``a (m, k)``, ``Mt (n, k)``, ``P (r, k)``,
-    ``Q (n, r)``, any strides; fp32 accumulation (fp64 for fp64)."""
+    ``Q (n, r)``, any strides; fp32 accumulation (fp64 for fp64). A config with ``TMA: 1`` runs the
+    persistent TMA kernel where the operands allow it (``tma_ready``), else the same tiles with pointers."""
     _check(a, Mt, P, Q)
     if a.dtype == torch.float64:  # a float argument reaches the kernel as fp32: keep fp64's scale exact
         Q, scale = Q * scale, 1.0
-    args, kwargs, grid = _launch_args(a, Mt, bias, P, Q, scale, launch_config(config),
-                                      want_t)
-    launch(_fused_lsr_kernel, grid, args, kwargs)
+    cfg = launch_config(config)
+    if cfg.get("TMA") and tma_ready(a, Mt, P, Q):
+        kernel, (args, kwargs, grid) = _fused_lsr_tma_kernel, _tma_launch_args(a, Mt, bias, P, Q, scale, cfg, want_t)
+    else:
+        kernel, (args, kwargs, grid) = _fused_lsr_kernel, _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t)
+    launch(kernel, grid, args, kwargs)
     out, t = args[5], args[6]
+    if isinstance(out, TensorDescriptor):
+        out = out.base
     return (out, t) if want_t else out
+
+
+def _meta(a, r: int, cfg: dict, want_t: bool) -> dict:
+    """The constexprs and launch options both kernels take."""
+    return dict(
+        HAS_BIAS=None, WRITE_T=want_t, IEEE=a.dtype in (torch.float32, torch.float64),
+        UPCAST=INTERPRETED and a.dtype in (torch.bfloat16, torch.float16),
+        ACC=tl.float64 if a.dtype == torch.float64 else tl.float32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=max(16, triton.next_power_of_2(r)), GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 def _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
@@ -166,16 +251,59 @@ def _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
     args = (a, Mt, bias, P, Q, out, t, m, n, k, r,
             a.stride(0), a.stride(1), Mt.stride(0), Mt.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
             out.stride(0), out.stride(1), st[0], st[1], float(scale))
-    kwargs = dict(
-        HAS_BIAS=bias is not None, WRITE_T=want_t, IEEE=a.dtype in (torch.float32, torch.float64),
-        UPCAST=INTERPRETED and a.dtype in (torch.bfloat16, torch.float16),
-        ACC=tl.float64 if a.dtype == torch.float64 else tl.float32,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=max(16, triton.next_power_of_2(r)), GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     return args, kwargs, grid
+
+
+# ---- the persistent TMA kernel's host side ---------------------------------------------------------------
+
+H200_SMS = 132  # the programs of a persistent launch compiled or priced without a GPU (the H200's SMs)
+
+
+def _rows_aligned(t) -> bool:
+    """A TMA descriptor needs a 16-byte-aligned base, unit last stride and 16-byte-aligned row strides."""
+    return (t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and (t.data_ptr() % 16 == 0))
+
+
+def tma_ready(a, Mt, P, Q) -> bool:
+    """The operands as TMA descriptors take them: rows of a, P (K-contiguous), Qᵀ and W (either orientation of
+    ``Mt``) 16-byte aligned, and the output's rows too; ragged sizes run the pointer kernel."""
+    mt = Mt if Mt.stride(-1) == 1 else Mt.t()
+    n = Mt.shape[0]
+    return (all(_rows_aligned(t) for t in (a, mt, P, Q.t())) and (n * a.element_size()) % 16 == 0
+            and a.dtype != torch.float64)
+
+
+def tma_problem_fits(key: ProblemKey) -> bool:
+    """``tma_ready`` for the operands the step passes for ``key`` (contiguous, so sizes decide)."""
+    f, item = key.shapes, DTYPES_TORCH[key.dtype].itemsize
+    return key.dtype != "float64" and all((d * item) % 16 == 0 for d in (f.d_in, f.d_out))
+
+
+def _programs(device: torch.device) -> int:
+    """One persistent program per SM on a GPU; three in the interpreter (so each walks several tiles)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3 if INTERPRETED and device.type == "cpu" else H200_SMS
+
+
+def _tma_launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
+    m, k = a.shape
+    n, r = Mt.shape[0], P.shape[0]
+    bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], max(16, triton.next_power_of_2(r))
+    out = torch.empty((m, n), device=a.device, dtype=a.dtype)
+    t = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_t else None
+    st = t.stride() if want_t else (0, 0)
+    kmajor = Mt.stride(-1) == 1
+    desc = TensorDescriptor.from_tensor
+    args = (desc(a, [bm, bk]), desc(Mt, [bn, bk]) if kmajor else desc(Mt.t(), [bk, bn]), bias,
+            desc(P, [br, bk]), desc(Q.t(), [br, bn]), desc(out, [bm, bn]), t, m, n, k, r, st[0], st[1],
+            float(scale))
+    programs = min(_programs(a.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
+    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None, M_KMAJOR=kmajor, PROGRAMS=programs)
+    return args, kwargs, (programs,)
 
 
 def _operands(op, key: ProblemKey, device="meta"):
@@ -207,9 +335,12 @@ def fitting_default(op: str, key: ProblemKey, capability: int) -> dict:
 
 
 def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
+    """The space's points; TMA points only where the problem's rows are 16-byte aligned (elsewhere they would
+    run as their pointer twins, already in the space)."""
     if key.dtype not in DTYPES:
         return []
-    return [("triton", "fused", c) for c in schedule_spaces.space(SPACE, op, "fused")]
+    return [("triton", "fused", c) for c in schedule_spaces.space(SPACE, op, "fused")
+            if not c.get("TMA") or tma_problem_fits(key)]
 
 
 # ---- ahead-of-time compilation: resources of a config without a GPU ------------------------------
@@ -223,6 +354,7 @@ class Resources:
     registers: int  # per thread
     spilled: int  # bytes of local memory per thread (spills / stack), 0 when everything is in registers
     tensor_cores: str  # "wgmma" (Hopper), "mma", or "" (FMA units only)
+    tma: bool = False  # tiles move by TMA (cp.async.bulk.tensor) rather than per-thread loads
 
     def problem(self, shared_limit: int) -> Optional[str]:
         """Why this config must not run (spills, too much shared memory), or None."""
@@ -250,6 +382,9 @@ def shared_limit(capability: int) -> int:
 def _compile_report(op: str, key: ProblemKey, config_items: tuple, capability: int) -> Resources:
     config = dict(config_items)
     (a, Mt, bias, P, Q), want_t = _operands(op, key)
+    if config.get("TMA") and tma_ready(a, Mt, P, Q):
+        args, kwargs, _ = _tma_launch_args(a, Mt, bias, P, Q, 1.0, config, want_t)
+        return compile_kernel(_fused_lsr_tma_kernel, args, kwargs, capability)
     args, kwargs, _ = _launch_args(a, Mt, bias, P, Q, 1.0, config, want_t)
     return compile_kernel(_fused_lsr_kernel, args, kwargs, capability)
 
@@ -278,7 +413,8 @@ def compile_kernel(kernel, args: tuple, kwargs: dict, capability: int) -> Resour
     (usage,) = resource_usage(compiled.asm["cubin"]).values()
     ptx = compiled.asm["ptx"]
     cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else ""
-    return Resources(capability, int(compiled.metadata.shared), usage["registers"], usage["spilled"], cores)
+    return Resources(capability, int(compiled.metadata.shared), usage["registers"], usage["spilled"], cores,
+                     "cp.async.bulk.tensor" in ptx)
 
 
 @functools.lru_cache(maxsize=32)
@@ -305,7 +441,7 @@ def _compilable(kernel):
 def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90) -> Resources:
     """Compile the fused kernel for ``key`` and ``config`` for ``sm_<capability>`` with Triton's own ptxas
     (no GPU needed) and read what it uses. Cached per process; Triton's disk cache makes the JIT reuse it."""
-    cfg = {k: int(config[k]) for k in KNOBS}
+    cfg = {k: int(config[k]) for k in KNOBS} | {"TMA": int(config.get("TMA", 0))}
     return _compile_report(op, key, tuple(sorted(cfg.items())), capability)
 
 

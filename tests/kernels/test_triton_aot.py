@@ -24,12 +24,21 @@ POINTS = [(op, cfg) for op in ("forward", "backward") for cfg in schedule_spaces
 
 
 @pytest.mark.parametrize("op,cfg", POINTS, ids=[f"{op}-" + "x".join(str(c[k]) for k in triton_fused.KNOBS)
-                                               for op, c in POINTS])
+                                               + ("-tma" if c.get("TMA") else "") for op, c in POINTS])
 def test_every_point_fits_sm90_in_bf16_and_uses_wgmma(op, cfg):
     r = _report(op, "bfloat16", ALIGNED, cfg)
     assert r.problem(LIMIT) is None, r
     assert r.tensor_cores == "wgmma" or cfg["BLOCK_M"] < 64, r  # wgmma needs 64-row tiles
     assert 0 < r.registers <= 255 and r.shared > 0
+    assert r.tma == bool(cfg.get("TMA")), r  # TMA points move tiles by cp.async.bulk.tensor, the others never
+
+
+def test_tma_points_are_candidates_only_where_rows_are_aligned():
+    aligned = triton_fused.candidates("forward", ProblemKey("forward", "bfloat16", 8192, *ALIGNED))
+    ragged = triton_fused.candidates("forward", ProblemKey("forward", "bfloat16", 8192, *RAGGED))
+    fp64 = triton_fused.candidates("forward", ProblemKey("forward", "float64", 8192, *ALIGNED))
+    assert sum(bool(c.get("TMA")) for _, _, c in aligned) == 3
+    assert not any(c.get("TMA") for _, _, c in ragged + fp64) and len(ragged) == len(aligned) - 3
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

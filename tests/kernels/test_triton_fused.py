@@ -92,6 +92,57 @@ def test_every_point_of_the_space_runs_and_is_right(op):
     _rel_close(want, ref, TOL["float32"])
 
 
+TMA_POINTS = [c for c in triton_fused.schedule_spaces.space(triton_fused.SPACE, "forward", "fused") if c.get("TMA")]
+
+
+def _kernels_launched(fn, *args):
+    seen = []
+    old, triton_fused.recorder = triton_fused.recorder, lambda k, grid, a, meta: seen.append((k, grid, meta))
+    try:
+        fn(*args)
+    finally:
+        triton_fused.recorder = old
+    return seen
+
+
+@pytest.mark.parametrize("cfg", TMA_POINTS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL["float32"]), (torch.bfloat16, TOL["bfloat16"])])
+def test_tma_persistent_kernel_values_and_gradients(cfg, dtype, tol):
+    """16-byte-aligned rows: the persistent TMA kernel runs (fewer programs than tiles, so each walks several,
+    ragged token count so tiles hang over the edge), forward with bias and t, and the input gradient through
+    the layer's backward, against float64."""
+    dims, N = (2, 2, 4, 8, 8, 4, 16), 150  # d_in 64, d_out 64, q 8
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, device=DEV)
+    A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
+    launched = _kernels_launched(triton_fused.fused_linear, x, W, b, A, Bt.t(), 0.7, cfg, True)
+    assert [k for k, _, _ in launched] == [triton_fused._fused_lsr_tma_kernel]
+    (_, grid, meta), = launched
+    tiles = -(-N // triton_fused.launch_config(cfg)["BLOCK_M"]) * -(-64 // triton_fused.launch_config(cfg)["BLOCK_N"])
+    assert grid == (meta["PROGRAMS"],) and (DEV.type == "cuda" or meta["PROGRAMS"] < tiles)
+    y, t = triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7, cfg, want_t=True)
+    xd, Ad, Btd = x.double(), A.double(), Bt.double()
+    want = reference.lsr_linear(xd, W.double(), b.double(), *[f.double() for f in factors], 0.7)
+    base = xd @ W.double().T + b.double()
+    assert (want - base).abs().max() > 10 * tol * want.abs().max()  # the adapter is visible at this tolerance
+    _rel_close(y, want, tol)
+    _rel_close(t, xd @ Ad.T, tol)
+    g = torch.randn(N, 64, dtype=torch.float64).to(device=DEV, dtype=dtype)
+    key = ProblemKey.of("backward", dtype, N, FactorShapes(*dims))
+    dx = triton_parts.build("backward", "fused", cfg, key, DEV)(g, x, W, *factors, A, Bt, None, None, 0.7, True)[0]
+    _rel_close(dx, g.double() @ (W.double() + 0.7 * Btd.T @ Ad), tol)
+
+
+def test_tma_point_on_unaligned_rows_runs_the_pointer_kernel():
+    dims, N = DIMS[0], 37  # d_in 42: rows of 168 B in fp32 are not 16-byte aligned
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=torch.float32, device=DEV)
+    A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
+    launched = _kernels_launched(triton_fused.fused_linear, x, W, b, A, Bt.t(), 0.7, TMA_POINTS[0], False)
+    assert [k for k, _, _ in launched] == [triton_fused._fused_lsr_kernel]
+    y = triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7, TMA_POINTS[0])
+    _rel_close(y, reference.lsr_linear(x.double(), W.double(), b.double(), *[f.double() for f in factors], 0.7),
+               TOL["float32"])
+
+
 def test_strided_views_are_read_in_place():
     r = lambda *s: torch.randn(*s, dtype=torch.float64, device=DEV)  # noqa: E731
     a = r(40, 64)[:, ::2]  # non-contiguous rows
