@@ -48,6 +48,15 @@ KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b: exact fp32/fp64 products where asked (no tf32), tensor cores otherwise; out_dtype is given
+    explicitly (Triton 3.6 defaults it to float32 whatever the accumulator)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+    return tl.dot(a, b, acc, out_dtype=ACC)
+
+
+@triton.jit
 def _fused_lsr_kernel(
     # pointers (bias_ptr / t_ptr are None when HAS_BIAS / WRITE_T are off: no pointer is passed twice)
     a_ptr, m_ptr, bias_ptr, p_ptr, q_ptr, out_ptr, t_ptr,
@@ -92,22 +101,15 @@ def _fused_lsr_kernel(
                     mask=(kk[:, None] < K) & (offs_r[None, :] < R), other=0.0)
         if UPCAST:
             a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=ACC)
-            tacc = tl.dot(a, p, tacc, input_precision="ieee", out_dtype=ACC)
-        else:
-            acc = tl.dot(a, w, acc, out_dtype=ACC)
-            tacc = tl.dot(a, p, tacc, out_dtype=ACC)
+        acc = _dot(a, w, acc, IEEE, ACC)
+        tacc = _dot(a, p, tacc, IEEE, ACC)
     qm = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
                  mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
     if UPCAST:
         qm = qm.to(ACC)
     # the adapter term accumulates into acc (no second BLOCK_M x BLOCK_N tile: that one spilled)
     st = (tacc * scale).to(qm.dtype)
-    if IEEE:
-        acc = tl.dot(st, qm, acc, input_precision="ieee", out_dtype=ACC)
-    else:
-        acc = tl.dot(st, qm, acc, out_dtype=ACC)
+    acc = _dot(st, qm, acc, IEEE, ACC)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += b[None, :].to(ACC)
@@ -159,20 +161,13 @@ def _fused_lsr_tma_kernel(
             p = p_desc.load([0, k0]).T
             if UPCAST:
                 a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=ACC)
-                tacc = tl.dot(a, p, tacc, input_precision="ieee", out_dtype=ACC)
-            else:
-                acc = tl.dot(a, w, acc, out_dtype=ACC)
-                tacc = tl.dot(a, p, tacc, out_dtype=ACC)
+            acc = _dot(a, w, acc, IEEE, ACC)
+            tacc = _dot(a, p, tacc, IEEE, ACC)
         qm = q_desc.load([0, on])
         if UPCAST:
             qm = qm.to(ACC)
         st = (tacc * scale).to(qm.dtype)
-        if IEEE:
-            acc = tl.dot(st, qm, acc, input_precision="ieee", out_dtype=ACC)
-        else:
-            acc = tl.dot(st, qm, acc, out_dtype=ACC)
+        acc = _dot(st, qm, acc, IEEE, ACC)
         offs_n = on + tl.arange(0, BLOCK_N)
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
