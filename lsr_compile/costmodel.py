@@ -77,19 +77,30 @@ def aten_calls(func, args, kwargs, out) -> list[Call]:
     return [Call(name, "kernel", float(sum(t.numel() for t in outs)), moved)]
 
 
-# FLOPs of the package's Triton kernels, from their launch arguments (the memory they move is their tensors)
-def _fused_flops(a) -> float:
-    m, n, k, r = a[7], a[8], a[9], a[10]
-    return 2.0 * m * n * k + 2.0 * m * k * r + 2.0 * m * r * n
+# FLOPs of the package's Triton kernels, from their launch arguments and constexprs (the memory they move is
+# their tensors). The fused kernels are priced as they run: ``x Aᵀ`` at its padded width (BLOCK_R) once per
+# column tile (pointers) or once per column of a wave (persistent), and the epilogue's dot at least 16 deep.
+def _adapter_flops(m, n, k, meta, times: int) -> float:
+    return 2.0 * m * k * meta["BLOCK_R"] * times + 2.0 * m * n * max(16, meta["BLOCK_R"])
 
 
-TRITON_FLOPS: dict[str, Callable[[tuple], float]] = {
-    "_fold_kernel": lambda a: 2.0 * a[0].numel() * a[3].shape[0],  # W (d_out, d_in), A (q, d_in)
-    "_dy_pass_kernel": lambda a: 4.0 * a[0].numel() * a[1].shape[0],  # dy (N, d_out), Bt (q, d_out)
-    "_factors_kernel": lambda a: 2.0 * a[6] * (a[4].numel() + a[5].numel()),  # s · (A + Bt)
-    "_project_kernel": lambda a: 4.0 * a[12] * (a[0].numel() + a[1].numel() // a[1].shape[0]),  # s · (dA + dBt)
+def _fused_flops(a, meta) -> float:
+    m, n, k = a[7], a[8], a[9]
+    return 2.0 * m * n * k + _adapter_flops(m, n, k, meta, -(-n // meta["BLOCK_N"]))
+
+
+def _fused_tma_flops(a, meta) -> float:
+    m, n, k, wave_n = a[7], a[8], a[9], a[-1]
+    return 2.0 * m * n * k + _adapter_flops(m, n, k, meta, wave_n)
+
+
+TRITON_FLOPS: dict[str, Callable[[tuple, dict], float]] = {
+    "_fold_kernel": lambda a, _: 2.0 * a[0].numel() * a[3].shape[0],  # W (d_out, d_in), A (q, d_in)
+    "_dy_pass_kernel": lambda a, _: 4.0 * a[0].numel() * a[1].shape[0],  # dy (N, d_out), Bt (q, d_out)
+    "_factors_kernel": lambda a, _: 2.0 * a[6] * (a[4].numel() + a[5].numel()),  # s · (A + Bt)
+    "_project_kernel": lambda a, _: 4.0 * a[12] * (a[0].numel() + a[1].numel() // a[1].shape[0]),  # s · (dA + dBt)
     "_fused_lsr_kernel": _fused_flops,
-    "_fused_lsr_tma_kernel": _fused_flops,
+    "_fused_lsr_tma_kernel": _fused_tma_flops,
 }
 
 
@@ -97,8 +108,8 @@ def triton_call(kernel, grid, args, meta) -> Call:
     name = getattr(kernel, "__name__", None) or kernel.fn.__name__
     ts = [getattr(t, "base", t) for t in args]  # a TMA descriptor's tensor is its base
     ts = [t for t in ts if isinstance(t, torch.Tensor)]
-    return Call(name, "kernel", TRITON_FLOPS.get(name, lambda a: 0.0)(args), float(sum(_nbytes(t) for t in ts)),
-                "triton")
+    flops = TRITON_FLOPS.get(name, lambda a, _: 0.0)(args, meta)
+    return Call(name, "kernel", flops, float(sum(_nbytes(t) for t in ts)), "triton")
 
 
 class _Recorder(TorchDispatchMode):
@@ -117,12 +128,12 @@ class _Recorder(TorchDispatchMode):
 def recording(calls: list):
     """Inside: every ATen op and every Triton launch of the package is appended to ``calls``; the launches
     are not run (their tensors may hold no data) and take a GPU's arguments (full tiles)."""
-    from .kernels import triton_fused, triton_parts
+    from .kernels import triton_fused
 
     old = triton_fused.recorder
     triton_fused.recorder = lambda kernel, grid, args, meta: calls.append(triton_call(kernel, grid, args, meta))
     try:
-        with _Recorder(calls), triton_parts.gpu_arguments():
+        with _Recorder(calls), triton_fused.gpu_arguments():
             yield calls
     finally:
         triton_fused.recorder = old

@@ -109,3 +109,19 @@ def test_todays_step_at_the_target_shape(fresh_dispatch):
     assert lsr / floor <= 1.14 and lora / lsr >= 1.15
     old_calls, old_entries = _old_lsr_step("4096x4096", True)
     assert lsr <= 0.6 * cm.price(old_calls, cm.H200, old_entries).us
+
+
+@pytest.mark.parametrize("tma,times", [(0, 32), (1, 8)])
+def test_fused_kernel_is_priced_as_it_runs(tma, times):
+    """The fused kernel recorded with a GPU's tiles even in the interpreter, and its tensor-core work as
+    executed: x Aᵀ at the rank's block width (8 for q = 8) once per column tile (pointers: 4096 / 128 = 32) or
+    once per column of the persistent kernel's wave (16 x 8 on an H200), the epilogue's dot 16 deep."""
+    from lsr_compile.kernels import triton_fused
+
+    m, d, q = 8192, 4096, 8
+    e = lambda *s: torch.empty(*s, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=tma)
+    calls = cm.trace(triton_fused.fused_linear, e(m, d), e(d, d), e(d), e(q, d), e(q, d).T, 1.0, cfg, True)
+    (fused,) = [c for c in calls if c.source == "triton"]
+    assert fused.name == ("_fused_lsr_tma_kernel" if tma else "_fused_lsr_kernel")
+    assert fused.flops == 2.0 * m * d * d + 2.0 * m * d * 8 * times + 2.0 * m * d * 16

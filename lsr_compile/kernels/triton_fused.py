@@ -5,8 +5,9 @@
     forward : a = x,  M = W  (d_out, d_in),  P = A  (q, d_in),  Q = B  (d_out, q)   -> y,  t = x Aᵀ
     backward: a = dy, M = Wᵀ (d_in, d_out),  P = Bᵀ (q, d_out), Q = Aᵀ (d_in, q)    -> dx, u = dy B
 
-x is read once: ``a @ Pᵀ`` is accumulated in the base GEMM's K-loop and ``t Qᵀ`` added in
-the epilogue. Transposes are strides, never copies; P is K-contiguous in both directions (A and Bᵀ as
+x is read once: ``a @ Pᵀ`` is accumulated in the base GEMM's K-loop (as wide as the rank, ``rank_block``) and
+``t Qᵀ`` added in the epilogue. The pointer kernel computes ``a @ Pᵀ`` again for every column tile of a row
+block; the persistent TMA kernel only for the first tile of each of its programs' row blocks (``wave_shape``). Transposes are strides, never copies; P is K-contiguous in both directions (A and Bᵀ as
 built by the factors kernel), so its loads pipeline. The factor gradients (``uᵀ x``, ``tᵀ dy``, then the
 Kronecker projections, ``triton_parts``) are q-wide; no d_out x d_in matrix is formed (docs/design.md §2).
 
@@ -16,6 +17,7 @@ transformers may), so it is the process's environment: ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -33,6 +35,24 @@ from .cubin import resource_usage
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 recorder = None  # costmodel sets a callable(kernel, grid, args, meta): launches are recorded instead of run
+_gpu_arguments = False  # launches take a GPU's arguments even in the interpreter (``gpu_arguments``)
+
+
+@contextlib.contextmanager
+def gpu_arguments():
+    """Inside: launches get the arguments a GPU would (full tiles, no upcast), even in Triton's interpreter,
+    for compiling and pricing them; they must not run there."""
+    global _gpu_arguments
+    old, _gpu_arguments = _gpu_arguments, True
+    try:
+        yield
+    finally:
+        _gpu_arguments = old
+
+
+def interpreted() -> bool:
+    """Launches run in Triton's interpreter (shrunk tiles, upcast half precision) rather than on a GPU."""
+    return INTERPRETED and not _gpu_arguments
 
 
 def launch(kernel, grid, args: tuple, meta: dict) -> None:
@@ -54,6 +74,19 @@ def _dot(a, b, acc, IEEE: tl.constexpr, ACC: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
     return tl.dot(a, b, acc, out_dtype=ACC)
+
+
+@triton.jit
+def _add_adapter(acc, tacc, qm, scale, IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """acc + scale · tacc @ qm, once per output tile. The K-loop's ``x Aᵀ`` is only as wide as the rank
+    (``rank_block``: 8 for q ≤ 8, and that dot runs every K step), but this dot's K must be ≥ 16: an 8-wide
+    ``tacc`` gets 8 zero columns here, against ``qm``'s rows beyond the rank, loaded as zeros."""
+    st = (tacc * scale).to(qm.dtype)
+    if BLOCK_R < 16:
+        st = tl.reshape(tl.permute(tl.join(st, tl.full((BLOCK_M, BLOCK_R), 0, st.dtype)), (0, 2, 1)),
+                        (BLOCK_M, 2 * BLOCK_R))
+    return _dot(st, qm, acc, IEEE, ACC)
 
 
 @triton.jit
@@ -103,13 +136,13 @@ def _fused_lsr_kernel(
             a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
         acc = _dot(a, w, acc, IEEE, ACC)
         tacc = _dot(a, p, tacc, IEEE, ACC)
-    qm = tl.load(q_ptr + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
-                 mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
+    offs_rq = tl.arange(0, 2 * BLOCK_R if BLOCK_R < 16 else BLOCK_R)
+    qm = tl.load(q_ptr + offs_rq[:, None] * stride_qr + offs_n[None, :] * stride_qn,
+                 mask=(offs_rq[:, None] < R) & (offs_n[None, :] < N), other=0.0)
     if UPCAST:
         qm = qm.to(ACC)
     # the adapter term accumulates into acc (no second BLOCK_M x BLOCK_N tile: that one spilled)
-    st = (tacc * scale).to(qm.dtype)
-    acc = _dot(st, qm, acc, IEEE, ACC)
+    acc = _add_adapter(acc, tacc, qm, scale, IEEE, ACC, BLOCK_M, BLOCK_R)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += b[None, :].to(ACC)
@@ -130,54 +163,65 @@ def _fused_lsr_tma_kernel(
     M, N, K, R,
     stride_tm, stride_tr,
     scale,
+    wave_m, wave_n,
     HAS_BIAS: tl.constexpr, WRITE_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ACC: tl.constexpr, M_KMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
 ):
-    """The fused layer as a persistent kernel: ``PROGRAMS`` programs (one per SM) walk the output tiles in
-    the same grouped order as ``_fused_lsr_kernel``, so a wave's tiles share rows of ``a`` in L2 and no
-    block is launched per tile."""
+    """The fused layer as a persistent kernel of ``wave_m · wave_n`` programs (at most one per SM). A wave
+    covers a rectangle of ``wave_m`` row blocks by ``wave_n`` column blocks (``wave_shape``: small enough to
+    stay in L2); the next wave moves right by ``wave_n`` columns over the same rows, so a program keeps its
+    row block and computes ``x Aᵀ`` for it once, in its first tile, instead of once per column tile."""
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # not tl.cdiv: a @jit helper (see tl.full above)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_in_group = GROUP_M * num_pid_n
+    pid_n0 = tl.program_id(0) % wave_n
     offs_r = tl.arange(0, BLOCK_R)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS):
-        group_id = tile // num_in_group
-        first_m = group_id * GROUP_M
-        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((tile % num_in_group) % group_size)
-        pid_n = (tile % num_in_group) // group_size
+    for row_wave in range(0, (num_pid_m + wave_m - 1) // wave_m):
+        pid_m = row_wave * wave_m + tl.program_id(0) // wave_n
         om = pid_m * BLOCK_M
-        on = pid_n * BLOCK_N
-        acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
         tacc = tl.full((BLOCK_M, BLOCK_R), 0, dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([om, k0])
-            if M_KMAJOR:  # the forward's W (d_out, d_in): a K-major tile, transposed in shared memory
-                w = m_desc.load([on, k0]).T
-            else:  # the backward's Wᵀ: W's own (d_out, d_in) rows are (K, N) tiles
-                w = m_desc.load([k0, on])
-            p = p_desc.load([0, k0]).T
-            if UPCAST:
-                a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
-            acc = _dot(a, w, acc, IEEE, ACC)
-            tacc = _dot(a, p, tacc, IEEE, ACC)
-        qm = q_desc.load([0, on])
-        if UPCAST:
-            qm = qm.to(ACC)
-        st = (tacc * scale).to(qm.dtype)
-        acc = _dot(st, qm, acc, IEEE, ACC)
-        offs_n = on + tl.arange(0, BLOCK_N)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-            acc += b[None, :].to(ACC)
-        out_desc.store([om, on], acc.to(out_desc.dtype))
-        if WRITE_T:
-            if pid_n == 0:
-                offs_m = om + tl.arange(0, BLOCK_M)
-                tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                         tacc.to(t_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        for col_wave in range(0, (num_pid_n + wave_n - 1) // wave_n):
+            pid_n = col_wave * wave_n + pid_n0
+            on = pid_n * BLOCK_N
+            if (pid_m < num_pid_m) & (pid_n < num_pid_n):
+                acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
+                if col_wave == 0:  # this row block's first tile: x Aᵀ too
+                    for k0 in range(0, K, BLOCK_K):
+                        a = a_desc.load([om, k0])
+                        if M_KMAJOR:  # the forward's W (d_out, d_in): a K-major tile, transposed in shared memory
+                            w = m_desc.load([on, k0]).T
+                        else:  # the backward's Wᵀ: W's own (d_out, d_in) rows are (K, N) tiles
+                            w = m_desc.load([k0, on])
+                        p = p_desc.load([0, k0]).T
+                        if UPCAST:
+                            a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
+                        acc = _dot(a, w, acc, IEEE, ACC)
+                        tacc = _dot(a, p, tacc, IEEE, ACC)
+                    if WRITE_T:
+                        if pid_n0 == 0:
+                            offs_m = om + tl.arange(0, BLOCK_M)
+                            tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                                     tacc.to(t_ptr.dtype.element_ty),
+                                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+                else:
+                    for k0 in range(0, K, BLOCK_K):
+                        a = a_desc.load([om, k0])
+                        if M_KMAJOR:
+                            w = m_desc.load([on, k0]).T
+                        else:
+                            w = m_desc.load([k0, on])
+                        if UPCAST:
+                            a, w = a.to(ACC), w.to(ACC)
+                        acc = _dot(a, w, acc, IEEE, ACC)
+                qm = q_desc.load([0, on])
+                if UPCAST:
+                    qm = qm.to(ACC)
+                acc = _add_adapter(acc, tacc, qm, scale, IEEE, ACC, BLOCK_M, BLOCK_R)
+                if HAS_BIAS:
+                    offs_n = on + tl.arange(0, BLOCK_N)
+                    b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+                    acc += b[None, :].to(ACC)
+                out_desc.store([om, on], acc.to(out_desc.dtype))
 
 
 def _check(a, Mt, P, Q):
@@ -200,7 +244,7 @@ def launch_config(config: dict) -> dict:
     """The config a launch uses. The interpreter runs a tile as numpy arrays, so there each block is a
     quarter of the config's (at least 16, what ``tl.dot`` takes): tile shapes, their ratios and grouping keep
     varying with the config, so tests on a CPU exercise every tuned point at a size the interpreter runs fast."""
-    if not INTERPRETED:
+    if not interpreted():
         return config
     return {k: max(16, v // 4) if k.startswith("BLOCK_") else v for k, v in config.items()}
 
@@ -224,15 +268,20 @@ def fused_linear(a, Mt, bias, P, Q, scale: float, config: dict, want_t: bool = F
     return (out, t) if want_t else out
 
 
+def rank_block(r: int) -> int:
+    """Columns of the K-loop's ``x Aᵀ`` tile: the rank rounded up to a power of two, at least 8 (the
+    narrowest tensor-core tile, m16n8 / wgmma n8); every K step pays this width again."""
+    return max(8, triton.next_power_of_2(r))
+
+
 def _meta(a, r: int, cfg: dict, want_t: bool) -> dict:
     """The constexprs and launch options both kernels take."""
     return dict(
         HAS_BIAS=None, WRITE_T=want_t, IEEE=a.dtype in (torch.float32, torch.float64),
-        UPCAST=INTERPRETED and a.dtype in (torch.bfloat16, torch.float16),
+        UPCAST=interpreted() and a.dtype in (torch.bfloat16, torch.float16),
         ACC=tl.float64 if a.dtype == torch.float64 else tl.float32,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=max(16, triton.next_power_of_2(r)), GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        BLOCK_R=rank_block(r), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -246,7 +295,7 @@ def _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
     args = (a, Mt, bias, P, Q, out, t, m, n, k, r,
             a.stride(0), a.stride(1), Mt.stride(0), Mt.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
             out.stride(0), out.stride(1), st[0], st[1], float(scale))
-    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None)
+    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None, GROUP_M=cfg["GROUP_M"])
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     return args, kwargs, grid
 
@@ -254,6 +303,7 @@ def _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
 # ---- the persistent TMA kernel's host side ---------------------------------------------------------------
 
 H200_SMS = 132  # the programs of a persistent launch compiled or priced without a GPU (the H200's SMs)
+H200_L2 = 50 * 2**20  # and the L2 its waves are sized for (bytes)
 
 
 def _rows_aligned(t) -> bool:
@@ -277,28 +327,51 @@ def tma_problem_fits(key: ProblemKey) -> bool:
     return key.dtype != "float64" and all((d * item) % 16 == 0 for d in (f.d_in, f.d_out))
 
 
-def _programs(device: torch.device) -> int:
-    """One persistent program per SM on a GPU; three in the interpreter (so each walks several tiles)."""
+def _machine(device: torch.device) -> tuple[int, int]:
+    """(programs, L2 bytes) of a persistent launch: one program per SM on a GPU; without one the H200's,
+    except in the interpreter, where three programs make each walk several tiles."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 3 if INTERPRETED and device.type == "cpu" else H200_SMS
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count, props.L2_cache_size
+    return (3 if interpreted() and device.type == "cpu" else H200_SMS), H200_L2
+
+
+def wave_shape(m_blocks: int, n_blocks: int, programs: int, row_bytes: int, col_bytes: int, l2_bytes: int,
+               t_share: float) -> tuple[int, int]:
+    """The persistent launch's wave: ``(wave_m, wave_n)`` row by column blocks worked on at once, one program
+    each. Counted in tile-times, a launch takes ``⌈m_blocks / wave_m⌉`` row waves of ``⌈n_blocks / wave_n⌉``
+    tiles, the first of which is longer by ``t_share`` (its ``x Aᵀ``): narrow waves compute ``x Aᵀ`` fewer
+    times, but a wave's operands (``row_bytes`` of ``a`` per row block, ``col_bytes`` of ``M`` per column
+    block, over the whole K) must fit half the L2, so that the next column wave finds its rows there. The
+    fastest fitting wave, the smaller footprint among equals; if none fits, the smallest footprint."""
+    best = None
+    for wn in range(1, min(n_blocks, programs) + 1):
+        wm = min(m_blocks, programs // wn)
+        foot = wm * row_bytes + wn * col_bytes
+        tile_times = -(-m_blocks // wm) * (-(-n_blocks // wn) + t_share)
+        rank = (0, tile_times, foot) if 2 * foot <= l2_bytes else (1, foot, tile_times)
+        if best is None or rank < best[0]:
+            best = rank, (wm, wn)
+    return best[1]
 
 
 def _tma_launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
     m, k = a.shape
     n, r = Mt.shape[0], P.shape[0]
-    bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], max(16, triton.next_power_of_2(r))
+    bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], rank_block(r)
     out = torch.empty((m, n), device=a.device, dtype=a.dtype)
     t = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_t else None
     st = t.stride() if want_t else (0, 0)
     kmajor = Mt.stride(-1) == 1
     desc = TensorDescriptor.from_tensor
     args = (desc(a, [bm, bk]), desc(Mt, [bn, bk]) if kmajor else desc(Mt.t(), [bk, bn]), bias,
-            desc(P, [br, bk]), desc(Q.t(), [br, bn]), desc(out, [bm, bn]), t, m, n, k, r, st[0], st[1],
+            desc(P, [br, bk]), desc(Q.t(), [max(16, br), bn]), desc(out, [bm, bn]), t, m, n, k, r, st[0], st[1],
             float(scale))
-    programs = min(_programs(a.device), triton.cdiv(m, bm) * triton.cdiv(n, bn))
-    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None, M_KMAJOR=kmajor, PROGRAMS=programs)
-    return args, kwargs, (programs,)
+    programs, l2 = _machine(a.device)
+    wm, wn = wave_shape(triton.cdiv(m, bm), triton.cdiv(n, bn), programs, bm * k * a.element_size(),
+                        bn * k * a.element_size(), l2, br / bn)
+    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None, M_KMAJOR=kmajor)
+    return args + (wm, wn), kwargs, (wm * wn,)
 
 
 def _operands(op, key: ProblemKey, device="meta"):

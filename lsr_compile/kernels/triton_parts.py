@@ -15,7 +15,6 @@ kernels, seven when the forward keeps W_eff (``step.keep_folded_weight``). Every
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -28,7 +27,8 @@ from ..device import space_name
 from ..problem import DTYPES as DTYPES_TORCH, ProblemKey
 from ..step import AtenParts, given
 from . import triton_fused
-from .triton_fused import DTYPES, INTERPRETED, Resources, compile_kernel, shared_limit
+from .triton_fused import DTYPES, Resources, compile_kernel, gpu_arguments, shared_limit
+from .triton_fused import interpreted as _interpreted
 from .triton_fused import launch as _launch
 
 SPACE = space_name("triton", "cuda")
@@ -221,25 +221,6 @@ def _pad(n: int) -> int:
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-_gpu_meta = False  # launches take a GPU's arguments even in the interpreter (``gpu_arguments``)
-
-
-@contextlib.contextmanager
-def gpu_arguments():
-    """Inside: launches get the arguments a GPU would (full tiles, no upcast), even in Triton's interpreter,
-    for compiling and pricing them; they must not run there."""
-    global _gpu_meta
-    old, _gpu_meta = _gpu_meta, True
-    try:
-        yield
-    finally:
-        _gpu_meta = old
-
-
-def _interpreted() -> bool:
-    return INTERPRETED and not _gpu_meta
 
 
 def _precision(dtype: torch.dtype) -> str:

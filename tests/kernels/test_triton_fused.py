@@ -108,17 +108,18 @@ def _kernels_launched(fn, *args):
 @pytest.mark.parametrize("cfg", TMA_POINTS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL["float32"]), (torch.bfloat16, TOL["bfloat16"])])
 def test_tma_persistent_kernel_values_and_gradients(cfg, dtype, tol):
-    """16-byte-aligned rows: the persistent TMA kernel runs (fewer programs than tiles, so each walks several,
-    ragged token count so tiles hang over the edge), forward with bias and t, and the input gradient through
-    the layer's backward, against float64."""
-    dims, N = (2, 2, 4, 8, 8, 4, 16), 150  # d_in 64, d_out 64, q 8
+    """16-byte-aligned rows: the persistent TMA kernel runs (fewer programs than tiles, so each walks several
+    waves; a ragged token count, so tiles hang over the edge and the last row wave has idle programs), forward
+    with bias and t, and the input gradient through the layer's backward, against float64."""
+    dims, N = (2, 2, 4, 8, 8, 8, 16), 150  # d_in 64, d_out 128, q 8
     x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, device=DEV)
     A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
     launched = _kernels_launched(triton_fused.fused_linear, x, W, b, A, Bt.t(), 0.7, cfg, True)
     assert [k for k, _, _ in launched] == [triton_fused._fused_lsr_tma_kernel]
     (_, grid, meta), = launched
-    tiles = -(-N // triton_fused.launch_config(cfg)["BLOCK_M"]) * -(-64 // triton_fused.launch_config(cfg)["BLOCK_N"])
-    assert grid == (meta["PROGRAMS"],) and (DEV.type == "cuda" or meta["PROGRAMS"] < tiles)
+    cfg_run = triton_fused.launch_config(cfg)
+    tiles = -(-N // cfg_run["BLOCK_M"]) * -(-128 // cfg_run["BLOCK_N"])
+    assert DEV.type == "cuda" or grid[0] < tiles
     y, t = triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7, cfg, want_t=True)
     xd, Ad, Btd = x.double(), A.double(), Bt.double()
     want = reference.lsr_linear(xd, W.double(), b.double(), *[f.double() for f in factors], 0.7)
@@ -126,10 +127,53 @@ def test_tma_persistent_kernel_values_and_gradients(cfg, dtype, tol):
     assert (want - base).abs().max() > 10 * tol * want.abs().max()  # the adapter is visible at this tolerance
     _rel_close(y, want, tol)
     _rel_close(t, xd @ Ad.T, tol)
-    g = torch.randn(N, 64, dtype=torch.float64).to(device=DEV, dtype=dtype)
+    g = torch.randn(N, 128, dtype=torch.float64).to(device=DEV, dtype=dtype)
     key = ProblemKey.of("backward", dtype, N, FactorShapes(*dims))
     dx = triton_parts.build("backward", "fused", cfg, key, DEV)(g, x, W, *factors, A, Bt, None, None, 0.7, True)[0]
     _rel_close(dx, g.double() @ (W.double() + 0.7 * Btd.T @ Ad), tol)
+
+
+@pytest.mark.parametrize("q", [3, 8, 16])
+@pytest.mark.parametrize("tma", [0, 1])
+def test_rank_narrower_than_a_dot_is_padded_only_in_the_epilogue(q, tma):
+    """``x Aᵀ`` is ``rank_block(q)`` wide in the K-loop (8 for q ≤ 8) and zero-padded to 16 only for the
+    epilogue's dot; ranks below the block (q = 3) are masked or zero-filled. Both kernels, several column
+    tiles per row block (the persistent one reuses its ``x Aᵀ`` across them)."""
+    cfg = dict(TMA_POINTS[1], TMA=tma)  # 128x128x64: 32x32x16 tiles in the interpreter
+    N, d_in, d_out = 100, 64, 160
+    x, W, b = (torch.randn(*s, dtype=torch.float64).to(DEV, torch.float32) for s in ((N, d_in), (d_out, d_in), (d_out,)))
+    A = torch.randn(q, d_in, dtype=torch.float64).to(DEV, torch.float32)
+    Bt = torch.randn(q, d_out, dtype=torch.float64).to(DEV, torch.float32)
+    launched = _kernels_launched(triton_fused.fused_linear, x, W, b, A, Bt.t(), 0.7, cfg, True)
+    (kernel, _, meta), = launched
+    assert meta["BLOCK_R"] == triton_fused.rank_block(q) == max(8, q)
+    assert kernel is (triton_fused._fused_lsr_tma_kernel if tma else triton_fused._fused_lsr_kernel)
+    y, t = triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7, cfg, want_t=True)
+    xd = x.double()
+    _rel_close(y, xd @ W.double().T + b.double() + 0.7 * (xd @ A.double().T) @ Bt.double(), TOL["float32"])
+    _rel_close(t, xd @ A.double().T, TOL["float32"])
+
+
+def test_wave_shape_trades_rank_work_against_l2():
+    """The persistent launch's wave on an H200 (132 SMs, 50 MiB L2), bf16, 128x128 tiles."""
+    H200 = dict(programs=triton_fused.H200_SMS, l2_bytes=triton_fused.H200_L2)
+    block = lambda k: 128 * k * 2  # noqa: E731  bytes of a 128-row (or column) block over the whole K
+    # 4096², N = 8192: 64 x 32 tiles. 16 x 8 fits half the L2 (24 MiB) and computes x Aᵀ 8 times per row
+    # block instead of 32: 16.25 tile-times against the grouped order's 16 waves x (1 + 1/16)
+    assert triton_fused.wave_shape(64, 32, row_bytes=block(4096), col_bytes=block(4096), t_share=8 / 128,
+                                   **H200) == (16, 8)
+    # 768², N = 8192: 64 x 6 tiles, every row block fits: two column waves of 64 rows (128 programs)
+    assert triton_fused.wave_shape(64, 6, row_bytes=block(768), col_bytes=block(768), t_share=8 / 128,
+                                   **H200) == (64, 2)
+    # no x Aᵀ to save (t_share 0) and everything fits: as few tile-times as possible
+    wm, wn = triton_fused.wave_shape(64, 32, row_bytes=block(64), col_bytes=block(64), t_share=0.0, **H200)
+    assert wm * wn <= 132 and -(-64 // wm) * -(-32 // wn) == 16
+    # a K so deep that no wave fits: the smallest footprint (near square), never more programs than SMs
+    wm, wn = triton_fused.wave_shape(64, 64, row_bytes=block(65536), col_bytes=block(65536), t_share=8 / 128,
+                                     **H200)
+    assert wm * wn <= 132 and wm + wn == min(min(64, 132 // n) + n for n in range(1, 65))
+    # never wider than the problem
+    assert triton_fused.wave_shape(3, 2, row_bytes=1, col_bytes=1, t_share=0.1, **H200) == (3, 2)
 
 
 def test_tma_point_on_unaligned_rows_runs_the_pointer_kernel():
