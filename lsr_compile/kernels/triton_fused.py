@@ -314,10 +314,12 @@ def _rows_aligned(t) -> bool:
 
 def tma_ready(a, Mt, P, Q) -> bool:
     """The operands as TMA descriptors take them: rows of a, P (K-contiguous), Qᵀ and W (either orientation of
-    ``Mt``) 16-byte aligned, and the output's rows too; ragged sizes run the pointer kernel."""
+    ``Mt``) 16-byte aligned, and the output's rows too; ragged sizes run the pointer kernel, and so do empty
+    operands (a descriptor needs every dimension positive)."""
     mt = Mt if Mt.stride(-1) == 1 else Mt.t()
     n = Mt.shape[0]
-    return (all(_rows_aligned(t) for t in (a, mt, P, Q.t())) and (n * a.element_size()) % 16 == 0
+    return (a.numel() > 0 and mt.numel() > 0 and P.numel() > 0
+            and all(_rows_aligned(t) for t in (a, mt, P, Q.t())) and (n * a.element_size()) % 16 == 0
             and a.dtype != torch.float64)
 
 

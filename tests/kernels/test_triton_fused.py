@@ -240,3 +240,14 @@ def test_compiled_model_with_triton_backend_has_no_graph_break():
         compiled = torch.compile(model, fullgraph=True)
         out = compiled(input_ids=ids).logits
     torch.testing.assert_close(out, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_tma_point_on_no_tokens_runs_the_pointer_kernel():
+    """An empty batch has no TMA descriptor (every dimension must be positive): the pointer kernel's empty
+    launch, an empty output and t."""
+    x, W = torch.randn(0, 64, device=DEV), torch.randn(64, 64, device=DEV)
+    A, Bt = torch.randn(8, 64, device=DEV), torch.randn(8, 64, device=DEV)
+    launched = _kernels_launched(triton_fused.fused_linear, x, W, None, A, Bt.t(), 0.7, TMA_POINTS[0], False)
+    assert [k for k, _, _ in launched] == [triton_fused._fused_lsr_kernel]
+    y, t = triton_fused.fused_linear(x, W, None, A, Bt.t(), 0.7, TMA_POINTS[0], want_t=True)
+    assert y.shape == (0, 64) and t.shape == (0, 8)
