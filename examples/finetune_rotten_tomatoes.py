@@ -84,6 +84,15 @@ def split(data, train: int, val: int, test: int | None, seed: int = 1234):
 
 PAPER = "LSR s=16 r=2 paper recipe (~0.42x LoRA)"
 OURS_AT_PAPER = "LSR s=16 r=2 defaults (~0.42x LoRA)"
+LSR_SMALL, LSR_EQUAL = "LSR s=7 r=(2,4) (~0.26x LoRA)", "LSR s=27 r=(2,4) (~1x LoRA)"
+LOKR = "LoKr r=16 f=8 (~0.26x LoRA)"
+# paired comparisons besides the anchor: (method, against, what the difference measures)
+PAIRS = [
+    (LSR_SMALL, LOKR, "two Kronecker adapters at the same budget"),
+    (PAPER, OURS_AT_PAPER, "the reference recipe against our defaults, same shapes"),
+    (OURS_AT_PAPER, LSR_SMALL, "more parameters (0.42x against 0.26x), our defaults"),
+    (LSR_EQUAL, LSR_SMALL, "more parameters (0.98x against 0.26x), our defaults"),
+]
 # AdamW weight decay per method (default 0): the paper's recipe brings its own
 WEIGHT_DECAY = {PAPER: 0.01}
 # learning rates the grid may extend to: half-decade steps, 1e-5 .. 1
@@ -96,10 +105,8 @@ def methods():
     return {
         "head only": None,
         ANCHOR: LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="SEQ_CLS"),
-        "LSR s=7 r=(2,4) (~0.26x LoRA)": lc.LSRConfig(s=7, r=(2, 4), alpha=8.0, target_modules=TARGETS,
-                                                      task_type="SEQ_CLS"),
-        "LSR s=27 r=(2,4) (~1x LoRA)": lc.LSRConfig(s=27, r=(2, 4), alpha=8.0, target_modules=TARGETS,
-                                                    task_type="SEQ_CLS"),
+        LSR_SMALL: lc.LSRConfig(s=7, r=(2, 4), alpha=8.0, target_modules=TARGETS, task_type="SEQ_CLS"),
+        LSR_EQUAL: lc.LSRConfig(s=27, r=(2, 4), alpha=8.0, target_modules=TARGETS, task_type="SEQ_CLS"),
         # the method's reference recipe at MiniLM's 384: 16 terms, r = 2 (inner rank 2·2), factors 24 x 16 (the
         # most balanced split, larger first, as its 768 = 32 x 24), every factor ~ N(0, 0.01²), alpha 8192
         # scaled by alpha / r = 4096, AdamW weight decay 0.01
@@ -108,8 +115,7 @@ def methods():
         # the same shapes with this library's defaults (scale 1, B2 = 0 so ΔW = 0 at step 0, no weight decay)
         OURS_AT_PAPER: lc.LSRConfig(s=16, r=2, target_modules=TARGETS, task_type="SEQ_CLS"),
         # peft's Kronecker adapter at LSR's budget: W1 (8x8) ⊗ W2 with W2 = rank 16 (48x16 · 16x48)
-        "LoKr r=16 f=8 (~0.26x LoRA)": LoKrConfig(r=16, alpha=32, decompose_factor=8, target_modules=TARGETS,
-                                                 task_type="SEQ_CLS"),
+        LOKR: LoKrConfig(r=16, alpha=32, decompose_factor=8, target_modules=TARGETS, task_type="SEQ_CLS"),
     }
 
 
@@ -360,6 +366,20 @@ def summarise(rows, select_seeds) -> str:
     return "\n".join(lines)
 
 
+def between_methods(rows, select_seeds) -> str:
+    """``PAIRS``, each method at its own chosen rate, with the anchor's statistics."""
+    final = final_rows(rows, select_seeds)
+    lines = ["| method | against | what it measures | seeds | Δ, points | 95 % CI, bootstrap | 95 % CI, paired t |",
+             "|---|---|---|---|---|---|---|"]
+    for m, a, why in PAIRS:
+        p = paired(final.get(m, []), final.get(a, []))
+        if p:
+            t = f"[{p['t_lo']:+.2f}, {p['t_hi']:+.2f}]" if "t_lo" in p else "-"
+            lines.append(f"| {m} | {a} | {why} | {p['seeds']} | {p['mean']:+.2f} | "
+                         f"[{p['boot_lo']:+.2f}, {p['boot_hi']:+.2f}] | {t} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def against_full_precision(rows, fp32_rows, select_seeds, base: str) -> str:
     """Each method on the quantized base minus the same method on the fp32 base: same split, seeds, data order,
     head initialisation and dropout stream, so the seeds pair; each side at its own chosen learning rate."""
@@ -424,6 +444,9 @@ def read_rows(path: Path, setup: str) -> list[dict]:
 
 def report(rows, args) -> str:
     table = summarise(rows, args.select_seeds)
+    pairs = between_methods(rows, args.select_seeds) if args.base == "fp32" else ""
+    if pairs:
+        table += f"\n\nOther pairs, each method at its own chosen rate:\n\n{pairs}"
     if args.base != "fp32":
         fp32_rows = read_rows(args.out / "paired.jsonl", setup_id(args, "fp32"))
         versus = against_full_precision(rows, fp32_rows, args.select_seeds, args.base)

@@ -167,6 +167,28 @@ def test_paired_difference_and_intervals():
     assert "| B | 10 (1.00x) | 0.001 (0.001; at an edge) | 5 | " in table and "+1.40" in table
 
 
+def test_other_pairs_each_at_its_own_rate():
+    """The report's other pairs (LSR against LoKr, the recipe against our defaults, ...) pair each method at its
+    own chosen rate, and a pair with a method missing is left out."""
+    mod = _example()
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in range(5):
+        k = rng.random(1000) < 0.78
+        lsr = k.copy()
+        lsr[np.flatnonzero(~k)[:10]] = True  # +1.0 point over LoKr at every seed
+        rows.append(_row(mod, mod.LOKR, s, 1e-2, 0.80, k))
+        rows.append(_row(mod, mod.LSR_SMALL, s, 1e-2, 0.80, lsr))
+        if s < 2:  # a worse rate on the selection seeds: chosen against, and never paired
+            rows.append(_row(mod, mod.LSR_SMALL, s, 3e-3, 0.70, np.zeros(1000, bool)))
+            rows.append(_row(mod, mod.LOKR, s, 3e-2, 0.60, np.ones(1000, bool)))
+    table = mod.between_methods(rows, [0, 1])
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {mod.LSR_SMALL} | {mod.LOKR} |")]
+    assert "| 5 | +1.00 | [+" in line
+    assert mod.PAPER not in table  # neither the recipe nor our defaults at its shapes ran
+    assert mod.between_methods([r for r in rows if r["method"] == mod.LOKR], [0, 1]) == ""
+
+
 def test_quantized_base_against_the_same_method_on_the_fp32_base():
     mod = _example()
     rng = np.random.default_rng(2)
