@@ -15,13 +15,14 @@ The protocol (docs/finetune-protocol.md has the reasons):
   plus an exact McNemar test per seed on the test predictions.
 
 Rows are appended to ``<out>/paired.jsonl`` as runs finish; a rerun skips the runs already there, so the
-protocol (about 2.7 minutes a run on 2 cores; hours in all) can span sessions. ``--report`` rewrites the
+protocol (about 4 minutes a run on 2 cores; hours in all) can span sessions. ``--report`` rewrites the
 table and plot only.
 
     python examples/finetune_rotten_tomatoes.py            # the whole protocol, resumable
     python examples/finetune_rotten_tomatoes.py --report   # table + plot from the rows so far
     python examples/finetune_rotten_tomatoes.py --quick    # tiny slice, for CI
     python examples/finetune_rotten_tomatoes.py --curves 6 # is 2 epochs enough? one seed per method, 6 epochs
+    python examples/finetune_rotten_tomatoes.py --epochs 4 # the whole protocol at a longer budget (paired-4ep.*)
 """
 from __future__ import annotations
 
@@ -435,6 +436,18 @@ def plot(rows, select_seeds, path):
 # ---------------------------------------------------------------------------------------------- driver
 
 
+DEFAULT_EPOCHS = 2
+
+
+def stem(args, base: str | None = None) -> str:
+    """Where a setup's rows, table and plot go: ``paired``, then ``-<base>`` for a quantized base and
+    ``-<E>ep`` for a budget other than the default, so a longer budget is a protocol of its own beside this one
+    (``--quick``'s one epoch keeps the plain names: it is a slice of this protocol, not another budget)."""
+    base = base or args.base
+    budget = args.epochs != DEFAULT_EPOCHS and not getattr(args, "quick", False)
+    return "paired" + ("" if base == "fp32" else f"-{base}") + (f"-{args.epochs}ep" if budget else "")
+
+
 def read_rows(path: Path, setup: str) -> list[dict]:
     if not path.exists():
         return []
@@ -448,13 +461,13 @@ def report(rows, args) -> str:
     if pairs:
         table += f"\n\nOther pairs, each method at its own chosen rate:\n\n{pairs}"
     if args.base != "fp32":
-        fp32_rows = read_rows(args.out / "paired.jsonl", setup_id(args, "fp32"))
+        fp32_rows = read_rows(args.out / f"{stem(args, 'fp32')}.jsonl", setup_id(args, "fp32"))
         versus = against_full_precision(rows, fp32_rows, args.select_seeds, args.base)
         if versus:
-            table += f"\n\nAgainst the same method on the fp32 base (results/finetune/paired.jsonl):\n\n{versus}"
-    stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
-    (args.out / f"{stem}.md").write_text(table + "\n")
-    plot(rows, args.select_seeds, args.out / f"{stem}.png")
+            table += (f"\n\nAgainst the same method on the fp32 base (results/finetune/{stem(args, 'fp32')}.jsonl):"
+                      f"\n\n{versus}")
+    (args.out / f"{stem(args)}.md").write_text(table + "\n")
+    plot(rows, args.select_seeds, args.out / f"{stem(args)}.png")
     return table
 
 
@@ -493,8 +506,7 @@ def curves(rows, chosen, data, args) -> str:
     (warm-up and decay stretched over them): validation per epoch beside the protocol's run."""
     long = argparse.Namespace(**vars(args))
     long.epochs = args.curves
-    stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
-    path = args.out / f"{stem}-curves-{args.curves}ep.jsonl"
+    path = args.out / f"{stem(args)}-curves-{args.curves}ep.jsonl"
     crows = read_rows(path, setup_id(long))
     seed = args.select_seeds[0]
     for name, cfg in chosen.items():
@@ -513,7 +525,7 @@ def curves(rows, chosen, data, args) -> str:
                      + f" | {' '.join(f'{100 * v:.2f}' for v in c['val_curve'])} | "
                      f"{100 * (c['val_acc'] - short[0]['val_acc']):+.2f} |")
     table = "\n".join(lines)
-    (args.out / f"{stem}-curves-{args.curves}ep.md").write_text(
+    (args.out / f"{stem(args)}-curves-{args.curves}ep.md").write_text(
         f"Seed {seed}, each method at its chosen rate; validation accuracy (%) after each epoch.\n\n{table}\n")
     print(table)
     return table
@@ -535,7 +547,8 @@ def main(argv=None):
     ap.add_argument("--train-size", type=int, default=3000)
     ap.add_argument("--val-size", type=int, default=2500)
     ap.add_argument("--test-size", type=int, default=None, help="default: every snippet not in train/val")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                    help="the budget of every run; other than the default, a protocol of its own (paired-<E>ep.*)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=None, help="subset of method names (prefix match)")
@@ -562,8 +575,7 @@ def main(argv=None):
     every = methods()
     chosen = {k: every[k] for m in (args.methods or [""]) for k in every if k.startswith(m)}  # in the order asked
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "paired" if args.base == "fp32" else f"paired-{args.base}"
-    path = args.out / f"{stem}.jsonl"
+    path = args.out / f"{stem(args)}.jsonl"
     setup = setup_id(args)
     rows = read_rows(path, setup)
     print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets (setup {setup}); methods "

@@ -167,6 +167,17 @@ def test_paired_difference_and_intervals():
     assert "| B | 10 (1.00x) | 0.001 (0.001; at an edge) | 5 | " in table and "+1.40" in table
 
 
+def test_a_longer_budget_is_a_protocol_of_its_own(tmp_path):
+    """Raising the budget (--epochs) writes beside the 2-epoch protocol, never into it; a quantized base and a
+    budget compose; --quick's single epoch keeps the plain names."""
+    mod = _example()
+    assert mod.stem(_args(tmp_path)) == "paired"
+    assert mod.stem(_args(tmp_path, epochs=4)) == "paired-4ep"
+    assert mod.stem(_args(tmp_path, epochs=4, base="int8")) == "paired-int8-4ep"
+    assert mod.stem(_args(tmp_path, epochs=4, base="int8"), "fp32") == "paired-4ep"
+    assert mod.stem(_args(tmp_path, epochs=1, quick=True)) == "paired"
+
+
 def test_other_pairs_each_at_its_own_rate():
     """The report's other pairs (LSR against LoKr, the recipe against our defaults, ...) pair each method at its
     own chosen rate, and a pair with a method missing is left out."""
@@ -251,7 +262,9 @@ def test_quick_protocol_end_to_end_and_resumes(tmp_path):
     lines = (tmp_path / "paired.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(names)
     table = (tmp_path / "paired.md").read_text()
-    assert table.count("\n") == 2 + len(names) and mod.ANCHOR in table
+    main, pairs = table.split("\n\nOther pairs")
+    assert main.count("\n") == 1 + len(names) and mod.ANCHOR in main
+    assert sum(line.startswith("| ") for line in pairs.splitlines()) == 1 + len(mod.PAIRS)  # header, pairs
     again = mod.main(["--quick", "--out", str(tmp_path)])  # resumes: nothing left to run
     assert len((tmp_path / "paired.jsonl").read_text().splitlines()) == len(lines) and len(again) == len(rows)
     assert json.loads(lines[0])["setup"] == json.loads(lines[-1])["setup"]
