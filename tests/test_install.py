@@ -28,7 +28,8 @@ recs = lc.tune([shape], trials=1, time_budget_s=30, ops=("forward",), progress=F
 written = list(Path(os.environ["XDG_DATA_HOME"]).rglob("forward.jsonl"))
 assert len(written) == 1 and not list(pkg.rglob("*.write-test*")), written
 assert "tuned:" in lc.explain(shape), lc.explain(shape)
-layer = lc.LSRLinear(32, 24, config=lc.LSRConfig(s=2, r=2, init="reference", alpha=3000.0))
+torch.manual_seed(0)  # alpha 30000: the adapter's share is >= 5e-3 for 200 of 200 seeds (at 3000, 10 % fell under 1e-3)
+layer = lc.LSRLinear(32, 24, config=lc.LSRConfig(s=2, r=2, init="reference", alpha=30000.0))
 x = torch.randn(64, 32)
 want = lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
 assert (want - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max() > 100 * 1e-5  # adapter seen
