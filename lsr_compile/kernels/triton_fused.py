@@ -156,6 +156,39 @@ def _fused_lsr_kernel(
 
 
 @triton.jit
+def _tma_k_loop(a_desc, m_desc, p_desc, om, on, K, acc, tacc, with_t, M_KMAJOR: tl.constexpr, UPCAST: tl.constexpr,
+                IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile's K-loop by TMA, accumulating ``x Aᵀ`` into tacc too when ``with_t``: two loops, so the
+    one without it has no branch to pipeline around."""
+    if with_t:
+        for k0 in range(0, K, BLOCK_K):
+            a, w = _tma_tiles(a_desc, m_desc, om, on, k0, M_KMAJOR, UPCAST, ACC)
+            p = p_desc.load([0, k0]).T
+            if UPCAST:
+                p = p.to(ACC)
+            acc = _dot(a, w, acc, IEEE, ACC)
+            tacc = _dot(a, p, tacc, IEEE, ACC)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            a, w = _tma_tiles(a_desc, m_desc, om, on, k0, M_KMAJOR, UPCAST, ACC)
+            acc = _dot(a, w, acc, IEEE, ACC)
+    return acc, tacc
+
+
+@triton.jit
+def _tma_tiles(a_desc, m_desc, om, on, k0, M_KMAJOR: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """The K step's tiles of a and of the weight, as a (K, N) operand."""
+    a = a_desc.load([om, k0])
+    if M_KMAJOR:  # the forward's W (d_out, d_in): a K-major tile, transposed in shared memory
+        w = m_desc.load([on, k0]).T
+    else:  # the backward's Wᵀ: W's own (d_out, d_in) rows are (K, N) tiles
+        w = m_desc.load([k0, on])
+    if UPCAST:
+        a, w = a.to(ACC), w.to(ACC)
+    return a, w
+
+
+@triton.jit
 def _fused_lsr_tma_kernel(
     # TMA descriptors (Hopper's tensor memory accelerator: a tile per instruction, bounds zero-filled in
     # hardware, no address arithmetic or masks in the K-loop); bias and t stay pointers (t may be < 16 B wide)
@@ -185,34 +218,14 @@ def _fused_lsr_tma_kernel(
             on = pid_n * BLOCK_N
             if (pid_m < num_pid_m) & (pid_n < num_pid_n):
                 acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
-                if col_wave == 0:  # this row block's first tile: x Aᵀ too
-                    for k0 in range(0, K, BLOCK_K):
-                        a = a_desc.load([om, k0])
-                        if M_KMAJOR:  # the forward's W (d_out, d_in): a K-major tile, transposed in shared memory
-                            w = m_desc.load([on, k0]).T
-                        else:  # the backward's Wᵀ: W's own (d_out, d_in) rows are (K, N) tiles
-                            w = m_desc.load([k0, on])
-                        p = p_desc.load([0, k0]).T
-                        if UPCAST:
-                            a, w, p = a.to(ACC), w.to(ACC), p.to(ACC)
-                        acc = _dot(a, w, acc, IEEE, ACC)
-                        tacc = _dot(a, p, tacc, IEEE, ACC)
-                    if WRITE_T:
-                        if pid_n0 == 0:
-                            offs_m = om + tl.arange(0, BLOCK_M)
-                            tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                                     tacc.to(t_ptr.dtype.element_ty),
-                                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-                else:
-                    for k0 in range(0, K, BLOCK_K):
-                        a = a_desc.load([om, k0])
-                        if M_KMAJOR:
-                            w = m_desc.load([on, k0]).T
-                        else:
-                            w = m_desc.load([k0, on])
-                        if UPCAST:
-                            a, w = a.to(ACC), w.to(ACC)
-                        acc = _dot(a, w, acc, IEEE, ACC)
+                # x Aᵀ only in this row block's first tile; the later ones reuse tacc
+                acc, tacc = _tma_k_loop(a_desc, m_desc, p_desc, om, on, K, acc, tacc, col_wave == 0, M_KMAJOR,
+                                        UPCAST, IEEE, ACC, BLOCK_K)
+                if WRITE_T:
+                    if (col_wave == 0) & (pid_n0 == 0):
+                        offs_m = om + tl.arange(0, BLOCK_M)
+                        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                                 tacc.to(t_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
                 qm = q_desc.load([0, on])
                 if UPCAST:
                     qm = qm.to(ACC)
