@@ -20,6 +20,7 @@ from . import _peft_type  # noqa: F401  (PeftType.LSR must exist before any peft
 from . import reference
 from .config import FactorizationError, FactorShapes, LSRConfig, LSRConfigWarning, factor_pair
 from .dispatch import load_logs, use_backend
+from .factor_cache import clear as clear_factor_cache
 from .nn import LSRLinear, LSRMergedError, apply_lsr, count_parameters, explain, lsr_layers
 from .ops import LSRInputError, lsr_linear, mixed_linear
 from .problem import LSRShape
@@ -32,5 +33,5 @@ __all__ = [
     "LSRConfig", "LSRLinear", "LSRShape", "FactorShapes", "FactorizationError", "LSRInputError", "apply_lsr",
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
     "use_backend", "tune", "mixed_linear", "LSRModel", "export_lora", "load_reference_adapter", "LSRConfigWarning",
-    "LSRMergedError",
+    "LSRMergedError", "clear_factor_cache",
 ]

@@ -1,4 +1,5 @@
-"""lsr-compile tune | bench | bench-mixed | bench-quantized | explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels"""
+"""lsr-compile tune | bench | bench-decode | bench-mixed | bench-quantized | explain | logs | demo | build-tvm-cuda |
+tvm-runtime-wheels"""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,11 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", type=Path, default=Path("results"))
     b.add_argument("--rounds", type=int, default=15)
+    bd = sub.add_parser("bench-decode", help="decoding, adapters unmerged: one layer at one token and whole-model "
+                                             "greedy decoding of tiny decoder LLMs, LSR against peft LoRA r=8")
+    bd.add_argument("--quick", action="store_true")
+    bd.add_argument("--out", type=Path, default=Path("results"))
+    bd.add_argument("--threads", type=int, default=1)
     bm = sub.add_parser("bench-mixed", help="many adapters in one batch: mixed LSR op vs one adapter, looping "
                                             "over adapters and peft LoRA's mixed batch")
     bm.add_argument("--quick", action="store_true")
@@ -103,6 +109,13 @@ def main(argv=None) -> int:
         host = bench.host_step_us()
         print("host µs per eager training step at 8x16x16: " + ", ".join(
             f"{k} {v:.3f}" if k == "lsr / lora" else f"{k} {v:.1f}" for k, v in host.items()))
+    elif a.cmd == "bench-decode":
+        from . import bench_decode
+
+        out = bench_decode.default_out(a.out)
+        rows = bench_decode.run(out, quick=a.quick, threads=a.threads)
+        print(bench_decode.table(rows))
+        print(f"\nrows: {out}")
     elif a.cmd == "bench-mixed":
         from . import bench_mixed
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import costmodel, kernels, logs
+from . import costmodel, factor_cache, kernels, logs, step
 from .config import FactorShapes
 from .problem import OPS, LSRShape, ProblemKey, dtype_name, token_bucket
 from .device import GPU, H200, device_id, gpu_of, target_of
@@ -46,13 +46,17 @@ class Choice:
         return f"{self.backend}:{self.variant}" + (f"[{cfg}]" if cfg else "") + f"  ({self.reason})"
 
 
+generation = 0  # bumped whenever cached choices are dropped: inference runners built before are stale
+
+
 def invalidate() -> None:
     """Drop cached records and kernels: the next call re-reads the logs (after editing them by hand)."""
-    global _logs_token, _appends_seen
+    global _logs_token, _appends_seen, generation
     _records.clear()
     _kernels.clear()
     _logs_token = None
     _appends_seen = logs.appends()
+    generation += 1
 
 
 def _drop_stale() -> None:
@@ -207,12 +211,17 @@ def _fallback(op: str, key: ProblemKey, device: torch.device, failed: Choice, wh
 def _guarded(fn: Callable, op: str, key: ProblemKey, device: torch.device, choice: Choice) -> Callable:
     """A compiled kernel whose first failure at run time (a driver or runtime error the build could not
     see) replaces it, for this problem, by the PyTorch default, instead of failing every later call."""
+    replaced = []  # the fallback, once it took over (callers that hold this function keep it)
+
     def run(*args):
+        if replaced:
+            return replaced[0](*args)
         try:
             return fn(*args)
         except Exception as e:
             torch_fn, fallback = _fallback(op, key, device, choice, f"failed at run time ({type(e).__name__}: "
                                                                      f"{str(e)[:200]})")
+            replaced.append(torch_fn)
             for k, (f, c) in list(_kernels.items()):
                 if c is choice:
                     _kernels[k] = (torch_fn, fallback)
@@ -220,9 +229,7 @@ def _guarded(fn: Callable, op: str, key: ProblemKey, device: torch.device, choic
     return run
 
 
-def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1, base: str = "dense") -> Callable:
-    """The kernel for this call (hot path: one tuple, one dict lookup). A mixed batch's factors have a bank
-    axis (``A1 (K, s, r1, n1)``) and ``segments`` segments; ``base`` is a quantized base's format."""
+def _kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1, base: str = "dense"):
     fast = (op, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), A1.shape, A2.shape, B1.shape[-2],
             B2.shape[-2], segments, base, _forced.get())
     _drop_stale()
@@ -230,16 +237,19 @@ def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1, base: 
     if hit is None:
         key = ProblemKey.from_tensors(op, x2d, A1, A2, B1, B2, segments=segments, base=base)
         hit = _kernels[fast] = _build(op, key, x2d.device)
-    return hit[0]
+    return hit
+
+
+def kernel(op: str, x2d: torch.Tensor, A1, A2, B1, B2, segments: int = 1, base: str = "dense") -> Callable:
+    """The kernel for this call (hot path: one tuple, one dict lookup). A mixed batch's factors have a bank
+    axis (``A1 (K, s, r1, n1)``) and ``segments`` segments; ``base`` is a quantized base's format."""
+    return _kernel(op, x2d, A1, A2, B1, B2, segments, base)[0]
 
 
 def step_kernels(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callable) -> tuple[Callable, Callable]:
     """The forward and backward kernels of a training step, for a call whose arguments ``check`` validated
     once: the key holds every shape, dtype and device ``check`` looked at, so a hit needs no check again."""
-    b = None if bias is None else (bias.shape, bias.dtype, bias.device)
-    fast = ("step", x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), x2d.shape[1], weight.shape, weight.dtype,
-            weight.device, b, A1.shape, A1.dtype, A1.device, A2.shape, A2.dtype, A2.device, B1.shape, B1.dtype,
-            B1.device, B2.shape, B2.dtype, B2.device, _forced.get())
+    fast = _signature("step", x2d, weight, bias, A1, A2, B1, B2)
     _drop_stale()
     hit = _kernels.get(fast)
     if hit is None:
@@ -247,6 +257,62 @@ def step_kernels(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callabl
         fwd, bwd = kernel("forward", x2d, A1, A2, B1, B2), kernel("backward", x2d, A1, A2, B1, B2)
         hit = _kernels[fast] = ((fwd, bwd), None)
     return hit[0]
+
+
+def _signature(tag: str, x2d: torch.Tensor, weight, bias, A1, A2, B1, B2) -> tuple:
+    """Every shape, dtype and device ``ops.check_args`` looks at, the token bucket and the forced backend."""
+    b = None if bias is None else (bias.shape, bias.dtype, bias.device)
+    return (tag, x2d.device, x2d.dtype, token_bucket(x2d.shape[0]), x2d.shape[1], weight.shape, weight.dtype,
+            weight.device, b, A1.shape, A1.dtype, A1.device, A2.shape, A2.dtype, A2.device, B1.shape, B1.dtype,
+            B1.device, B2.shape, B2.dtype, B2.device, _forced.get())
+
+
+# The thin products of a few rows in half precision on a CPU take oneDNN's slow path: bf16, 256², 8 tokens,
+# rank 4 (Xeon, AVX-512 BF16, 1 thread): x Aᵀ 20 µs and the addmm 24 µs against 2-3 µs in float32 (the frozen
+# GEMM itself 29 µs). Decoding there computes the adapter in float32, as peft LoRA's float32 adapters do.
+_CPU_HALF = (torch.bfloat16, torch.float16)
+
+
+def forced() -> Optional[str]:
+    """The backend ``use_backend`` forces here, or None."""
+    return _forced.get()
+
+
+def inference_runner(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callable) -> Callable:
+    """``run(x, weight, bias, A1, A2, B1, B2, scale) -> y`` for calls that record no graph (decoding,
+    evaluation) with these factors as they are now and inputs like these: the kernel chosen for the problem,
+    and where it is a PyTorch formulation that reads A and Bᵀ, that formulation over A and Bᵀ built once
+    (``factor_cache``; the caller keys the runner by the factors' state too). ``check`` validates the inputs
+    here, and again when the kernel raises (a device or dtype changed since), so a bad input still gets its
+    named error. The factors may be kept in another floating dtype than the layer (peft's float32 adapters over
+    a half-precision base): cast once. The runner holds no factor tensor (its cache entry would keep it alive)."""
+    check(x2d, weight, bias, A1, A2, B1, B2)
+    fwd, choice = _kernel("forward", x2d, A1, A2, B1, B2)
+    dtype, device = x2d.dtype, x2d.device
+    infer = step.INFERENCE.get(choice.variant) if choice.backend == "torch" else None
+    if infer is None:
+        def run(x, weight, bias, A1, A2, B1, B2, scale):
+            try:
+                if A1.dtype != dtype:
+                    A1, A2, B1, B2 = factor_cache.cached(("cast", dtype), A1, A2, B1, B2,
+                                                         lambda: tuple(f.to(dtype) for f in (A1, A2, B1, B2)))
+                return fwd(x, weight, bias, A1, A2, B1, B2, scale)[0]
+            except RuntimeError:
+                check(x, weight, bias, A1, A2, B1, B2)
+                raise
+        return run
+    what = torch.float32 if choice.variant == "materialise" and device.type == "cpu" and dtype in _CPU_HALF \
+        else dtype
+    A, Bt = factor_cache.cached(what, A1, A2, B1, B2,
+                                lambda: tuple(t.to(what) for t in step.ATEN.factors(A1, A2, B1, B2)))
+
+    def run(x, weight, bias, A1, A2, B1, B2, scale):
+        try:
+            return infer(x, weight, bias, A, Bt, scale)
+        except RuntimeError:
+            check(x, weight, bias, A1, A2, B1, B2)
+            raise
+    return run
 
 
 def _hint(n, default: int) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import dispatch, formulations, step
 from .config import FactorShapes, LSRConfig
-from .ops import lsr_linear, quantized_base_linear
+from .ops import infer, inference_ready, layer_linear, lsr_linear, quantized_base_linear
 from .quantized import DENSE, base_format, factor_dtype, refuse_merge
 from .problem import LSRShape
 
@@ -26,6 +26,8 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
     autocast respected (all operands cast to the autocast dtype, as nn.Linear does), then one
     ``torch.ops.lsr.linear`` call. Every kernel choice (Triton on a GPU too) is made inside the op at run time,
     so a traced model holds the op and nothing device-specific."""
+    if inference_ready(x, weight, bias, A1, A2, B1, B2):  # decoding, evaluation (a dense base: plain tensors)
+        return infer(x, weight, bias, A1, A2, B1, B2, scale)
     base = base_format(weight)
     if base != DENSE and not torch._C._are_functorch_transforms_active():
         # a quantized frozen base runs its own kernels (its module's forward; under autocast its library decides);
@@ -37,17 +39,15 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            args = [None if t is None else t.to(dt) for t in (x, weight, bias, A1, A2, B1, B2)]
-            return lsr_linear(*args, scale)
+            args = [None if t is None else t.to(dt) for t in (x, weight, bias)]
+            return layer_linear(*args, A1, A2, B1, B2, scale)
     if torch._C._are_functorch_transforms_active():
         # torch.func.grad / vmap / jvp: the op's autograd is not a functorch-transformable Function, the
         # plain-PyTorch formulation is (same function, every transform)
         return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
-    if A1.dtype != weight.dtype:
-        # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): compute in
-        # the base's dtype, as the base layer does; gradients reach the float32 factors through the cast
-        A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
-    return lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
+    # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype) compute in the base's
+    # dtype, as the base layer does; gradients reach the float32 factors through the cast
+    return layer_linear(x, weight, bias, A1, A2, B1, B2, scale)
 
 
 class LSRMergedError(RuntimeError):
@@ -153,8 +153,10 @@ class LSRLinear(nn.Module):
                 y = _MergedStep.apply(y, *factors)  # a backward to the factors says what is wrong
             return y
         p = self._parameters  # one dict instead of six Module.__getattr__ calls (a tiny layer's host time)
-        return lsr_forward(x, p["weight"], p.get("bias"), p["A1"], p["A2"], p["B1"], p["B2"], self.scale,
-                           self._base_forward)
+        weight, bias, A1, A2, B1, B2 = p["weight"], p.get("bias"), p["A1"], p["A2"], p["B1"], p["B2"]
+        if inference_ready(x, weight, bias, A1, A2, B1, B2):
+            return infer(x, weight, bias, A1, A2, B1, B2, self.scale)
+        return lsr_forward(x, weight, bias, A1, A2, B1, B2, self.scale, self._base_forward)
 
     def delta_weight(self) -> Tensor:
         """``scale · B · A``, shape ``(d_out, d_in)``."""

@@ -37,7 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, step
+from . import dispatch, factor_cache, logs, step
+from .problem import token_bucket
 
 _lib = torch.library.Library("lsr", "DEF")
 _lib.define(
@@ -333,8 +334,57 @@ def lsr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2
     if _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN):
         if _records_grad(x, weight, bias, A1, A2, B1, B2):
             return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), True)
-        return _linear(x, weight, bias, A1, A2, B1, B2, float(scale))
+        return infer(x, weight, bias, A1, A2, B1, B2, float(scale), check_args)
     return torch.ops.lsr.linear(x, weight, bias, A1, A2, B1, B2, float(scale))
+
+
+def _check_layer_args(x, weight, bias, A1, A2, B1, B2):
+    """``check_args`` for a layer whose factors are kept in another floating dtype than its base."""
+    cast = [f.to(weight.dtype) if isinstance(f, Tensor) and f.is_floating_point() else f for f in (A1, A2, B1, B2)]
+    check_args(x, weight, bias, *cast)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: torch.is_autocast_enabled("cpu")
+                        or torch.is_autocast_enabled("cuda"))
+
+
+def inference_ready(x, weight, bias, A1, A2, B1, B2) -> bool:
+    """Decoding's fast path applies: plain eager tensors over a dense base, no graph to record, and no compiler,
+    dispatch mode, functorch transform or autocast to see or change the call. Written out flat: decoding is
+    host-bound, and in a model every call here runs with cold caches (each frame and lookup shows)."""
+    P = _PLAIN
+    return (not torch.compiler.is_compiling()  # first: Dynamo folds it, and traces nothing after it
+            and type(x) in P and type(weight) in P and type(A1) in P and type(A2) in P and type(B1) in P
+            and type(B2) in P and (bias is None or type(bias) in P)
+            and not (torch.is_grad_enabled() and (x.requires_grad or A1.requires_grad or A2.requires_grad
+                                                  or B1.requires_grad or B2.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and not torch._C._len_torch_dispatch_stack() and not torch._C._are_functorch_transforms_active()
+            and not _any_autocast())
+
+
+def infer(x, weight, bias, A1, A2, B1, B2, scale: float, check=None) -> Tensor:
+    """The layer for a call ``inference_ready`` accepted (decoding, evaluation): one lookup keyed by the factors'
+    state finds a runner with A and Bᵀ built (``dispatch.inference_runner``). The factors may be in another
+    floating dtype than the base (cast once per change) unless ``check`` (run when a runner is built) says no."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    n = x2.shape[0]
+    key = ("run", x2.dtype, x2.device, n if n <= 16 else token_bucket(n), id(weight), id(bias), dispatch.forced(),
+           dispatch.generation, logs.appends())
+    run = factor_cache.cached(key, A1, A2, B1, B2, lambda: dispatch.inference_runner(
+        x2, weight, bias, A1, A2, B1, B2, check or (check_args if A1.dtype == weight.dtype else _check_layer_args)))
+    y = run(x2, weight, bias, A1, A2, B1, B2, scale)
+    return y if x2 is x else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def layer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
+                 scale: float) -> Tensor:
+    """``lsr_linear`` as layers call it: the factors may be kept in another floating dtype than the base (peft's
+    float32 adapters over a half-precision base); the layer computes in the base's dtype (the cast is part of
+    the graph when one is recorded)."""
+    if A1.dtype != weight.dtype:
+        A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
+    return lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
 
 
 # ---- a mixed batch -------------------------------------------------------------------------------------------

@@ -46,3 +46,38 @@ def gpu_shapes() -> list[LSRShape]:
 def dry_run_shapes() -> list[LSRShape]:
     """The GPU check's dry run on a CPU: the same stages on layers small enough for Triton's interpreter."""
     return [LSRShape(64, 64, 64, s=4, r=(2, 4)), LSRShape(32, 64, 48, s=2, r=(2, 2))]
+
+
+# ---- decoder LLMs: tiny random-weight models from transformers' config classes (nothing downloaded) ----------
+
+DECODE_LAYERS = ((256, 256), (688, 256), (1024, 1024))  # (d_out, d_in): attention, MLP of a 256-wide model, 1024²
+DECODERS = ("llama", "qwen2", "mistral", "phi3", "gpt2")
+# target modules where peft has no default for the architecture (Phi3's attention is one fused qkv_proj)
+DECODER_TARGETS = {"phi3": ["qkv_proj"]}
+
+
+def tiny_decoder(family: str, hidden: int = 256, layers: int = 2, vocab: int = 1024, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+    """A random-weight causal LM of ``family`` (Llama, Qwen2, Mistral, Phi3 with its fused qkv_proj, GPT-2 with
+    its Conv1D projections), ``hidden`` wide and ``layers`` deep, the MLP ~8/3 as wide (688 at 256), in eval
+    mode. Same seed, same weights."""
+    import transformers as tf
+
+    heads = max(hidden // 64, 2)
+    inter = ((hidden * 8 // 3) + 15) // 16 * 16
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden,
+                  intermediate_size=inter, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(num_key_value_heads=heads, **common),
+        "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=heads, **common),
+        "mistral": lambda: tf.MistralConfig(num_key_value_heads=heads, sliding_window=None, **common),
+        "phi3": lambda: tf.Phi3Config(num_key_value_heads=heads, **common),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    }
+    if family not in configs:
+        raise ValueError(f"unknown decoder family {family!r}; choose one of {DECODERS}")
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(configs[family]())
+    return model.to(dtype).eval()

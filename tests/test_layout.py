@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsr_compile"
 # lowest first; a module may import its own stage and the stages before it
 STAGES = [
     ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "step", "mixed_formulations", "device",
-     "quantized"),
+     "quantized", "factor_cache"),
     ("expr",),  # 1. expression
     ("schedule_spaces",),  # 2. schedule space
     ("kernels",),  # 3. kernels
@@ -19,7 +19,8 @@ STAGES = [
     ("ops",),  # 7. op registry
     ("nn", "bank"),  # 8. layers
     ("peft",),  # 9. peft glue
-    ("workloads", "bench", "bench_mixed", "bench_quantized", "profile_step", "demo", "gpu_check", "cli"),  # applications
+    ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "profile_step", "demo", "gpu_check",
+     "cli"),  # applications
 ]
 
 

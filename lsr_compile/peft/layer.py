@@ -13,7 +13,7 @@ from .. import formulations
 from ..config import LSRConfig
 from ..mixed_formulations import segments_of
 from ..nn import init_factors, lsr_forward
-from ..ops import adapter_update, mixed_linear
+from ..ops import adapter_update, infer, inference_ready, mixed_linear
 from ..quantized import base_format, factor_dtype, is_quantized, refuse_merge
 
 
@@ -57,7 +57,11 @@ class LSRLayer(BaseTunerLayer):
                                    base_format(self.get_base_layer().weight))
 
     def factors(self, adapter: str):
-        return self.lsr_A1[adapter], self.lsr_A2[adapter], self.lsr_B1[adapter], self.lsr_B2[adapter]
+        """(A1, A2, B1, B2) of ``adapter``; read from the ParameterDicts' own tables (their ``[]`` cost 1.4 µs
+        each, a quarter of a decode step's host time)."""
+        m = self._modules
+        return (m["lsr_A1"]._parameters[adapter], m["lsr_A2"]._parameters[adapter],
+                m["lsr_B1"]._parameters[adapter], m["lsr_B2"]._parameters[adapter])
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         A1, A2, B1, B2 = self.factors(adapter)
@@ -97,6 +101,22 @@ class Linear(nn.Module, LSRLayer):
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
 
     def forward(self, x: torch.Tensor, *args, adapter_names: Optional[list[str]] = None, **kwargs) -> torch.Tensor:
+        if adapter_names is None and not self._disable_adapters and not self.merged_adapters:
+            # one active adapter over a plain base layer (training, decoding): its peft bookkeeping read directly
+            name = self._active_adapter
+            if type(name) is not str:
+                name = name[0] if len(name) == 1 else None
+            base = self._modules["base_layer"]
+            scale = self.lsr_scale.get(name)
+            if scale is not None and not isinstance(base, BaseTunerLayer):
+                p = base._parameters
+                weight = p.get("weight")
+                if weight is not None:
+                    bias = p.get("bias")
+                    A1, A2, B1, B2 = self.factors(name)
+                    if inference_ready(x, weight, bias, A1, A2, B1, B2):
+                        return infer(x, weight, bias, A1, A2, B1, B2, scale)
+                    return lsr_forward(x, weight, bias, A1, A2, B1, B2, scale, base)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -108,9 +128,12 @@ class Linear(nn.Module, LSRLayer):
         active = [a for a in self.active_adapters if a in self.lsr_A1]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
+        base = self._modules["base_layer"]
+        if isinstance(base, BaseTunerLayer):
+            base = base.get_base_layer()
         first, *rest = active
-        y = lsr_forward(x, base.weight, base.bias, *self.factors(first), self.lsr_scale[first], self.base_layer)
+        p = base._parameters
+        y = lsr_forward(x, p["weight"], p.get("bias"), *self.factors(first), self.lsr_scale[first], self.base_layer)
         for name in rest:  # several active adapters: each adds its own update
             A1, A2, B1, B2 = self.factors(name)
             xa = x.to(A1.dtype)
