@@ -21,7 +21,7 @@ from . import reference
 from .config import FactorizationError, FactorShapes, LSRConfig, LSRConfigWarning, factor_pair
 from .dispatch import load_logs, use_backend
 from .factor_cache import clear as clear_factor_cache
-from .nn import LSRLinear, LSRMergedError, apply_lsr, count_parameters, explain, lsr_layers
+from .nn import LSRLinear, LSRMergedError, apply_lsr, count_parameters, explain, lsr_config_for_lora, lsr_layers
 from .ops import LSRInputError, lsr_linear, mixed_linear
 from .problem import LSRShape
 from .tuning import tune
@@ -33,5 +33,5 @@ __all__ = [
     "LSRConfig", "LSRLinear", "LSRShape", "FactorShapes", "FactorizationError", "LSRInputError", "apply_lsr",
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
     "use_backend", "tune", "mixed_linear", "LSRModel", "export_lora", "load_reference_adapter", "LSRConfigWarning",
-    "LSRMergedError", "clear_factor_cache",
+    "LSRMergedError", "clear_factor_cache", "lsr_config_for_lora",
 ]

@@ -21,8 +21,9 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from . import base_layers
 from .config import FactorShapes, LSRConfig
-from .nn import _matcher, default_target_modules
+from .nn import ALL_LINEAR, _matcher, all_linear_layers, default_target_modules
 from .mixed_formulations import adapter_rows
 from .ops import mixed_linear
 from .quantized import factor_dtype, is_quantized
@@ -32,14 +33,15 @@ BASE = "__base__"
 
 
 class BankedLinear(nn.Module):
-    """A frozen ``nn.Linear`` with a bank of adapter slots of one factor structure. Without a batch
-    assignment (``slots`` unset) it is the base layer."""
+    """A frozen ``nn.Linear`` (or transformers ``Conv1D``) with a bank of adapter slots of one factor structure.
+    Without a batch assignment (``slots`` unset) it is the base layer."""
 
-    def __init__(self, base: nn.Linear, f: FactorShapes, capacity: int):
+    def __init__(self, base: nn.Module, f: FactorShapes, capacity: int):
         super().__init__()
         base.requires_grad_(False)
         self.base, self.factor_shapes = base, f
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.fan_in_fan_out = base_layers.is_conv1d(base)
+        self.in_features, self.out_features = base_layers.dims(base)
         kw = dict(device=base.weight.device, dtype=factor_dtype(base))
         for name, size in f.factor_sizes().items():
             self.register_buffer(name, torch.zeros(capacity, *size, **kw))
@@ -63,8 +65,9 @@ class BankedLinear(nn.Module):
             bank = [getattr(self, p).to(x2.dtype) for p in FACTORS]
             delta = adapter_rows(x2, *bank, self.scales, ptr, self.slots)
             return y + delta.reshape(*x.shape[:-1], -1).to(y.dtype)
-        return mixed_linear(x, self.base.weight, self.base.bias, self.A1, self.A2, self.B1, self.B2, self.scales,
-                            ptr, self.slots)
+        weight = base_layers.as_linear(self.base.weight, self.fan_in_fan_out)
+        return mixed_linear(x, weight, self.base.bias, self.A1, self.A2, self.B1, self.B2, self.scales, ptr,
+                            self.slots)
 
     def storage(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in FACTORS + ("scales",)}
@@ -112,17 +115,20 @@ class AdapterBank:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         self.model, self.config, self.prefix = model, config, prefix
         target_modules = config.target_modules or default_target_modules(model)
+        if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+            target_modules = all_linear_layers(model)
         targets, excluded = _matcher(target_modules), _matcher(config.exclude_modules or ())
         self.layers: dict[str, BankedLinear] = {}
         for name, module in list(model.named_modules()):
-            if name and targets(name) and not excluded(name) and isinstance(module, nn.Linear):
+            if (name and targets(name) and not excluded(name) and base_layers.is_adaptable(module)
+                    and config.selects(name)):
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
-                layer = BankedLinear(module, config.shapes_for(module.in_features, module.out_features), capacity)
+                layer = BankedLinear(module, config.for_layer(name).shapes_for(*base_layers.dims(module)), capacity)
                 setattr(parent, child, layer)
                 self.layers[name] = layer
         if not self.layers:
-            raise ValueError(f"no nn.Linear of the model matches target_modules={target_modules!r} (less "
+            raise ValueError(f"no {base_layers.kinds()} of the model matches target_modules={target_modules!r} (less "
                              f"exclude_modules={config.exclude_modules!r}): a bank needs at least one layer")
         self.slots: dict[str, int] = {}
         self.capacity = capacity
@@ -157,7 +163,7 @@ class AdapterBank:
         where = f"{folder} (adapter {name!r})"
         for path, layer in self.layers.items():
             try:
-                shapes = cfg.shapes_for(layer.in_features, layer.out_features)
+                shapes = cfg.for_layer(path).shapes_for(layer.in_features, layer.out_features)
             except ValueError as e:
                 raise ValueError(f"{where}: its config does not fit layer {path}: {e}") from e
             if shapes != layer.factor_shapes:
@@ -200,15 +206,15 @@ class AdapterBank:
             raise ValueError(f"{where} lacks factors for {len(missing)} of the bank's layers ({missing[:4]}): an "
                              f"adapter must cover every layer of the bank; serve it from a bank built from its "
                              f"own config (target_modules={cfg.target_modules!r})")
-        scale = cfg.scale_for(next(iter(self.layers.values())).factor_shapes.q)
-        return self._put(name, {path: [f[p] for p in FACTORS] for path, f in factors.items()}, scale, where)
+        scales = {path: cfg.for_layer(path).scale_for(layer.factor_shapes.q) for path, layer in self.layers.items()}
+        return self._put(name, {path: [f[p] for p in FACTORS] for path, f in factors.items()}, scales, where)
 
-    def add(self, name: str, factors: Mapping[str, list[Tensor]], scale: float) -> int:
+    def add(self, name: str, factors: Mapping[str, list[Tensor]], scale) -> int:
         """Add (or replace) adapter ``name``: ``factors[layer path] = [A1, A2, B1, B2]`` for every layer of the
-        bank; returns its slot."""
+        bank, ``scale`` one float or ``{layer path: float}``; returns its slot."""
         return self._put(name, factors, scale, f"adapter {name!r}")
 
-    def _put(self, name: str, factors: Mapping[str, list[Tensor]], scale: float, where: str) -> int:
+    def _put(self, name: str, factors: Mapping[str, list[Tensor]], scale, where: str) -> int:
         if not isinstance(name, str) or name == BASE:
             raise ValueError(f"adapter names are strings other than {BASE!r} (the base model), got {name!r}")
         unknown = sorted(set(factors) - set(self.layers))
@@ -229,7 +235,13 @@ class AdapterBank:
             except (RuntimeError, NotImplementedError) as e:  # a meta tensor, a device this process cannot reach
                 raise ValueError(f"{where} at {path}: its factors cannot be read into the bank's "
                                  f"{layer.A1.dtype} on {layer.A1.device}: {e}") from e
-        scale = float(scale)
+        if isinstance(scale, Mapping):
+            missing = sorted(set(self.layers) - set(scale))
+            if missing:
+                raise ValueError(f"{where}: no scale for layers {missing[:6]}")
+            scales = {path: float(scale[path]) for path in self.layers}
+        else:
+            scales = dict.fromkeys(self.layers, float(scale))
         with self._changing():
             old = {path: layer.storage() for path, layer in self.layers.items()}
             slot, capacity, backup = self.slots.get(name), self.capacity, {}
@@ -245,7 +257,7 @@ class AdapterBank:
                 else:
                     backup = {path: layer.read(slot) for path, layer in self.layers.items()}
                 for path, layer in self.layers.items():
-                    layer.write(slot, staged[path], scale)
+                    layer.write(slot, staged[path], scales[path])
             except BaseException:
                 for path, layer in self.layers.items():
                     layer.use(old[path])

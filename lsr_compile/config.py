@@ -5,7 +5,9 @@ chosen per layer from its (d_in, d_out) unless the user pins them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -159,6 +161,7 @@ def resolve_shapes(d_in: int, d_out: int, s: int, r, n=None, m=None) -> FactorSh
 
 
 _unusable_warned: set = set()
+_rank_warned: set = set()
 
 
 def _warn_unusable(s, r1, r2, n1, n2, m1, m2) -> None:
@@ -196,7 +199,36 @@ A stack that knows only LoRA can take the same adapter exactly as a rank-q LoRA:
 """
 
 
-@dataclass
+_STRUCTURE_KEYS = ("s", "r", "n", "m")
+
+
+def _structure(key, v) -> dict:
+    """A rank_pattern entry as the config fields it sets: an int or a pair is r; a dict names s, r, n, m."""
+    where = f"rank_pattern[{key!r}]"
+    if isinstance(v, dict):
+        unknown = set(v) - set(_STRUCTURE_KEYS)
+        if unknown or not v:
+            raise ValueError(f"{where} must set some of {_STRUCTURE_KEYS}, got keys {sorted(v)}")
+        out = dict(v)
+    else:
+        out = {"r": v}
+    if "s" in out and (not _is_count(out["s"]) or out["s"] > MAX_RANK):
+        raise ValueError(f"{where}: s must be a positive int of at most {MAX_RANK}, got {out['s']!r}")
+    if "r" in out:
+        out["r"] = _as_pair(out["r"], f"{where} r", MAX_RANK)
+    for k in ("n", "m"):
+        if out.get(k) is not None:
+            out[k] = _as_pair(out[k], f"{where} {k}")
+    return out
+
+
+def _alpha(where: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{where} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+@dataclass(repr=False)
 class LSRConfig(PeftConfig):
     """Configuration of LSR-Adapt adapters; also a peft config (``get_peft_model(model, cfg)``).
 
@@ -236,6 +268,30 @@ class LSRConfig(PeftConfig):
     modules_to_save: Optional[list] = field(
         default=None, metadata={"help": "Other modules trained and saved with the adapter (e.g. a classifier head)."}
     )
+    lsr_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the adapter's input in training (LoRA's lora_dropout): the base "
+                                       "sees x, the adapter dropout(x)."})
+    rank_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout over the inner rank in training, as LoKr's and LoHa's: each of the "
+                                       "q components of x Aᵀ is dropped with this probability (one mask per call)."})
+    rank_dropout_scale: bool = field(
+        default=False, metadata={"help": "Scale the kept rank components by 1 / (1 - rank_dropout), as LoKr's."})
+    module_dropout: float = field(
+        default=0.0, metadata={"help": "Probability that a layer's whole adapter is left out of a call in training, "
+                                       "as LoKr's and LoHa's."})
+    layers_to_transform: Optional[Union[list, int]] = field(
+        default=None, metadata={"help": "Layer indexes to adapt (an int: that layer only); the index is the number "
+                                        "after `layers_pattern` in a module's name (peft's rule). Needs "
+                                        "target_modules as names, not a regex."})
+    layers_pattern: Optional[Union[list, str]] = field(
+        default=None, metadata={"help": "The name of the layer list whose index layers_to_transform reads (e.g. "
+                                        "'layers', 'h'); None: the first numbered part of the module's name."})
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-layer structure, {name or regex: r}: r as an int or (r1, r2), or "
+                                                "a dict of s, r, n, m; matched as peft's rank_pattern is."})
+    alpha_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-layer alpha, {name or regex: alpha}; matched as peft's "
+                                                "alpha_pattern is."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -244,18 +300,99 @@ class LSRConfig(PeftConfig):
             raise ValueError(f"init must be 'zeros' or 'reference', got {self.init!r}")
         if self.scaling not in ("rslora", "lora"):
             raise ValueError(f"scaling must be 'rslora' or 'lora', got {self.scaling!r}")
+        if _is_count(self.r) and self.r >= 4 and self.r not in _rank_warned:
+            _rank_warned.add(self.r)
+            import warnings
+
+            warnings.warn(f"LSRConfig(r={self.r}) sets both Kronecker ranks r1 = r2 = {self.r}: inner rank q = "
+                          f"{self.r * self.r}, the rank LoRA calls r. For a LoRA-{self.r}-sized update give "
+                          f"r=(r1, r2) with r1*r2 = {self.r}, or use lsr_compile.lsr_config_for_lora({self.r})",
+                          LSRConfigWarning, stacklevel=3)
         self.r = _as_pair(self.r, "r", MAX_RANK)
         self.n = _as_pair(self.n, "n")
         self.m = _as_pair(self.m, "m")
         if not _is_count(self.s) or self.s > MAX_RANK:
             raise ValueError(f"s must be a positive int of at most {MAX_RANK}, got {self.s!r}")
         if self.alpha is not None:
-            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or \
-                    not math.isfinite(self.alpha) or self.alpha <= 0:
-                raise ValueError(f"alpha must be a finite number > 0 (or None for scale 1), got {self.alpha!r}")
-            self.alpha = float(self.alpha)
+            self.alpha = _alpha("alpha (or None for scale 1)", self.alpha)
         self.target_modules = _names(self.target_modules, "target_modules")
         self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
+        for name in ("lsr_dropout", "rank_dropout", "module_dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {v!r}")
+            setattr(self, name, float(v))
+        self._check_layer_selection()
+        self.rank_pattern = {k: _structure(k, v) for k, v in dict(self.rank_pattern or {}).items()}
+        self.alpha_pattern = {k: _alpha(f"alpha_pattern[{k!r}]", v) for k, v in dict(self.alpha_pattern or {}).items()}
+
+    def _check_layer_selection(self) -> None:
+        """layers_to_transform and layers_pattern as peft's tuners check them."""
+        idx, pattern = self.layers_to_transform, self.layers_pattern
+        if idx is not None:
+            items = [idx] if isinstance(idx, int) and not isinstance(idx, bool) else idx
+            if not isinstance(items, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+                raise ValueError(f"layers_to_transform must be a layer index or a list of them (ints >= 0), "
+                                 f"got {idx!r}")
+            if not isinstance(idx, int):
+                self.layers_to_transform = list(items)
+        if pattern is not None and not (isinstance(pattern, str) or (
+                isinstance(pattern, (list, tuple)) and all(isinstance(p, str) for p in pattern))):
+            raise ValueError(f"layers_pattern must be a name or a list of names, got {pattern!r}")
+        if isinstance(self.target_modules, str) and (idx is not None or pattern is not None):
+            raise ValueError("layers_to_transform and layers_pattern cannot be used when target_modules is a regex "
+                             "(a str): name the modules, or put the layer indexes into the regex")
+        if pattern and idx is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+    @property
+    def inner_rank(self) -> int:
+        """q = r1·r2: the rank of every layer's update ΔW, what LoRA calls its r (``rank_pattern`` may change it
+        per layer)."""
+        r1, r2 = self.r
+        return r1 * r2
+
+    def __repr__(self) -> str:
+        fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr]
+        at = next(i for i, f in enumerate(fields) if f.startswith("r="))
+        fields.insert(at + 1, f"inner_rank={self.inner_rank}")  # what LoRA calls r
+        return f"{type(self).__name__}({', '.join(fields)})"
+
+    def selects(self, name: str) -> bool:
+        """Whether ``layers_to_transform`` / ``layers_pattern`` keep the module ``name`` (peft's rule: the first
+        number after the pattern, or after any name part when no pattern is given)."""
+        idx = self.layers_to_transform
+        if idx is None:
+            return True
+        patterns = self.layers_pattern
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        if patterns:
+            match = next((m for m in (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns) if m),
+                         None)
+        else:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        if match is None:
+            return False
+        layer = int(match.group("idx"))
+        return layer == idx if isinstance(idx, int) else layer in idx
+
+    def for_layer(self, name: str) -> "LSRConfig":
+        """This config with ``rank_pattern`` / ``alpha_pattern`` applied for the module ``name``."""
+        from peft.utils.other import get_pattern_key
+
+        changes = {}
+        if self.rank_pattern:
+            key = get_pattern_key(self.rank_pattern.keys(), name)
+            if key in self.rank_pattern:
+                changes.update(self.rank_pattern[key])
+        if self.alpha_pattern:
+            key = get_pattern_key(self.alpha_pattern.keys(), name)
+            if key in self.alpha_pattern:
+                changes["alpha"] = self.alpha_pattern[key]
+        if not changes:
+            return self
+        return dataclasses.replace(self, rank_pattern={}, alpha_pattern={}, **changes)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """peft's save, plus a note in the folder's model card: peft learns the "LSR" type only when

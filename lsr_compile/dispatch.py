@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +124,41 @@ def log_dirs() -> list[Path]:
 
 
 def records(target: str, dev_id: str) -> dict:
+    """This device's records; on a CPU, a key with none is filled from the same CPU tuned with the nearest other
+    thread count (a device id ends in ``-<threads>t``: a process with one thread would otherwise ignore every
+    record tuned with two), its source saying so."""
     _drop_stale()
     k = (target, dev_id)
     if k not in _records:
-        _records[k] = logs.read(logs.files_for(log_dirs(), target, dev_id), dev_id, target)
+        recs = logs.read(logs.files_for(log_dirs(), target, dev_id), dev_id, target)
+        near = nearest_thread_count(target, dev_id)
+        if near is not None:
+            threads = dev_id.rsplit("-", 1)[1][:-1]
+            note = f" (tuned with {near.rsplit('-', 1)[1][:-1]} threads; this process uses {threads}: the nearest)"
+            for key, rec in logs.read(logs.files_for(log_dirs(), target, near), near, target).items():
+                if key not in recs:
+                    recs[key] = dataclasses.replace(rec, source=rec.source + note)
+        _records[k] = recs
     return _records[k]
+
+
+def nearest_thread_count(target: str, dev_id: str) -> Optional[str]:
+    """The device id of this CPU with the nearest other thread count that has tuning logs, or None."""
+    m = re.fullmatch(r"(.+)-(\d+)t", dev_id)
+    if target != "llvm" or m is None:
+        return None
+    stem, threads = m.group(1), int(m.group(2))
+    found = set()
+    for d in log_dirs():
+        folder = Path(d) / target
+        if folder.is_dir():
+            for sub in folder.iterdir():
+                mm = re.fullmatch(re.escape(stem) + r"-(\d+)t", sub.name)
+                if mm and int(mm.group(1)) != threads and any(sub.glob("*.jsonl")):
+                    found.add(int(mm.group(1)))
+    if not found:
+        return None
+    return f"{stem}-{min(found, key=lambda n: (abs(n - threads), -n))}t"
 
 
 @contextlib.contextmanager
@@ -366,7 +398,7 @@ def explain(shape: LSRShape, device=None) -> str:
     f = shape.factors
     mixed = f", K={shape.adapters} S={shape.num_segments}" if shape.mixed else ""
     mixed += f", base {shape.base}" if shape.base != "dense" else ""
-    lines = [f"{f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) "
+    lines = [f"{f.d_out}x{f.d_in} s={f.s} r=({f.r1},{f.r2}) inner rank q={f.q} n=({f.n1},{f.n2}) m=({f.m1},{f.m2}) "
              f"{dtype_name(shape.dtype)}, N={shape.tokens}{mixed}, on {target_of(device)}/{device_id(device)}:"]
     for op in shape.ops:
         lines.append(f"  {op:8s} {choose(op, shape.key(op), device)}")

@@ -10,6 +10,8 @@ with a warning, never applied.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import fcntl
 import json
 import math
@@ -30,16 +32,37 @@ class TuningLogWarning(UserWarning):
     """A tuning-log line was skipped (corrupt, foreign device, other library version)."""
 
 
+# module -> the distributions that install it: their metadata gives the version without importing the module
+# (importing TVM takes 2-8 s, which a first training step on an untuned problem would otherwise pay)
+_DISTRIBUTIONS = {"tvm": ("apache-tvm",), "triton": ("triton", "pytorch-triton")}
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler_versions() -> tuple:
+    from importlib import metadata
+
+    out = []
+    for mod, dists in _DISTRIBUTIONS.items():
+        version = None
+        for dist in dists:
+            try:
+                version = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        if version is None and importlib.util.find_spec(mod) is not None:  # built from source: ask the module
+            try:
+                version = __import__(mod).__version__
+            except Exception:
+                version = None
+        out.append((mod, version))
+    return tuple(out)
+
+
 def library_versions() -> dict:
     import torch
 
-    out = {"torch": torch.__version__.split("+")[0]}
-    for mod in ("tvm", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    return out
+    return {"torch": torch.__version__.split("+")[0]} | dict(_compiler_versions())
 
 
 def _version_ok(backend: str, recorded: dict, current: dict) -> bool:

@@ -4,16 +4,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import re
+from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dispatch, formulations, step
+from . import base_layers, dispatch, formulations, step
 from .config import FactorShapes, LSRConfig
-from .ops import infer, inference_ready, layer_linear, lsr_linear, quantized_base_linear
+from .ops import adapter_update, infer, inference_ready, layer_linear, lsr_linear, quantized_base_linear
 from .quantized import DENSE, base_format, factor_dtype, refuse_merge
 from .problem import LSRShape
 
@@ -48,6 +50,49 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
     # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype) compute in the base's
     # dtype, as the base layer does; gradients reach the float32 factors through the cast
     return layer_linear(x, weight, bias, A1, A2, B1, B2, scale)
+
+
+@dataclass(frozen=True)
+class Dropouts:
+    """A layer's dropout in training (``LSRConfig``'s ``lsr_dropout``, ``rank_dropout``, ``rank_dropout_scale``,
+    ``module_dropout``); false when there is none."""
+
+    input: float = 0.0
+    rank: float = 0.0
+    rank_scale: bool = False
+    module: float = 0.0
+
+    @staticmethod
+    def of(config: LSRConfig) -> "Dropouts":
+        return Dropouts(config.lsr_dropout, config.rank_dropout, config.rank_dropout_scale, config.module_dropout)
+
+    def __bool__(self) -> bool:
+        return bool(self.input or self.rank or self.module)
+
+
+def regularized_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor,
+                        B2: Tensor, scale: float, drop: Dropouts, base_forward=None) -> Tensor:
+    """A training call with dropout: the base on ``x``, the adapter on ``dropout(x)`` with a mask over its q rank
+    components (``rank``), or left out of the call altogether (``module``), as peft's LoRA and LoKr do. The
+    adapter then runs apart from the base (``lsr::adapter``, or in ATen with the mask), not in one fused op."""
+    base = base_format(weight)
+    base_out = base_forward(x) if base_forward is not None and base != DENSE else F.linear(x, weight, bias)
+    if drop.module and random.random() < drop.module:
+        return base_out
+    xa = F.dropout(x, drop.input) if drop.input else x
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else base_out.dtype
+    if not xa.is_floating_point():
+        dt = A1.dtype
+    A1, A2, B1, B2 = (t.to(dt) for t in (A1, A2, B1, B2))
+    if drop.rank:
+        keep = (torch.rand(A1.shape[1] * A2.shape[1], device=x.device) >= drop.rank).to(dt)
+        if drop.rank_scale:
+            keep = keep / (1.0 - drop.rank)
+        Bt = formulations.build_Bt(B1, B2) * keep[:, None]
+        update = (xa.to(dt) @ formulations.build_A(A1, A2).T) @ Bt * scale
+    else:
+        update = adapter_update(xa.to(dt), A1, A2, B1, B2, scale, base)
+    return base_out + update.to(base_out.dtype)
 
 
 class LSRMergedError(RuntimeError):
@@ -110,27 +155,31 @@ class LSRLinear(nn.Module):
         self._setup(base.weight, base.bias, config)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: Optional[LSRConfig] = None) -> "LSRLinear":
-        """Wrap an existing nn.Linear; its weight and bias are shared (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+    def from_linear(cls, linear: nn.Module, config: Optional[LSRConfig] = None) -> "LSRLinear":
+        """Wrap an existing ``nn.Linear`` or transformers ``Conv1D`` (GPT-2; its weight stored ``d_in × d_out``,
+        ``fan_in_fan_out``); its weight and bias are shared (not copied, kept in their layout) and frozen."""
+        if not base_layers.is_adaptable(linear):
+            raise TypeError(f"from_linear needs an {base_layers.kinds()}, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, config or LSRConfig(), (linear.out_features, linear.in_features),
-                    factor_dtype(linear))
-        if type(linear).forward is not nn.Linear.forward:  # a quantized Linear (bitsandbytes) runs its own forward
-            self._base_forward = linear.forward
+        d_in, d_out = base_layers.dims(linear)
+        self._setup(linear.weight, linear.bias, config or LSRConfig(), (d_out, d_in), factor_dtype(linear),
+                    fan_in_fan_out=base_layers.is_conv1d(linear))
+        if isinstance(linear, nn.Linear) and type(linear).forward is not nn.Linear.forward:
+            self._base_forward = linear.forward  # a quantized Linear (bitsandbytes) runs its own forward
         return self
 
     def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: LSRConfig, shape=None,
-               dtype=None) -> None:
+               dtype=None, fan_in_fan_out: bool = False) -> None:
         self._base_forward = None  # a quantized base module's own forward (set by from_linear)
+        self.fan_in_fan_out = fan_in_fan_out  # the weight is stored d_in x d_out (a Conv1D's)
         d_out, d_in = shape or weight.shape
         f = config.shapes_for(d_in, d_out)
         self.in_features, self.out_features = d_in, d_out
         self.factor_shapes: FactorShapes = f
         self.scale = float(config.scale_for(f.q))
         self.init = config.init
+        self.dropouts = Dropouts.of(config)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
@@ -147,13 +196,18 @@ class LSRLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            y = F.linear(x, self.weight, self.bias)
+            y = F.linear(x, base_layers.as_linear(self.weight, self.fan_in_fan_out), self.bias)
             factors = (self.A1, self.A2, self.B1, self.B2)
             if torch.is_grad_enabled() and any(p.requires_grad for p in factors):
                 y = _MergedStep.apply(y, *factors)  # a backward to the factors says what is wrong
             return y
         p = self._parameters  # one dict instead of six Module.__getattr__ calls (a tiny layer's host time)
         weight, bias, A1, A2, B1, B2 = p["weight"], p.get("bias"), p["A1"], p["A2"], p["B1"], p["B2"]
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        if self.training and self.dropouts:
+            return regularized_forward(x, weight, bias, A1, A2, B1, B2, self.scale, self.dropouts,
+                                       self._base_forward)
         if inference_ready(x, weight, bias, A1, A2, B1, B2):
             return infer(x, weight, bias, A1, A2, B1, B2, self.scale)
         return lsr_forward(x, weight, bias, A1, A2, B1, B2, self.scale, self._base_forward)
@@ -191,7 +245,7 @@ class LSRLinear(nn.Module):
             raise RuntimeError("layer is already merged; call unmerge() first")
         refuse_merge(self.weight, "LSRLinear.merge")
         self._unmerged_weight = self.weight.detach().clone()
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        base_layers.as_linear(self.weight, self.fan_in_fan_out).add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -203,14 +257,21 @@ class LSRLinear(nn.Module):
         del self._unmerged_weight
         self.merged = False
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding ``W + ΔW`` (for export/serving)."""
+    def to_linear(self) -> nn.Module:
+        """The base layer's kind (an ``nn.Linear``, or a ``Conv1D`` for one) holding ``W + ΔW`` (export, serving)."""
         refuse_merge(self.weight, "LSRLinear.to_linear")
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        if self.fan_in_fan_out:
+            lin = base_layers.conv1d_class()(self.out_features, self.in_features)
+            lin.to(device=self.weight.device, dtype=self.weight.dtype)
+            if self.bias is None:
+                lin.bias = None
+        else:
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             w = self._unmerged_weight if self.merged else self.weight
-            lin.weight.copy_(w + self.delta_weight().to(w.dtype))
+            merged = base_layers.as_linear(w, self.fan_in_fan_out) + self.delta_weight().to(w.dtype)
+            lin.weight.copy_(base_layers.as_linear(merged, self.fan_in_fan_out))
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
@@ -222,7 +283,8 @@ class LSRLinear(nn.Module):
         f = self.factor_shapes
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"s={f.s}, r=({f.r1}, {f.r2}), n=({f.n1}, {f.n2}), m=({f.m1}, {f.m2}), q={f.q}, "
-                f"scale={self.scale:.4g}, adapter_params={f.num_params}" + (", merged" if self.merged else ""))
+                f"scale={self.scale:.4g}, adapter_params={f.num_params}" + (", merged" if self.merged else "")
+                + (", fan_in_fan_out (Conv1D weight)" if self.fan_in_fan_out else ""))
 
 
 def _matcher(targets: Union[str, Iterable[str]]):
@@ -257,6 +319,8 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
     """
     config = config or LSRConfig()
     targets = target_modules or config.target_modules or default_target_modules(model)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = all_linear_layers(model)
     matches = _matcher(targets)
     excluded = _matcher(exclude_modules or config.exclude_modules or ())
     chosen = []
@@ -266,22 +330,24 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
         if isinstance(module, LSRLinear):
             raise ValueError(f"{name} is already an LSRLinear; apply_lsr was called twice on this model "
                              f"(the model was left as it was)")
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"target module {name} is a {type(module).__name__}, not an nn.Linear; "
+        if not base_layers.is_adaptable(module):
+            raise TypeError(f"target module {name} is a {type(module).__name__}, not an {base_layers.kinds()}; "
                             f"narrow target_modules")
-        config.shapes_for(module.in_features, module.out_features)  # FactorizationError before any change
+        if not config.selects(name):
+            continue
+        config.for_layer(name).shapes_for(*base_layers.dims(module))  # FactorizationError before any change
         chosen.append(name)
     if not chosen:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"no nn.Linear matched target_modules={targets!r}; some linear layers of this model: "
-                         f"{linears}")
+        linears = [n for n, m in model.named_modules() if base_layers.is_adaptable(m)][:8]
+        raise ValueError(f"no nn.Linear matched target_modules={targets!r} (transformers' Conv1D layers count too); "
+                         f"some linear layers of this model: {linears}")
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LSRLinear.from_linear(model.get_submodule(name), config))
+        setattr(parent, child, LSRLinear.from_linear(model.get_submodule(name), config.for_layer(name)))
     keep = _matcher(trainable)
     for name, module in model.named_modules():
         if name and keep(name):
@@ -291,6 +357,57 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
     log.info("apply_lsr: %d layers wrapped; trainable params %d / %d (%.3f%%)", len(chosen), n_train, n_total,
              100.0 * n_train / max(n_total, 1))
     return model
+
+
+ALL_LINEAR = "all-linear"
+
+
+def lsr_config_for_lora(rank: int = 8, budget: Optional[float] = None, model: Optional[nn.Module] = None,
+                        shape: Optional[tuple[int, int]] = None, **config) -> LSRConfig:
+    """The LSR config that stands in for a LoRA of rank ``rank``: the same rank of update (inner rank
+    ``q = r1·r2 = rank``, the most balanced split: 8 -> r = (4, 2)) and, with ``budget``, the most Kronecker terms
+    ``s`` whose trainable parameters stay within ``budget`` times LoRA's on the layers it would adapt (those of
+    ``model`` that ``config``'s target_modules select, or one ``shape = (d_in, d_out)``); without ``budget``,
+    ``s`` as given (default 4). Other keyword arguments go to ``LSRConfig`` (target_modules, alpha, ...).
+
+        cfg = lc.lsr_config_for_lora(8, budget=0.3, model=model)   # rank 8 at <= 0.3x LoRA-8's parameters"""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int (LoRA's r), got {rank!r}")
+    r1 = max(d for d in range(1, math.isqrt(rank) + 1) if rank % d == 0)
+    cfg = LSRConfig(**({"r": (rank // r1, r1)} | config))
+    if budget is None:
+        return cfg
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f"budget must be a positive fraction of LoRA's parameters (e.g. 0.3), got {budget!r}")
+    if (model is None) == (shape is None):
+        raise ValueError("give the layers the budget is counted on: model= (its target layers) or shape=(d_in, d_out)")
+    if shape is not None:
+        layers = {"layer": tuple(shape)}
+    else:
+        targets = cfg.target_modules or default_target_modules(model)
+        if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            targets = all_linear_layers(model)
+        matches, excluded = _matcher(targets), _matcher(cfg.exclude_modules or ())
+        layers = {n: base_layers.dims(m) for n, m in model.named_modules()
+                  if n and matches(n) and not excluded(n) and base_layers.is_adaptable(m) and cfg.selects(n)}
+        if not layers:
+            raise ValueError(f"no layer of the model matches target_modules={targets!r}")
+    lora = sum(rank * (d_in + d_out) for d_in, d_out in layers.values())
+    per_term = sum(cfg.for_layer(n).shapes_for(d_in, d_out).num_params // cfg.for_layer(n).s
+                   for n, (d_in, d_out) in layers.items())
+    s = int(budget * lora // per_term)
+    if s < 1:
+        raise ValueError(f"no LSR config of inner rank {rank} fits {budget:g}x LoRA's parameters here: one Kronecker "
+                         f"term already takes {per_term / lora:.3f}x")
+    return dataclasses.replace(cfg, s=s)
+
+
+def all_linear_layers(model: nn.Module) -> list[str]:
+    """peft's ``"all-linear"``: every ``nn.Linear`` and ``Conv1D`` but the model's output layer (the one its
+    ``get_output_embeddings()`` returns, else a layer named ``lm_head``)."""
+    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, m in model.named_modules()
+            if name and base_layers.is_adaptable(m) and m is not out_layer and name.split(".")[-1] != "lm_head"]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -304,11 +421,25 @@ def lsr_layers(model: nn.Module) -> dict[str, LSRLinear]:
 
 
 def explain(obj, tokens: Optional[int] = None, device=None) -> str:
-    """Which kernel runs for a layer (at ``tokens`` rows, default 2048, on its device) or an LSRShape (on
-    ``device``, default the CPU), forward and backward, and why."""
-    if isinstance(obj, LSRLinear):
-        return dispatch.explain(obj.lsr_shape(tokens or 2048), device or obj.weight.device)
+    """Which kernel runs, forward and backward, and why: for a layer (``LSRLinear`` or peft's LSR layer) at
+    ``tokens`` rows (default 2048) on its device; for a model, each distinct layer problem with the layers that
+    run it; for an ``LSRShape``, on ``device`` (default the CPU)."""
     if isinstance(obj, LSRShape):
         shape = obj if tokens is None else dataclasses.replace(obj, tokens=tokens)
         return dispatch.explain(shape, device)
-    raise TypeError(f"explain() takes an LSRLinear or an LSRShape, got {type(obj).__name__}")
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"explain() takes an LSR layer, a model with LSR layers or an LSRShape, got "
+                        f"{type(obj).__name__}")
+    layers = {name: m for name, m in obj.named_modules() if callable(getattr(m, "lsr_shape", None))}
+    if not layers:
+        raise TypeError(f"explain() takes an LSR layer, a model with LSR layers or an LSRShape; this "
+                        f"{type(obj).__name__} holds no LSR layer (wrap it with apply_lsr or peft's get_peft_model)")
+    groups: dict = {}
+    for name, m in layers.items():
+        dev = device or next(m.parameters()).device
+        groups.setdefault((m.lsr_shape(tokens or 2048), torch.device(dev)), []).append(name or type(m).__name__)
+    if "" in layers and len(groups) == 1:  # one layer: no list of names
+        (shape, dev), = groups
+        return dispatch.explain(shape, dev)
+    return "\n".join(f"{', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}:\n"
+                     + dispatch.explain(shape, dev) for (shape, dev), names in groups.items())

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsr_compile"
 # lowest first; a module may import its own stage and the stages before it
 STAGES = [
     ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "step", "mixed_formulations", "device",
-     "quantized", "factor_cache"),
+     "quantized", "factor_cache", "base_layers"),
     ("expr",),  # 1. expression
     ("schedule_spaces",),  # 2. schedule space
     ("kernels",),  # 3. kernels

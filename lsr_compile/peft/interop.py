@@ -58,7 +58,8 @@ def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None, overwri
     lora_cfg = LoraConfig(r=q, lora_alpha=q, target_modules=sorted(layers), modules_to_save=cfg.modules_to_save,
                           task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path,
                           rank_pattern={n: k for n, k in ranks.items() if k != q},
-                          alpha_pattern={n: k for n, k in ranks.items() if k != q}, init_lora_weights=False)
+                          alpha_pattern={n: k for n, k in ranks.items() if k != q}, init_lora_weights=False,
+                          fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()))  # GPT-2's Conv1D
     lora = get_peft_model(base, lora_cfg)
     mods = dict(lora.base_model.model.named_modules())
     with torch.no_grad():

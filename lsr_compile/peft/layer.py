@@ -9,17 +9,19 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .. import formulations
+import random
+
+from .. import base_layers, formulations
 from ..config import LSRConfig
 from ..mixed_formulations import segments_of
-from ..nn import init_factors, lsr_forward
+from ..nn import Dropouts, init_factors, lsr_forward, regularized_forward
 from ..ops import adapter_update, infer, inference_ready, mixed_linear
 from ..quantized import base_format, factor_dtype, is_quantized, refuse_merge
 
 
 class LSRLayer(BaseTunerLayer):
     adapter_layer_names = ("lsr_A1", "lsr_A2", "lsr_B1", "lsr_B2")
-    other_param_names = ("lsr_scale", "lsr_shapes")
+    other_param_names = ("lsr_scale", "lsr_shapes", "lsr_dropouts")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -27,13 +29,19 @@ class LSRLayer(BaseTunerLayer):
         self.lsr_B1, self.lsr_B2 = nn.ParameterDict({}), nn.ParameterDict({})
         self.lsr_scale: dict[str, float] = {}
         self.lsr_shapes: dict = {}
+        self.lsr_dropouts: dict[str, Dropouts] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LSR adapts nn.Linear layers only, got {type(base).__name__}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        if not base_layers.is_adaptable(base):
+            raise TypeError(f"LSR adapts {base_layers.kinds()} layers, got {type(base).__name__}")
+        self.fan_in_fan_out = base_layers.is_conv1d(base)  # GPT-2's Conv1D: weight stored d_in x d_out
+        self.in_features, self.out_features = base_layers.dims(base)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight as d_out x d_in (a Conv1D's transposed: a view)."""
+        return base_layers.as_linear(self.get_base_layer().weight, self.fan_in_fan_out)
 
     def update_layer(self, adapter_name: str, config: LSRConfig, **kwargs) -> None:
         f = config.shapes_for(self.in_features, self.out_features)
@@ -45,6 +53,7 @@ class LSRLayer(BaseTunerLayer):
             getattr(self, f"lsr_{n}")[adapter_name] = p
         self.lsr_shapes[adapter_name] = f
         self.lsr_scale[adapter_name] = float(config.scale_for(f.q))
+        self.lsr_dropouts[adapter_name] = Dropouts.of(config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -64,8 +73,10 @@ class LSRLayer(BaseTunerLayer):
                 m["lsr_B1"]._parameters[adapter], m["lsr_B2"]._parameters[adapter])
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scale·B·A`` in the base weight's layout (peft's convention: transposed for a Conv1D)."""
         A1, A2, B1, B2 = self.factors(adapter)
-        return formulations.delta_weight(A1, A2, B1, B2, self.lsr_scale[adapter])
+        return base_layers.as_linear(formulations.delta_weight(A1, A2, B1, B2, self.lsr_scale[adapter]),
+                                     self.fan_in_fan_out)
 
 
 class Linear(nn.Module, LSRLayer):
@@ -112,8 +123,14 @@ class Linear(nn.Module, LSRLayer):
                 p = base._parameters
                 weight = p.get("weight")
                 if weight is not None:
+                    if self.fan_in_fan_out:
+                        weight = weight.t()
                     bias = p.get("bias")
                     A1, A2, B1, B2 = self.factors(name)
+                    if self.training:
+                        drop = self.lsr_dropouts.get(name)
+                        if drop:
+                            return regularized_forward(x, weight, bias, A1, A2, B1, B2, scale, drop, base)
                     if inference_ready(x, weight, bias, A1, A2, B1, B2):
                         return infer(x, weight, bias, A1, A2, B1, B2, scale)
                     return lsr_forward(x, weight, bias, A1, A2, B1, B2, scale, base)
@@ -128,17 +145,28 @@ class Linear(nn.Module, LSRLayer):
         active = [a for a in self.active_adapters if a in self.lsr_A1]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        base = self._modules["base_layer"]
-        if isinstance(base, BaseTunerLayer):
-            base = base.get_base_layer()
+        base = self.get_base_layer()
+        weight = self.base_weight()
         first, *rest = active
-        p = base._parameters
-        y = lsr_forward(x, p["weight"], p.get("bias"), *self.factors(first), self.lsr_scale[first], self.base_layer)
-        for name in rest:  # several active adapters: each adds its own update
+        drop = self.lsr_dropouts.get(first) if self.training else None
+        if drop:
+            y = regularized_forward(x, weight, base.bias, *self.factors(first), self.lsr_scale[first], drop,
+                                    self.base_layer)
+        else:
+            y = lsr_forward(x, weight, base.bias, *self.factors(first), self.lsr_scale[first], self.base_layer)
+        for name in rest:  # several active adapters: each adds its own update (its dropout as it is configured)
             A1, A2, B1, B2 = self.factors(name)
-            xa = x.to(A1.dtype)
+            drop = self.lsr_dropouts.get(name) if self.training else None
+            if drop and drop.module and random.random() < drop.module:
+                continue
+            xa = F.dropout(x, drop.input) if drop and drop.input else x
+            xa = xa.to(A1.dtype)
+            Bt = formulations.build_Bt(B1, B2)
+            if drop and drop.rank:
+                keep = (torch.rand(Bt.shape[0], device=x.device) >= drop.rank).to(Bt.dtype)
+                Bt = Bt * (keep / (1.0 - drop.rank) if drop.rank_scale else keep)[:, None]
             t = xa @ formulations.build_A(A1, A2).T
-            y = y + (self.lsr_scale[name] * (t @ formulations.build_B(B1, B2).T)).to(y.dtype)
+            y = y + (self.lsr_scale[name] * (t @ Bt)).to(y.dtype)
         return y
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
@@ -157,7 +185,7 @@ class Linear(nn.Module, LSRLayer):
         if not groups:
             return self.base_layer(x)
         per_sample = x.numel() // max(x.shape[0] * x.shape[-1], 1)
-        y, weight, bias = None, base.weight, base.bias
+        y, weight, bias = None, self.base_weight(), base.bias
         for names in groups.values():
             slot = {n: i for i, n in enumerate(names)}
             ptr, seg = segments_of([per_sample] * x.shape[0], [slot.get(n, -1) for n in adapter_names],

@@ -7,26 +7,28 @@ from functools import partial
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from torch import nn
 
+from .. import base_layers
 from .layer import Linear, LSRLayer
 
 
 class LSRModel(BaseTuner):
     prefix: str = "lsr_"
     tuner_layer_cls = LSRLayer
-    # LoRA's defaults fit: LSR adapts the same nn.Linear layers (BERT/RoBERTa: query, value; LLaMA: q_proj, v_proj)
+    # LoRA's defaults fit: LSR adapts the same layers (BERT/RoBERTa: query, value; LLaMA: q_proj, v_proj; GPT-2's
+    # Conv1D c_attn)
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        config = config.for_layer(current_key)  # rank_pattern, alpha_pattern
         if isinstance(target, LSRLayer):
             target.update_layer(adapter_name, config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LSR adapts nn.Linear layers only; {current_key} is a {type(base).__name__}. "
+        if not base_layers.is_adaptable(base):
+            raise TypeError(f"LSR adapts {base_layers.kinds()} layers; {current_key} is a {type(base).__name__}. "
                             f"Narrow target_modules.")
         new = Linear(target, adapter_name, config)
         if adapter_name not in self.active_adapters:
@@ -69,3 +71,37 @@ class LSRModel(BaseTuner):
 def _inject_adapter_names(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def lsr_summary(model) -> list[str]:
+    """One line per LSR adapter of ``model``: its layers, inner rank (what LoRA calls r), Kronecker terms and
+    trainable parameters against a LoRA of the same rank on the same layers. Printed by peft's
+    ``print_trainable_parameters`` after its own line."""
+    per: dict[str, list] = {}
+    for module in model.modules():
+        if isinstance(module, LSRLayer):
+            for name, f in module.lsr_shapes.items():
+                per.setdefault(name, []).append(f)
+    lines = []
+    for name, shapes in per.items():
+        qs = sorted({f.q for f in shapes})
+        ss = sorted({f.s for f in shapes})
+        params = sum(f.num_params for f in shapes)
+        lora = sum(f.q * (f.d_in + f.d_out) for f in shapes)
+        rank = "/".join(map(str, qs))
+        lines.append(f"LSR adapter {name!r}: {len(shapes)} layers, inner rank q = r1*r2 = {rank} (the rank of each "
+                     f"update, LoRA's r), s = {'/'.join(map(str, ss))} Kronecker terms; {params:,d} parameters, "
+                     f"{params / lora:.2f}x a LoRA of rank {rank} on the same layers ({lora:,d})")
+    return lines
+
+
+def _print_trainable_parameters_with_lsr(original):
+    """peft's ``print_trainable_parameters``, then ``lsr_summary``'s lines when the model holds LSR adapters: a
+    LoRA user reads an LSR config's rank where they read LoRA's."""
+    def print_trainable_parameters(self) -> None:
+        original(self)
+        for line in lsr_summary(self):
+            print(line)
+    print_trainable_parameters.__doc__ = original.__doc__
+    print_trainable_parameters._lsr_original = original
+    return print_trainable_parameters

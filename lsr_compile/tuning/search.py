@@ -15,13 +15,22 @@ from torch import nn
 
 from .. import kernels, logs, shipped
 from ..device import TARGET_DEVICES, device_id, device_info
-from ..problem import ALL_OPS, LSRShape
+from ..problem import ADAPTER_OPS, ALL_OPS, LSRShape
 from . import harness
 from .timing import measure, median
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_S = 85.0  # per (shape, op) job, so forward + backward stay within 3 minutes per shape (docs/design.md §4)
+# tune(model): the whole call, split over its jobs (distinct layer problems x token counts x ops), each job at least
+# MIN_JOB_S: a 2-layer toy took 7 minutes at 85 s a job; an LLM's few distinct shapes at a decode and a prefill
+# token count now fit 5 minutes (the estimate is printed before any work)
+MODEL_BUDGET_S = 300.0
+MIN_JOB_S = 10.0
+MODEL_TOKENS = (1, 2048)  # tune(model)'s default token counts: a decode step and a prefill
+# a layer can do no less than its frozen GEMM: a winner timed below this share of it was mistimed (a loaded
+# machine: the other core's work stalls a 2-thread GEMM), so it is re-timed, and not recorded if it stays there
+PLAUSIBLE = 0.8
 CHECK_TOKENS = 259  # correctness is checked on this many rows (ragged on purpose); kernels are generic in N
 
 
@@ -121,6 +130,16 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     times = measure(calls, device, rounds=30, budget_s=left)
     med = {n: median(t) for n, t in times.items()}
     winner = _winner(op, built, med)
+    if op not in ADAPTER_OPS and med[winner] < PLAUSIBLE * med["floor"]:
+        # re-timed alone with the floor, longer; still implausible: refused, not recorded
+        again = measure({winner: calls[winner], "floor": floor_fn}, device, rounds=30, budget_s=max(left, 5.0))
+        med[winner], med["floor"] = median(again[winner]), median(again["floor"])
+        if med[winner] < PLAUSIBLE * med["floor"]:
+            warnings.warn(f"tune: {op} {shape.label()}: the fastest candidate {winner} timed {med[winner]:.4g} ms, "
+                          f"{med[winner] / med['floor']:.2f}x the frozen layer alone ({med['floor']:.4g} ms), twice; "
+                          f"no layer is faster than its frozen GEMM, so the timings are wrong (a loaded machine?) "
+                          f"and nothing was recorded: tune again on a quiet machine", RuntimeWarning, stacklevel=3)
+            return None
     backend, variant, config, _ = built[winner]
     return {
         "schema": logs.SCHEMA,
@@ -195,7 +214,7 @@ def _name(backend, variant, config) -> str:
 def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "llvm",
          log_dir: Union[str, Path, None] = None, trials: Optional[int] = None,
          time_budget_s: Optional[float] = None, ops: Optional[Iterable[str]] = None,
-         tokens: Iterable[int] = (2048,),
+         tokens: Optional[Iterable[int]] = None,
          progress: bool = True) -> list[dict]:
     """Tune each shape and op on ``target`` ("llvm" = this CPU, "cuda" = this GPU) and append the winners
     to ``log_dir``. Returns the records written.
@@ -203,18 +222,21 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     ``log_dir``: default the user's (``$LSR_TUNING_LOGS``, else ``~/.local/share/lsr_compile/tuning_logs``),
     which dispatch reads; records written elsewhere apply once passed to ``lsr_compile.load_logs``.
 
-    ``shapes``: LSRShapes, or a model with LSR layers (then ``tokens`` gives the token counts).
+    ``shapes``: LSRShapes, or a model with LSR layers (LSRLinear or peft's): then each distinct layer problem at
+    each of ``tokens`` (default ``(1, 2048)``: a decode step and a prefill; 1 to 16 rows share one record).
     ``trials``: at most this many compiled-kernel configs per (shape, op) besides the PyTorch formulations.
     ``ops``: default forward and backward; for a mixed-batch shape (``shape.mixed``) ``mixed_forward`` and
     ``mixed_backward``; for a shape over a quantized base (``base != "dense"``) ``adapter_forward`` and
     ``adapter_backward`` (timed against the dense layer as the floor).
-    ``time_budget_s``: for the whole call (default 85 s per shape and op: under 3 minutes per shape).
+    ``time_budget_s``: for the whole call (default: 85 s per shape and op, under 3 minutes per shape; for a
+    model 5 minutes in all, at least 10 s per job). How long it may take is printed (and logged) first.
     On a machine without a GPU, ``target="cuda"`` builds the CUDA kernels (nvcc) but records nothing.
     """
     if target not in TARGET_DEVICES:
         raise TuningError(f"unknown target {target!r}; choose one of {sorted(TARGET_DEVICES)}")
-    tokens = _token_counts(tokens)
-    if isinstance(shapes, nn.Module):
+    from_model = isinstance(shapes, nn.Module)
+    tokens = _token_counts(tokens if tokens is not None else MODEL_TOKENS if from_model else (2048,))
+    if from_model:
         shapes = shapes_of(shapes, tokens)
     elif isinstance(shapes, LSRShape):
         shapes = [shapes]
@@ -244,7 +266,19 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     _check_writable(log_dir)  # before the work, not after it
     device = TARGET_DEVICES[target]
     jobs = [(s, op) for s in shapes for op in (ops or s.ops)]
-    budget = (time_budget_s / len(jobs)) if time_budget_s else DEFAULT_BUDGET_S
+    if time_budget_s:
+        budget = time_budget_s / len(jobs)
+    elif from_model:
+        budget = min(DEFAULT_BUDGET_S, max(MIN_JOB_S, MODEL_BUDGET_S / len(jobs)))
+    else:
+        budget = DEFAULT_BUDGET_S
+    estimate = (f"tune: {len(jobs)} jobs ({len(shapes)} layer problems x {len(jobs) // max(len(shapes), 1)} ops) on "
+                f"{target}, at most {budget:.0f} s each: at most {len(jobs) * budget / 60:.1f} min")
+    log.info("%s", estimate)
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(estimate)
     written, forward_winners = [], {}
     for shape, op in jobs:
         rec = _job(shape, op, target, device, trials, budget, progress, forward_winners.get(shape))

@@ -37,16 +37,31 @@ def _cuda_reps(fn: Callable[[], object], min_sample_ms: float) -> int:
     return int(min(1000, max(1, round(min_sample_ms / one))))
 
 
+def _cpu_reps(fn: Callable[[], object], min_sample_ms: float) -> int:
+    """Calls per sample so that one sample lasts at least ``min_sample_ms`` (at most 1000): a decode-sized call
+    takes microseconds, below what one timer read resolves on a busy machine."""
+    t0 = time.perf_counter()
+    fn()
+    one = max((time.perf_counter() - t0) * 1e3, 1e-4)
+    return int(min(1000, max(1, round(min_sample_ms / one))))
+
+
+CPU_MIN_SAMPLE_MS = 1.0
+
+
 def measure(candidates: dict[str, Callable[[], object]], device: torch.device | str = "cpu", warmup: int = 2,
             rounds: int = 10, budget_s: Optional[float] = None, progress=None,
             min_sample_ms: float = 10.0) -> dict[str, list[float]]:
-    """Per-candidate call times in ms, one list entry per round; at least 3 rounds even past ``budget_s``."""
+    """Per-candidate call times in ms, one list entry per round; at least 3 rounds even past ``budget_s``.
+    A sample is several back-to-back calls when one is short: at least ``min_sample_ms`` on a GPU,
+    ``CPU_MIN_SAMPLE_MS`` on a CPU."""
     device = torch.device(device)
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     _sync(device)
-    reps = {k: _cuda_reps(fn, min_sample_ms) if device.type == "cuda" else 1 for k, fn in candidates.items()}
+    reps = {k: _cuda_reps(fn, min_sample_ms) if device.type == "cuda" else _cpu_reps(fn, CPU_MIN_SAMPLE_MS)
+            for k, fn in candidates.items()}
     times: dict[str, list[float]] = {k: [] for k in candidates}
     start = time.perf_counter()
     for r in range(rounds):
@@ -69,8 +84,9 @@ def _sample(fn: Callable[[], object], device: torch.device, reps: int) -> float:
         end.synchronize()
         return start.elapsed_time(end) / reps
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def median(xs: list[float]) -> float:

@@ -120,3 +120,67 @@ def test_bad_tune_arguments():
         tune(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(FileNotFoundError):
         lc.load_logs("/nonexistent/logs")
+
+
+def test_tuning_a_model_prints_its_estimate_and_covers_decode_and_prefill(tmp_path, fresh_dispatch, capsys,
+                                                                         monkeypatch):
+    """tune(model): each distinct layer problem at a decode and a prefill token count by default, the whole call
+    sized to MODEL_BUDGET_S, the estimate printed before any work."""
+    from lsr_compile.tuning import search
+
+    model = lc.apply_lsr(torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.Linear(32, 32)),
+                         lc.LSRConfig(s=2, r=2), target_modules=("0", "1"))
+    seen = []
+    monkeypatch.setattr(search, "_job", lambda shape, op, target, device, trials, budget, *a: seen.append(
+        (shape.tokens, shape.factors.d_in, op, budget)))
+    assert tune(model, target="llvm", log_dir=tmp_path) == []
+    out = capsys.readouterr().out
+    assert "tune: 8 jobs (4 layer problems x 2 ops)" in out and "at most" in out
+    assert sorted({(n, d) for n, d, _, _ in seen}) == [(1, 32), (1, 48), (2048, 32), (2048, 48)]
+    assert {b for *_, b in seen} == {search.MODEL_BUDGET_S / 8}
+    assert 8 * seen[0][3] <= search.MODEL_BUDGET_S
+
+
+def test_a_winner_timed_below_the_frozen_layer_is_retimed_then_refused(tmp_path, fresh_dispatch, monkeypatch):
+    """No layer is faster than its frozen GEMM: a timing that says so (a loaded machine) is re-timed, and if it
+    still does, nothing is recorded and the user is told."""
+    from lsr_compile.tuning import search
+
+    calls = []
+
+    def fake_measure(cands, device, rounds=10, budget_s=None, **kw):
+        calls.append(sorted(cands))
+        return {n: [0.5 if n != "floor" else 1.0] * 3 for n in cands}
+    monkeypatch.setattr(search, "measure", fake_measure)
+    with pytest.warns(RuntimeWarning, match="faster than its frozen GEMM"):
+        recs = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=0, ops=("forward",), progress=False)
+    assert recs == [] and len(calls) == 2 and len(calls[1]) == 2 and "floor" in calls[1]
+    assert not any(tmp_path.rglob("*.jsonl"))
+
+    def retimed(cands, device, rounds=10, budget_s=None, **kw):
+        calls.append(sorted(cands))
+        slow = 0.5 if len(calls) == 3 else 1.2  # implausible once, plausible when re-timed
+        return {n: [slow if n != "floor" else 1.0] * 3 for n in cands}
+    monkeypatch.setattr(search, "measure", retimed)
+    recs = tune([SHAPE], target="llvm", log_dir=tmp_path, trials=0, ops=("forward",), progress=False)
+    assert len(recs) == 1 and recs[0]["time_ms"] == 1.2
+
+
+def test_records_of_another_thread_count_are_used_and_said(tmp_path, fresh_dispatch):
+    """Records tuned with 2 threads serve a process using 1 (or 4) when it has none of its own, and explain
+    says whose they are."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tune([SHAPE], target="llvm", log_dir=tmp_path, trials=0, ops=("forward",), progress=False)
+        two = device_id("cpu")
+        torch.set_num_threads(1)
+        one = device_id("cpu")
+        assert one != two
+        lc.load_logs(tmp_path)
+        text = lc.explain(SHAPE)
+        assert "tuned:" in text and "tuned with 2 threads; this process uses 1: the nearest" in text
+        assert dispatch.nearest_thread_count("llvm", one) == two
+        assert dispatch.nearest_thread_count("cuda", one) is None
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,272 @@
+"""Decoder LLMs the way their users work, on tiny random-weight models of each family built from transformers'
+config classes: Llama, Qwen2, Mistral, Phi3 (fused qkv_proj), GPT-2 (Conv1D projections)."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import lsr_compile as lc
+from lsr_compile import workloads
+from lsr_compile.bank import AdapterBank
+from lsr_compile.bench_decode import nonzero
+
+FAMILIES = workloads.DECODERS
+TARGETS = {"phi3": ["qkv_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"]}  # fused qkv; every Conv1D
+
+
+def _model(family, seed=0):
+    return workloads.tiny_decoder(family, hidden=64, layers=2, vocab=128, seed=seed)
+
+
+def _ids(batch=2, length=7, seed=1):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _lsr(family, **cfg):
+    pm = get_peft_model(_model(family), lc.LSRConfig(s=2, r=(2, 2), target_modules=TARGETS.get(family), **cfg))
+    return nonzero(pm, seed=3)
+
+
+def _grow(pm, gain=30.0):
+    """Adapters large enough that every output moves far above the comparisons' tolerances."""
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lsr_B2" in name:
+                p.mul_(gain)
+    return pm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_moves_every_factor_and_the_loss(family):
+    pm = _grow(_lsr(family)).train()
+    ids = _ids()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    losses = []
+    for _ in range(3):
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(n.split(".")[-2].startswith("lsr_") for n in before)
+    assert all(not torch.equal(p, before[n]) for n, p in pm.named_parameters() if p.requires_grad)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_cache_equals_without_and_differs_from_the_base(family):
+    pm = _grow(_lsr(family)).eval()
+    ids = _ids()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = pm.generate(input_ids=ids, use_cache=True, **kw)
+        uncached = pm.generate(input_ids=ids, use_cache=False, **kw)
+        with pm.disable_adapter():
+            base_logits = pm(input_ids=ids).logits
+        logits = pm(input_ids=ids).logits
+    assert torch.equal(cached, uncached)
+    assert (logits - base_logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_merge_and_export_lora_read_back_by_plain_peft(family, tmp_path):
+    pm = _grow(_lsr(family)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path / "lsr")
+    loaded = PeftModel.from_pretrained(_model(family), tmp_path / "lsr")
+    lc.export_lora(pm, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(_model(family), tmp_path / "lora")
+    assert type(lora.peft_config["default"]) is LoraConfig
+    with torch.no_grad():
+        got_loaded = loaded(input_ids=ids).logits
+        got_lora = lora(input_ids=ids).logits
+        merged = copy.deepcopy(pm).merge_and_unload()
+        got_merged = merged(input_ids=ids).logits
+        pm.merge_adapter()
+        got_merged_in_place = pm(input_ids=ids).logits
+        pm.unmerge_adapter()
+        got_unmerged = pm(input_ids=ids).logits
+    torch.testing.assert_close(got_loaded, want)
+    for got in (got_lora, got_merged, got_merged_in_place, got_unmerged):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_conv1d_is_adapted_by_every_route():
+    """``target_modules`` naming Conv1D layers, peft's ``"all-linear"`` and ``apply_lsr`` all adapt GPT-2; the
+    layer keeps the Conv1D's weight in its layout (d_in x d_out) and merges exactly."""
+    model = _model("gpt2")
+    conv = model.transformer.h[0].attn.c_attn
+    assert tuple(conv.weight.shape) == (64, 192)
+    for targets in (["c_attn", "c_proj", "c_fc"], "all-linear"):
+        pm = get_peft_model(_model("gpt2"), lc.LSRConfig(s=2, r=2, target_modules=targets))
+        adapted = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lsr_A1")}
+        assert {f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                     "mlp.c_proj")} == adapted
+    wrapped = lc.apply_lsr(copy.deepcopy(model), lc.LSRConfig(s=2, r=2, target_modules="all-linear"))
+    layer = wrapped.transformer.h[0].attn.c_attn
+    assert isinstance(layer, lc.LSRLinear) and layer.fan_in_fan_out and layer.weight is not None
+    assert (layer.in_features, layer.out_features) == (64, 192)
+    assert not isinstance(wrapped.lm_head, lc.LSRLinear)  # "all-linear" leaves the output layer alone
+    nonzero(wrapped, seed=5)
+    x = torch.randn(3, 64)
+    want = lc.reference.lsr_linear(x.double(), conv.weight.double().T, conv.bias.double(), *(
+        t.double() for t in (layer.A1, layer.A2, layer.B1, layer.B2)), layer.scale)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+        w0 = layer.weight.clone()
+        layer.merge()
+        torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        assert torch.equal(layer.weight, w0)
+        merged = layer.to_linear()
+    assert type(merged) is type(conv)
+    torch.testing.assert_close(merged(x).double(), want, rtol=1e-5, atol=1e-5)
+    x_ = x.clone().requires_grad_()
+    layer(x_).sum().backward()
+    assert all(getattr(layer, n).grad is not None for n in ("A1", "A2", "B1", "B2"))
+    assert {s.factors.d_in for s in lc.tuning.shapes_of(wrapped, (16,))} == {64, 256}
+
+
+def test_gpt2_bank_serves_a_saved_conv1d_adapter_as_peft_does(tmp_path):
+    pm = _grow(_lsr("gpt2")).eval()
+    pm.save_pretrained(tmp_path / "a")
+    ids = _ids()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        bank = AdapterBank.from_pretrained(_model("gpt2"), {"a": tmp_path / "a"})
+        got = bank(["a", "__base__"], input_ids=ids).logits
+        base = _model("gpt2")(input_ids=ids).logits
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], base[1], rtol=1e-4, atol=1e-4)
+
+
+def test_layers_to_transform_and_patterns_select_and_shape_layers():
+    cfg = lc.LSRConfig(s=2, r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                       rank_pattern={"v_proj": (2, 4), "q_proj": {"s": 3}}, alpha_pattern={"v_proj": 6.0})
+    pm = get_peft_model(_model("llama"), cfg)
+    layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if hasattr(m, "lsr_A1")}
+    assert sorted(layers) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    v, q = layers["model.layers.1.self_attn.v_proj"], layers["model.layers.1.self_attn.q_proj"]
+    assert (v.lsr_shapes["default"].r1, v.lsr_shapes["default"].r2, v.lsr_shapes["default"].s) == (2, 4, 2)
+    assert (q.lsr_shapes["default"].q, q.lsr_shapes["default"].s) == (4, 3)
+    assert v.lsr_scale["default"] == pytest.approx(6.0 / 8 ** 0.5) and q.lsr_scale["default"] == 1.0
+    # the same selection through apply_lsr, and layers_pattern naming the layer list
+    wrapped = lc.apply_lsr(_model("llama"), lc.LSRConfig(s=2, r=2, target_modules=["q_proj", "v_proj"],
+                                                         layers_to_transform=0, layers_pattern="layers",
+                                                         rank_pattern={"v_proj": 3}))
+    got = {n: m.factor_shapes.q for n, m in lc.lsr_layers(wrapped).items()}
+    assert got == {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v_proj": 9}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(layers_to_transform=[0], target_modules="q_proj"), "regex"),
+    (dict(layers_pattern="layers"), "`layers_to_transform` must also"),
+    (dict(lsr_dropout=1.0), "probability"),
+    (dict(rank_dropout=-0.1), "probability"),
+    (dict(rank_pattern={"q_proj": {"t": 2}}), "rank_pattern"),
+    (dict(alpha_pattern={"q_proj": 0}), "alpha_pattern"),
+    (dict(layers_to_transform=["0"]), "layers_to_transform"),
+])
+def test_bad_options_are_refused_by_name(bad, match):
+    with pytest.raises(ValueError, match=match):
+        lc.LSRConfig(**bad)
+
+
+def _dropout_layer(**drop):
+    torch.manual_seed(0)
+    layer = lc.LSRLinear(32, 24, config=lc.LSRConfig(s=2, r=2, **drop))
+    return nonzero(layer, seed=2)
+
+
+def test_module_dropout_leaves_the_adapter_out_of_some_training_calls_only():
+    layer = _dropout_layer(module_dropout=0.5).train()
+    x = torch.randn(5, 32)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    outs = [layer(x).detach() for _ in range(40)]
+    skipped = sum(torch.equal(y, base) for y in outs)
+    assert 5 <= skipped <= 35
+    layer.eval()
+    with torch.no_grad():
+        assert not torch.equal(layer(x), base)
+
+
+def test_lsr_dropout_drops_the_adapters_input_only_in_training():
+    layer = _dropout_layer(lsr_dropout=0.5)
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        exact = layer.eval()(x)
+    layer.train()
+    torch.manual_seed(1)
+    y = layer(x)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.manual_seed(1)
+    xd = torch.nn.functional.dropout(x, 0.5)
+    want = base + layer.scale * (xd @ lc.formulations.build_A(layer.A1, layer.A2).T) @ \
+        lc.formulations.build_B(layer.B1, layer.B2).T
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, exact)
+    y.sum().backward()
+    assert all(getattr(layer, n).grad is not None for n in ("A1", "A2", "B1", "B2"))
+
+
+@pytest.mark.parametrize("scale_kept", [False, True])
+def test_rank_dropout_masks_inner_rank_components(scale_kept):
+    layer = _dropout_layer(rank_dropout=0.5, rank_dropout_scale=scale_kept).train()
+    x = torch.randn(4, 32)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    keep = (torch.rand(layer.factor_shapes.q) >= 0.5).float()
+    if scale_kept:
+        keep = keep / 0.5
+    t = x @ lc.formulations.build_A(layer.A1, layer.A2).T
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias) + layer.scale * (t * keep) @ \
+        lc.formulations.build_B(layer.B1, layer.B2).T
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_dropouts_reach_the_peft_layer():
+    pm = get_peft_model(_model("llama"), lc.LSRConfig(s=2, r=2, module_dropout=0.999, rank_dropout=0.2,
+                                                      lsr_dropout=0.1))
+    nonzero(pm, seed=1)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lsr_dropouts["default"].module == 0.999
+    x = torch.randn(2, 64)
+    base = layer.get_base_layer()(x)
+    torch.testing.assert_close(layer.train()(x), base)  # almost always left out in training
+    with torch.no_grad():
+        assert not torch.allclose(layer.eval()(x), base)
+
+
+def test_inner_rank_is_shown_where_a_lora_user_looks(capsys):
+    with pytest.warns(lc.LSRConfigWarning, match="inner rank q = 64"):
+        cfg = lc.LSRConfig(r=8, s=2)
+    assert "inner_rank=64" in repr(cfg) and cfg.inner_rank == 64
+    pm = get_peft_model(_model("llama"), lc.LSRConfig(s=2, r=(4, 2)))
+    pm.print_trainable_parameters()
+    out = capsys.readouterr().out
+    assert "trainable params" in out and "inner rank q = r1*r2 = 8" in out and "LoRA" in out
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert "inner rank q=8" in lc.explain(layer, tokens=1)
+    text = lc.explain(pm, tokens=1)
+    assert "q_proj" in text and "inner rank q=8" in text
+
+
+def test_lsr_config_for_lora_matches_rank_and_budget():
+    model = _model("llama")
+    cfg = lc.lsr_config_for_lora(8, budget=0.3, model=model)
+    assert cfg.inner_rank == 8
+    pm = get_peft_model(copy.deepcopy(model), cfg)
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=8))
+    n_lsr = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert 0.15 < n_lsr / n_lora <= 0.3
+    bigger = dict(cfg.__dict__, s=cfg.s + 1)
+    assert sum(f.num_params for f in [lc.LSRConfig(s=bigger["s"], r=cfg.r).shapes_for(64, 64)]) * 4 > 0.3 * n_lora
+    assert lc.lsr_config_for_lora(6).r == (3, 2)
+    with pytest.raises(ValueError, match="fits"):
+        lc.lsr_config_for_lora(8, budget=0.001, shape=(64, 64))
