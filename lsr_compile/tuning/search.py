@@ -46,8 +46,8 @@ def shapes_of(model: nn.Module, tokens: Iterable[int], dtype=None) -> list[LSRSh
     if not seen:
         raise TuningError("the model's LSR layers run nothing tuning can choose (an AdapterBank over a quantized base "
                           "adds its updates with the untuned factored formulation)" if asked else
-                          "the model has no LSR layers (LSRLinear, peft's LSR layers, an AdapterBank's); wrap it "
-                          "with apply_lsr or get_peft_model first")
+                          "the model has no LSRLinear layers (nor peft's LSR layers, nor an AdapterBank's); wrap "
+                          "it with apply_lsr or get_peft_model first")
     return list(seen.values())
 
 
