@@ -69,6 +69,18 @@ class BankedLinear(nn.Module):
         return mixed_linear(x, weight, self.base.bias, self.A1, self.A2, self.B1, self.B2, self.scales, ptr,
                             self.slots)
 
+    def tuning_shapes(self, tokens: int, dtype=None) -> list:
+        """What ``tune(model)`` tunes for this layer: the mixed batch it runs over all its slots, one segment per
+        slot (a batch of other sizes: tune ``LSRShape(..., adapters=K, segments=S)`` for it). Nothing over a
+        quantized base, whose updates run the untuned factored formulation."""
+        from .problem import LSRShape
+
+        if is_quantized(self.base.weight):
+            return []
+        f, K = self.factor_shapes, self.A1.shape[0]
+        return [LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2),
+                         dtype or self.A1.dtype, adapters=K, segments=min(tokens, K))]
+
     def storage(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in FACTORS + ("scales",)}
 
@@ -119,14 +131,23 @@ class AdapterBank:
             target_modules = all_linear_layers(model)
         targets, excluded = _matcher(target_modules), _matcher(config.exclude_modules or ())
         self.layers: dict[str, BankedLinear] = {}
-        for name, module in list(model.named_modules()):
-            if (name and targets(name) and not excluded(name) and base_layers.is_adaptable(module)
-                    and config.selects(name)):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                layer = BankedLinear(module, config.for_layer(name).shapes_for(*base_layers.dims(module)), capacity)
-                setattr(parent, child, layer)
-                self.layers[name] = layer
+        chosen = []  # every target checked before the model is touched
+        for name, module in model.named_modules():
+            if not name or not targets(name) or excluded(name) or not config.selects(name):
+                continue
+            if not base_layers.is_adaptable(module):
+                raise TypeError(f"target module {name} is a {type(module).__name__}, not an {base_layers.kinds()}: a "
+                                f"bank serves linear layers only (" + ("this model is already served by a bank" if
+                                isinstance(module, BankedLinear) else "name the linear layers inside it, e.g. "
+                                f"{[n for n, m in module.named_modules() if base_layers.is_adaptable(m)][:3]}")
+                                + "); the model was left as it was")
+            chosen.append((name, module, config.for_layer(name).shapes_for(*base_layers.dims(module))))
+        for name, module, shapes in chosen:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = BankedLinear(module, shapes, capacity)
+            setattr(parent, child, layer)
+            self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"no {base_layers.kinds()} of the model matches target_modules={target_modules!r} (less "
                              f"exclude_modules={config.exclude_modules!r}): a bank needs at least one layer")

@@ -16,13 +16,18 @@ def _shape_args(p):
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("-s", type=int, default=4)
     p.add_argument("-r", type=int, nargs="+", default=[2, 4], help="r, or r1 r2")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
 
 
-def _shape(a):
+def _shape(a, parser):
     from .problem import LSRShape
 
-    return LSRShape(a.tokens, a.d_in, a.d_out, s=a.s, r=tuple(a.r) if len(a.r) == 2 else a.r[0], dtype=a.dtype)
+    if len(a.r) > 2:
+        parser.error(f"-r takes one inner rank (r) or two (r1 r2), got {len(a.r)}: {' '.join(map(str, a.r))}")
+    try:
+        return LSRShape(a.tokens, a.d_in, a.d_out, s=a.s, r=tuple(a.r) if len(a.r) == 2 else a.r[0], dtype=a.dtype)
+    except ValueError as e:  # FactorizationError too: a shape that cannot be an LSR layer
+        parser.error(str(e))
 
 
 def main(argv=None) -> int:
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
     shape_sets = {"demo": workloads.demo_shapes, "bench": workloads.bench_shapes,
                   "gpu": lambda: workloads.gpu_shapes() + workloads.gpu_mixed_shapes(),
                   "mixed": workloads.mixed_shapes,
-                  "one": lambda: [_shape(a)]}
+                  "one": lambda: [_shape(a, sub.choices[a.cmd])]}
     if a.cmd == "tune":
         shapes = shape_sets[a.set]()
         recs = tune(shapes, target=a.target, log_dir=a.log_dir, trials=a.trials, time_budget_s=a.budget)
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
         for w in tvm_cuda.runtime_wheels(a.out, a.python):
             print(f"{w} ({w.stat().st_size / 1e6:.1f} MB)")
     elif a.cmd == "explain":
-        print(dispatch.explain(_shape(a)))
+        print(dispatch.explain(_shape(a, sub.choices[a.cmd])))
     elif a.cmd == "predict":
         from . import costmodel
         from .bench import provenance, write_rows

@@ -110,6 +110,9 @@ def load_logs(log_dir) -> int:
 
     Returns how many records (from all log directories in use) apply to this machine's devices."""
     path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a tuning log directory: pass the directory tune(log_dir=...) "
+                                 f"wrote, which holds <target>/<device>/<op>.jsonl files")
     if not path.is_dir():
         raise FileNotFoundError(f"tuning log directory {path} does not exist")
     if path not in _extra_dirs:
@@ -177,6 +180,9 @@ def choose(op: str, key: ProblemKey, device: torch.device, gpu: Optional[GPU] = 
     """What runs for ``key`` on ``device`` (or on ``gpu``, a GPU described rather than present: what dispatch
     would run there) and why: a forced backend, else a tuning record, else a default: on a GPU the cost
     model's cheapest plan (``costmodel.cheapest``), elsewhere ``kernels.untuned_choice``."""
+    if getattr(device, "type", None) == "meta":  # tensors without data (a model built before its weights load)
+        return Choice("torch", kernels.torch_default_variant(op, key, device), (),
+                      "meta tensors: no data to run a kernel on, the PyTorch formulation gives the shapes")
     forced = _forced.get()
     if forced is not None:
         try:

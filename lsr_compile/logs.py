@@ -91,13 +91,21 @@ def appends() -> int:
 
 
 def append(path: Path, record: dict) -> None:
-    """Append one record atomically (exclusive lock, single write); never rewrites existing lines."""
+    """Append one record atomically (exclusive lock, single write); never rewrites existing lines. A file whose
+    last line is unterminated (a hand edit, a write cut short) gets the newline first, so the record starts a
+    line of its own instead of being glued to that one (and both skipped as one corrupt line)."""
     global _appends
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fd, readable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644), True
+    except PermissionError:  # a file we may append to but not read: an empty line costs nothing (skipped)
+        fd, readable = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size  # under the lock: no other append can land between this and the write
+        if size and (not readable or os.pread(fd, 1, size - 1) != b"\n"):
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:

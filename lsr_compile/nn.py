@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import base_layers, dispatch, formulations, step
 from .config import FactorShapes, LSRConfig
-from .ops import adapter_update, infer, inference_ready, layer_linear, lsr_linear, quantized_base_linear
+from .ops import adapter_update, autocast_dtype, infer, inference_ready, layer_linear, quantized_base_linear
 from .quantized import DENSE, base_format, factor_dtype, refuse_merge
 from .problem import LSRShape
 
@@ -38,18 +38,34 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
         dt = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         A1, A2, B1, B2 = (t.to(dt) for t in (A1, A2, B1, B2))
         return quantized_base_linear(x, weight, bias, A1, A2, B1, B2, scale, base, base_forward)
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x)  # None also on meta tensors, which autocast does not know
+    if dt is not None:
         with torch.autocast(x.device.type, enabled=False):
-            args = [None if t is None else t.to(dt) for t in (x, weight, bias)]
-            return layer_linear(*args, A1, A2, B1, B2, scale)
+            args = [None if t is None else t.to(dt) for t in (x, weight, bias, A1, A2, B1, B2)]
+            return layer_linear(*args, scale)
     if torch._C._are_functorch_transforms_active():
         # torch.func.grad / vmap / jvp: the op's autograd is not a functorch-transformable Function, the
         # plain-PyTorch formulation is (same function, every transform)
         return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
-    # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype) compute in the base's
-    # dtype, as the base layer does; gradients reach the float32 factors through the cast
+    if A1.dtype != weight.dtype:
+        # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): compute in
+        # the base's dtype, as the base layer does; gradients reach the float32 factors through the cast
+        A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
     return layer_linear(x, weight, bias, A1, A2, B1, B2, scale)
+
+
+def factor_shapes_of(A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, d_in: int, d_out: int) -> FactorShapes:
+    """The shapes of factors ``A1 (s, r1, n1)``, ``A2 (s, r2, n2)``, ``B1 (s, m1, r1)``, ``B2 (s, m2, r2)`` of a
+    ``d_out x d_in`` layer, or a ValueError naming what does not fit."""
+    shapes = {n: tuple(t.shape) for n, t in (("A1", A1), ("A2", A2), ("B1", B1), ("B2", B2))}
+    if all(len(v) == 3 for v in shapes.values()):
+        (s, r1, n1), (_, r2, n2), (_, m1, _), (_, m2, _) = shapes.values()
+        f = FactorShapes(s, r1, r2, n1, n2, m1, m2)
+        if f.factor_sizes() == shapes and (f.d_in, f.d_out) == (d_in, d_out):
+            return f
+    raise ValueError(f"the adapter's factors {shapes} do not fit together (or the {d_out}x{d_in} layer): the layout is "
+                     f"A1 (s, r1, n1), A2 (s, r2, n2), B1 (s, m1, r1), B2 (s, m2, r2) with n1*n2 = d_in, "
+                     f"m1*m2 = d_out; assign all four factors of one adapter")
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,7 @@ def regularized_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: T
     if drop.module and random.random() < drop.module:
         return base_out
     xa = F.dropout(x, drop.input) if drop.input else x
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else base_out.dtype
+    dt = autocast_dtype(x) or base_out.dtype
     if not xa.is_floating_point():
         dt = A1.dtype
     A1, A2, B1, B2 = (t.to(dt) for t in (A1, A2, B1, B2))
@@ -176,7 +192,6 @@ class LSRLinear(nn.Module):
         d_out, d_in = shape or weight.shape
         f = config.shapes_for(d_in, d_out)
         self.in_features, self.out_features = d_in, d_out
-        self.factor_shapes: FactorShapes = f
         self.scale = float(config.scale_for(f.q))
         self.init = config.init
         self.dropouts = Dropouts.of(config)
@@ -190,6 +205,12 @@ class LSRLinear(nn.Module):
             setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
         self.merged = False
         self.reset_adapter()
+
+    @property
+    def factor_shapes(self) -> FactorShapes:
+        """The adapter's shapes, read off its factors: a layer whose factor parameters were replaced (another
+        number of terms, other ranks) describes what it now runs (``lsr_shape``, ``explain``, parameter counts)."""
+        return factor_shapes_of(self.A1, self.A2, self.B1, self.B2, self.in_features, self.out_features)
 
     def reset_adapter(self) -> None:
         init_factors(self.A1, self.A2, self.B1, self.B2, self.factor_shapes, self.init)

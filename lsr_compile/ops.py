@@ -35,9 +35,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch, factor_cache, logs, step
+from . import dispatch, factor_cache, logs, mixed_formulations, step
 from .problem import token_bucket
 
 _lib = torch.library.Library("lsr", "DEF")
@@ -125,7 +126,10 @@ def _diagnose(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2)
         raise LSRInputError(f"A1/A2 factor d_in as {n1}*{n2} = {n1 * n2}, but weight has d_in = {d_in}")
     if m1 * m2 != d_out:
         raise LSRInputError(f"B1/B2 factor d_out as {m1}*{m2} = {m1 * m2}, but weight has d_out = {d_out}")
-    if x.dim() < 1 or x.shape[-1] != d_in:
+    if x.dim() == 0:
+        raise LSRInputError(f"x is 0-d (a single number); an LSR layer's input needs a last dimension of size "
+                            f"d_in = {d_in}: pass a (..., {d_in}) tensor")
+    if x.shape[-1] != d_in:
         raise LSRInputError(f"x has shape {tuple(x.shape)}; its last dimension must be d_in = {d_in}")
     if bias is not None and tuple(bias.shape) != (d_out,):
         raise LSRInputError(f"bias has shape {tuple(bias.shape)}, expected ({d_out},)")
@@ -138,7 +142,24 @@ def _diagnose(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2)
 
 
 def _flat(x: Tensor) -> Tensor:
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x.dim() == 2:
+        return x
+    try:
+        return x.reshape(-1, x.shape[-1])
+    except IndexError:  # x.shape[-1] of a 0-d x (the training path flattens before any check)
+        raise LSRInputError("x is 0-d (a single number); an LSR layer's input needs a last dimension of size "
+                            "d_in: pass x.reshape(1, -1) or a (..., d_in) tensor") from None
+
+
+def _unflat(y: Tensor, x: Tensor) -> Tensor:
+    """The training step's result in x's leading dims, not as a view: an autograd.Function's output that is a
+    view of a tensor it made cannot be changed in place (``F.relu(layer(x), inplace=True)`` on a 3-D x, which
+    nn.Linear takes)."""
+    shape = (*x.shape[:-1], y.shape[-1])
+    try:
+        return torch.ops.aten._unsafe_view.default(y, shape)  # the same memory, not marked as a view
+    except RuntimeError:  # not viewable (a strided result): reshape copies, which is no view either
+        return y.reshape(shape)
 
 
 def _forward(x, weight, bias, A1, A2, B1, B2, scale):
@@ -162,7 +183,7 @@ def _linear_forward(x, weight, bias, A1, A2, B1, B2, scale):
 @torch.library.impl(_lib, "linear_forward", "CompositeExplicitAutograd")
 def _linear_forward_op(x, weight, bias, A1, A2, B1, B2, scale):
     y, A, Bt, tT, w_eff = _linear_forward(x, weight, bias, A1, A2, B1, B2, scale)
-    return y, A, Bt, _tensor(tT, x), _tensor(w_eff, x)
+    return (y if x.dim() == 2 else _unflat(y, x)), A, Bt, _tensor(tT, x), _tensor(w_eff, x)
 
 
 def _tensor(t, like):
@@ -269,12 +290,11 @@ class _LinearStep(torch.autograd.Function):
             fwd, ctx.bwd = dispatch.step_kernels(x2, weight, bias, A1, A2, B1, B2, check_args)
             y, A, Bt, tT, w_eff = fwd(x2, weight, bias, A1, A2, B1, B2, scale)
             if x2 is not x:
-                y = y.reshape(*x.shape[:-1], weight.shape[0])
+                y = _unflat(y, x)
         else:
             y, A, Bt, tT, w_eff = torch.ops.lsr.linear_forward(x, weight, bias, A1, A2, B1, B2, scale)
-        # a traced token count is read at its example value (no guard: no recompile per token count)
-        if step.given(w_eff) and not step.keeps_folded(dispatch.example_rows(x), weight.shape[0], x.device.type):
-            w_eff = None if direct else w_eff.new_empty(0)
+        if tT is not None or w_eff is not None:
+            tT, w_eff = _handed_over(x, weight, tT, w_eff, direct)
         ctx.save_for_backward(x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff)
         ctx.scale, ctx.has_bias, ctx.direct = scale, bias is not None, direct
         return y
@@ -283,6 +303,8 @@ class _LinearStep(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, A1, A2, B1, B2, A, Bt, tT, w_eff = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # backward(create_graph=True): a gradient penalty differentiates this again
+            return _differentiable_backward(grad, x, weight, A1, A2, B1, B2, ctx.scale, ctx.has_bias, need)
         if ctx.direct:
             x2, g2 = _flat(x), _flat(grad)
             dx, dA1, dA2, dB1, dB2 = ctx.bwd(g2, x2, weight, A1, A2, B1, B2, A, Bt, tT, w_eff, ctx.scale, need[0])
@@ -295,6 +317,39 @@ class _LinearStep(torch.autograd.Function):
         dW = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need[1] else None
         db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need[2] else None
         return (dx if need[0] else None), dW, db, dA1, dA2, dB1, dB2, None, None
+
+
+def _handed_over(x, weight, tT, w_eff, direct):
+    """What the backward gets besides A and Bt: ``tT`` as the forward computed it, the folded weight where
+    ``step.keep_folded_weight`` keeps it, neither under saved-tensor hooks. Those hooks are how activation
+    checkpointing (and offloading) manage saved tensors, and a checkpoint's recompute must save exactly what the
+    forward saved, although it may run under another dispatch state (a ``use_backend`` or
+    ``folded_weight_kept`` block around the forward only) whose kernel hands over other tensors: A and Bt alone
+    are what every kernel saves, and the backward computes the rest itself."""
+    none = None if direct else x.new_empty(0)
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return none, none
+    # a traced token count is read at its example value (no guard: no recompile per token count)
+    if step.given(w_eff) and not step.keeps_folded(dispatch.example_rows(x), weight.shape[0], x.device.type):
+        w_eff = none
+    return tT, w_eff
+
+
+def _differentiable_backward(grad, x, weight, A1, A2, B1, B2, scale, has_bias, need):
+    """The step's gradients as a graph of their own (``create_graph=True``: double backward, a gradient penalty):
+    the layer again in plain ATen (``step.lsr_linear``, differentiable to any order) and autograd's gradients of
+    it, whose graph reaches the inputs and ``grad``. The kernels' hand-over (A and Bt, built without a graph)
+    would make second-order gradients wrong."""
+    wrt = [(i, t) for i, t in ((0, x), (1, weight), (3, A1), (4, A2), (5, B1), (6, B2)) if need[i]]
+    out = [None] * 9
+    if wrt:
+        y = step.lsr_linear(x, weight, None, A1, A2, B1, B2, scale)
+        grads = torch.autograd.grad(y, [t for _, t in wrt], grad, create_graph=True, allow_unused=True)
+        for (i, t), g in zip(wrt, grads):
+            out[i] = torch.zeros_like(t) if g is None else g
+    if has_bias and need[2]:
+        out[2] = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return tuple(out)
 
 
 def _records_grad(x, weight, bias, A1, A2, B1, B2) -> bool:
@@ -328,9 +383,10 @@ def _plain(*tensors) -> bool:
 _step_apply = super(torch.autograd.Function, _LinearStep).apply
 
 
-def lsr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
-               scale: float) -> Tensor:
-    """``y = x Wᵀ + bias + scale·(x Aᵀ) Bᵀ`` through the tuned kernels (same signature as the reference)."""
+def layer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
+                 scale: float) -> Tensor:
+    """``lsr_linear`` as a layer calls it (``nn.lsr_forward``): ``scale`` a number, autocast and torch.func
+    transforms already handled by the caller, so nothing is checked per call beyond the signature cache."""
     if _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN):
         if _records_grad(x, weight, bias, A1, A2, B1, B2):
             return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), True)
@@ -367,7 +423,7 @@ def infer(x, weight, bias, A1, A2, B1, B2, scale: float, check=None) -> Tensor:
     """The layer for a call ``inference_ready`` accepted (decoding, evaluation): one lookup keyed by the factors'
     state finds a runner with A and Bᵀ built (``dispatch.inference_runner``). The factors may be in another
     floating dtype than the base (cast once per change) unless ``check`` (run when a runner is built) says no."""
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else _flat(x)
     n = x2.shape[0]
     key = ("run", x2.dtype, x2.device, n if n <= 16 else token_bucket(n), id(weight), id(bias), dispatch.forced(),
            dispatch.generation, logs.appends())
@@ -377,14 +433,47 @@ def infer(x, weight, bias, A1, A2, B1, B2, scale: float, check=None) -> Tensor:
     return y if x2 is x else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def layer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
-                 scale: float) -> Tensor:
-    """``lsr_linear`` as layers call it: the factors may be kept in another floating dtype than the base (peft's
-    float32 adapters over a half-precision base); the layer computes in the base's dtype (the cast is part of
-    the graph when one is recorded)."""
-    if A1.dtype != weight.dtype:
-        A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
-    return lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
+def lsr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
+               scale) -> Tensor:
+    """``y = x Wᵀ + bias + scale·(x Aᵀ) Bᵀ`` through the tuned kernels, with the reference's signature and
+    meaning: ``scale`` a number or a one-element tensor (one that requires grad gets its gradient); under
+    autocast every operand in the autocast dtype, as ``nn.Linear`` and ``LSRLinear`` compute; under torch.func
+    transforms (grad, vmap, jvp) the plain-PyTorch formulation, which they can differentiate."""
+    if isinstance(scale, Tensor):
+        B2, scale = _scale_into_B2(B2, scale)
+    if torch._C._are_functorch_transforms_active():
+        return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
+    dt = autocast_dtype(x)
+    if dt is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            x, weight, bias, A1, A2, B1, B2 = (t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
+                                               for t in (x, weight, bias, A1, A2, B1, B2))
+            return layer_linear(x, weight, bias, A1, A2, B1, B2, scale)
+    return layer_linear(x, weight, bias, A1, A2, B1, B2, scale)
+
+
+def _scale_into_B2(B2: Tensor, scale: Tensor):
+    """A tensor ``scale``: its value, or, where it is differentiated (it requires grad, or a torch.func transform
+    is on), folded into B2 (``Σ B1 ⊗ (scale·B2)`` is ``scale·B``) so that every kernel gives it its gradient
+    through B2's, and B2 its own."""
+    if scale.numel() != 1:
+        raise LSRInputError(f"scale must be one number (a float or a one-element tensor), got a tensor of shape "
+                            f"{tuple(scale.shape)}")
+    if (scale.requires_grad and torch.is_grad_enabled()) or torch._C._are_functorch_transforms_active():
+        return B2 * scale.reshape(()), 1.0
+    return B2, float(scale)
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast computes ``x``'s device's ops in, or None: autocast off there, or a device autocast
+    does not know (meta tensors, which ``nn.Linear`` takes)."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    device = x.device.type
+    try:
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    except RuntimeError:  # "unknown device type for autocast"
+        return None
 
 
 # ---- a mixed batch -------------------------------------------------------------------------------------------
@@ -401,7 +490,8 @@ def check_mixed_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, 
     if not (A2.shape[0] == B1.shape[0] == B2.shape[0] == K):
         raise LSRInputError(f"A1, A2, B1, B2 must hold the same number of slots K (dim 0); got "
                             f"{A1.shape[0]}, {A2.shape[0]}, {B1.shape[0]}, {B2.shape[0]}")
-    check_args(x, weight, bias, A1[0], A2[0], B1[0], B2[0])
+    # one slot's factors (an empty bank, K = 0, serves base-only segments: its factor shapes still count)
+    check_args(x, weight, bias, *(t[0] if K else t.new_empty(t.shape[1:]) for t in (A1, A2, B1, B2)))
     if not isinstance(scales, Tensor) or tuple(scales.shape) != (K,) or not scales.is_floating_point():
         raise LSRInputError(f"scales must be a float tensor of shape ({K},) (one per slot), got "
                             f"{tuple(scales.shape) if isinstance(scales, Tensor) else type(scales).__name__}")
@@ -431,6 +521,8 @@ def check_mixed_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, 
 def _mixed_linear(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter):
     check_mixed_args(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
     x2 = _flat(x)
+    if A1.shape[0] == 0:  # an empty bank: every segment is base-only (-1)
+        return F.linear(x, weight, bias)
     fn = dispatch.kernel("mixed_forward", x2, A1, A2, B1, B2, segments=seg_adapter.shape[0])
     y = fn(x2, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -439,8 +531,12 @@ def _mixed_linear(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapt
 @torch.library.impl(_lib, "mixed_linear_backward", "CompositeExplicitAutograd")
 def _mixed_linear_backward(grad, x, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx):
     x2, g2 = _flat(x), _flat(grad)
-    fn = dispatch.kernel("mixed_backward", x2, A1, A2, B1, B2, segments=seg_adapter.shape[0])
-    dx, dA1, dA2, dB1, dB2 = fn(g2, x2, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx)
+    if A1.shape[0] == 0:  # an empty bank: the base alone, no factor to differentiate
+        dx = torch.mm(g2, weight) if need_dx else None
+        dA1, dA2, dB1, dB2 = (torch.zeros_like(t) for t in (A1, A2, B1, B2))
+    else:
+        fn = dispatch.kernel("mixed_backward", x2, A1, A2, B1, B2, segments=seg_adapter.shape[0])
+        dx, dA1, dA2, dB1, dB2 = fn(g2, x2, weight, A1, A2, B1, B2, scales, seg_indptr, seg_adapter, need_dx)
     dx = dx.reshape(x.shape) if need_dx else x.new_empty(0)
     return dx, dA1, dA2, dB1, dB2
 
@@ -482,7 +578,13 @@ torch.library.register_autograd("lsr::mixed_linear", _mixed_backward, setup_cont
 def mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
                  scales: Tensor, seg_indptr: Tensor, seg_adapter: Tensor) -> Tensor:
     """Rows ``seg_indptr[i]:seg_indptr[i+1]`` of ``x`` (leading dims flattened) through the base plus bank slot
-    ``seg_adapter[i]`` (``-1``: the base alone), through the tuned kernels."""
+    ``seg_adapter[i]`` (``-1``: the base alone), through the tuned kernels; under torch.func transforms (grad,
+    vmap, jvp) through the plain-PyTorch ``factored`` formulation, which they can differentiate."""
+    if torch._C._are_functorch_transforms_active():
+        check_mixed_args(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
+        y = mixed_formulations.forward_factored(_flat(x), weight, bias, A1, A2, B1, B2, scales, seg_indptr,
+                                                seg_adapter)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     return torch.ops.lsr.mixed_linear(x, weight, bias, A1, A2, B1, B2, scales, seg_indptr, seg_adapter)
 
 

@@ -104,6 +104,9 @@ class LSRShape:
             raise ValueError(f"tokens must be a positive int of at most {MAX_TOKENS:,} (beyond any batch), got "
                              f"{self.tokens!r}")
         if isinstance(self.dtype, str):
+            if self.dtype not in DTYPES:
+                raise ValueError(f"dtype {self.dtype!r} is not one LSR layers are tuned for; known: "
+                                 f"{', '.join(DTYPES)} (or the torch dtypes)")
             object.__setattr__(self, "dtype", DTYPES[self.dtype])
         for name in ("adapters",) + (("segments",) if self.segments is not None else ()):
             v = getattr(self, name)

@@ -107,17 +107,26 @@ N = 2048 and 8192: 0.999-1.005x the step without, the 2-core CI machine) and the
 
 
 def keeps_folded(tokens: int, d_out: int, device_type: str = "cuda") -> bool:
-    if keep_folded_weight == "auto":
+    keep = keep_folded_weight
+    if keep == "auto":
         return device_type != "cpu" and tokens >= d_out
-    return bool(keep_folded_weight)
+    _check_keep(keep, "step.keep_folded_weight is")
+    return keep
+
+
+def _check_keep(keep, what: str) -> None:
+    """True, False or "auto"; anything else ("never", "off", "Auto", 1) would be read by its truth value, which
+    is not what it says."""
+    if not (isinstance(keep, bool) or (isinstance(keep, str) and keep == "auto")):
+        raise ValueError(f"{what} {keep!r}; keep_folded_weight must be True (keep the folded weight for the "
+                         f"backward), False (fold again in the backward) or 'auto' (keep on a GPU when N >= d_out)")
 
 
 @contextlib.contextmanager
 def folded_weight_kept(keep: Union[bool, str]):
     """``with folded_weight_kept(False): ...``: the setting inside a block (tests, benchmarks)."""
     global keep_folded_weight
-    if keep not in (True, False, "auto"):
-        raise ValueError(f"keep_folded_weight must be True, False or 'auto', got {keep!r}")
+    _check_keep(keep, "folded_weight_kept got")
     old, keep_folded_weight = keep_folded_weight, keep
     try:
         yield

@@ -89,3 +89,55 @@ def test_training_a_merged_layer_says_it_is_merged():
         p.requires_grad_(True)
     layer(x).sum().backward()  # unmerged: trains
     assert layer.A1.grad is not None
+
+
+@pytest.mark.parametrize("value", ["never", "off", "Auto", 1, 0, None])
+def test_keep_folded_weight_takes_only_what_it_documents(value, monkeypatch):
+    """"never", "off" or "Auto" all kept the folded weight (read by their truth value)."""
+    from lsr_compile import step
+
+    with pytest.raises(ValueError, match=r"folded_weight_kept got .*keep_folded_weight must be True"):
+        with step.folded_weight_kept(value):
+            pass
+    monkeypatch.setattr(step, "keep_folded_weight", value)
+    layer = lc.LSRLinear(64, 48, config=lc.LSRConfig(s=2, r=2))  # 300 rows: the fold forward by default
+    x = torch.randn(300, 64, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"step.keep_folded_weight is {value!r}; keep_folded_weight must be"):
+        layer(x)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["-r", "1", "2", "3"], r"-r takes one inner rank \(r\) or two \(r1 r2\), got 3: 1 2 3"),
+    (["--dtype", "fp32"], r"argument --dtype: invalid choice: 'fp32'"),
+    (["-s", "0"], r"separation rank s must be a positive int"),
+])
+def test_the_command_line_names_an_argument_it_cannot_take(argv, match, capsys):
+    """``explain -r 1 2 3`` was explained as r = (1, 1); ``--dtype fp32`` a bare KeyError."""
+    from lsr_compile import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["explain", "--d-in", "16", "--d-out", "16"] + argv)
+    assert e.value.code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+    with pytest.raises(ValueError, match=r"dtype 'fp32' is not one .*known: float32, float64, bfloat16, float16"):
+        lc.LSRShape(16, 16, 16, dtype="fp32")
+
+
+def test_a_layer_describes_the_factors_it_holds_after_they_are_replaced():
+    """Factor parameters reassigned with another number of terms: explain, lsr_shape (what tune(model) tunes) and
+    the parameter count follow the factors the layer runs (they described the old adapter)."""
+    layer = lc.LSRLinear(16, 12, config=lc.LSRConfig(s=2, r=2))
+    new = {"A1": (3, 1, 4), "A2": (3, 3, 4), "B1": (3, 4, 1), "B2": (3, 3, 3)}  # s = 3, r = (1, 3)
+    for name, shape in new.items():
+        setattr(layer, name, torch.nn.Parameter(torch.randn(shape) * 0.5))
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(layer(x), lc.reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2,
+                                                                 layer.B1, layer.B2, layer.scale))
+    f = layer.lsr_shape(64).factors
+    assert (f.s, f.r1, f.r2, f.n1, f.n2, f.m1, f.m2) == (3, 1, 3, 4, 4, 4, 3)
+    assert layer.num_adapter_parameters() == sum(p.numel() for p in (layer.A1, layer.A2, layer.B1, layer.B2)) == 87
+    assert "s=3 r=(1,3)" in lc.explain(layer).splitlines()[0]
+    assert "s=3, r=(1, 3)" in repr(layer)
+    layer.B2 = torch.nn.Parameter(torch.randn(2, 3, 4))  # one factor of another adapter: named, not guessed
+    with pytest.raises(ValueError, match=r"'B2': \(2, 3, 4\)\} do not fit together.*assign all four factors"):
+        layer.lsr_shape(64)

@@ -211,3 +211,93 @@ def test_the_public_adapter_op_checks_its_arguments(change, match):
     change(args)
     with pytest.raises(LSRInputError, match=match):
         torch.ops.lsr.adapter(*args.values())
+
+
+# ---- the last many-adapter gaps: an empty bank, torch.func, what a bank serves and what tune(model) sees -----
+
+@pytest.mark.parametrize("backend", [None] + [b for b in kernels.BACKENDS if kernels.unavailable(b, CPU) is None])
+def test_an_empty_bank_serves_base_only_segments(backend):
+    """K = 0 slots and every segment -1 (it raised IndexError inside the op): the base alone, and factor
+    gradients of the bank's (empty) shape."""
+    x, W, b, factors, _, ptr, _ = _inputs(torch.float32)
+    empty = [f[:0].clone().requires_grad_(True) for f in factors]
+    x.requires_grad_(True)
+    ad = torch.full((len(LENGTHS),), -1, dtype=torch.int64)
+    with lc.use_backend(backend):
+        y = lc.mixed_linear(x, W, b, *empty, torch.zeros(0), ptr, ad)
+    want = torch.nn.functional.linear(x, W, b)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x] + empty, g)
+    torch.testing.assert_close(got[0], g @ W)
+    assert [t.shape for t in got[1:]] == [t.shape for t in empty] and all(t.numel() == 0 for t in got[1:])
+    with pytest.raises(LSRInputError, match=r"slots \[0, 0, 0, 0, 0\] outside \[-1, 0\)"):
+        lc.mixed_linear(x, W, b, *empty, torch.zeros(0), ptr, ad.clone().fill_(0))
+
+
+def test_torch_func_grad_over_mixed_linear():
+    """torch.func transforms over ``lc.mixed_linear`` (PyTorch's generic Function message before): the bank's
+    gradients are autograd's through the op."""
+    from torch.func import grad
+
+    x, W, b, factors, scales, ptr, ad = _inputs()
+
+    def loss(bank, xb):
+        return lc.mixed_linear(xb, W, b, *bank, scales, ptr, ad).square().sum()
+
+    got = grad(loss)([f.clone() for f in factors], x)
+    leaves = [f.clone().requires_grad_(True) for f in factors]
+    want = torch.autograd.grad(loss(leaves, x), leaves)
+    for a, w in zip(got, want):
+        assert w.abs().max() > 1e-3
+        torch.testing.assert_close(a, w)
+
+
+def test_a_bank_target_that_is_not_a_linear_layer_is_refused_and_the_model_untouched():
+    """``target_modules`` naming e.g. ``attention`` (a module holding linear layers) was skipped without a word."""
+    from lsr_compile.bank import AdapterBank, BankedLinear
+
+    from models import tiny_bert
+
+    model = tiny_bert().bert
+    with pytest.raises(TypeError, match=r"attention is a BertAttention, not an nn.Linear.*query"):
+        AdapterBank(model, lc.LSRConfig(s=2, r=2, target_modules=["query", "attention"]))
+    assert not any(isinstance(m, BankedLinear) for m in model.modules())
+    AdapterBank(model, lc.LSRConfig(s=2, r=2, target_modules=["query"]))
+    with pytest.raises(TypeError, match="already served by a bank"):
+        AdapterBank(model, lc.LSRConfig(s=2, r=2, target_modules=["query"]))
+
+
+def test_tune_on_a_model_a_bank_serves_tunes_its_mixed_batch(monkeypatch):
+    """``tune(bank.model)`` said "the model has no LSRLinear layers; wrap it with apply_lsr first"."""
+    from lsr_compile.bank import AdapterBank
+    from lsr_compile.tuning import search
+
+    from models import tiny_bert
+
+    jobs = []
+    monkeypatch.setattr(search, "_job", lambda shape, op, *a, **k: jobs.append((shape, op)))
+    bank = AdapterBank(tiny_bert().bert, lc.LSRConfig(s=2, r=2, target_modules=["query", "value"]), capacity=4)
+    for what in (bank.model, bank):
+        jobs.clear()
+        lc.tune(what, tokens=(64,), log_dir=None)
+        assert {op for _, op in jobs} == {"mixed_forward", "mixed_backward"}
+        assert {(s.adapters, s.num_segments, s.factors.s) for s, _ in jobs} == {(4, 4, 2)}
+
+
+def test_shapes_of_a_peft_model_holds_every_adapter_and_the_mixed_batch():
+    """Two adapters of different structure (s = 2 and s = 3, r = (2, 4)): both are tuned, and the mixed batch of
+    the two that share a structure (only the first adapter's shape was returned)."""
+    from peft import get_peft_model
+
+    from lsr_compile.tuning.search import shapes_of
+    from models import tiny_bert
+
+    cfg = dict(target_modules=["query"], task_type="SEQ_CLS")
+    pm = get_peft_model(tiny_bert(), lc.LSRConfig(s=2, r=2, **cfg), adapter_name="a")
+    pm.add_adapter("b", lc.LSRConfig(s=3, r=(2, 4), **cfg))
+    got = {(s.factors.s, s.factors.r1, s.factors.r2, s.mixed and s.adapters) for s in shapes_of(pm, (64,))}
+    assert got == {(2, 2, 2, False), (3, 2, 4, False)}
+    pm.add_adapter("c", lc.LSRConfig(s=2, r=2, **cfg))
+    got = {(s.factors.s, s.factors.r1, s.factors.r2, s.mixed and s.adapters) for s in shapes_of(pm, (64,))}
+    assert got == {(2, 2, 2, False), (3, 2, 4, False), (2, 2, 2, 2)}

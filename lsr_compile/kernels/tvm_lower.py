@@ -96,6 +96,20 @@ def _schedule_block(sch, block, cfg):
     return row_loop
 
 
+def _initialised_before_reducing(func) -> tvm.IRModule:
+    """The generic kernels, unscheduled, except that every sum is set to zero before its reduction loop: as
+    written, TE initialises a sum inside the loop, at its first iteration, so a sum over zero tokens (the
+    backward's ``dA = uᵀ x`` and ``dBᵀ = tᵀ dy`` for an empty batch) was never initialised and its factor
+    gradients were whatever the workspace held."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loops, ivs = sch.get_loops(block), sch.get(block).iter_vars
+        reduce = [lp for lp, iv in zip(loops, ivs) if iv.iter_type == _REDUCE]
+        if reduce and len(loops) == len(ivs):
+            sch.decompose_reduction(block, reduce[0])
+    return sch.mod
+
+
 def schedule_cuda(func, cfg: dict) -> tvm.IRModule:
     """One thread per output element of every block: spatial loops fused and bound to
     (blockIdx.x, threadIdx.x), reductions sequential in the thread. Knobs: ``threads``, ``unroll``.
@@ -137,7 +151,7 @@ def lower(op: str, variant: str, config: dict, f: FactorShapes, dtype: str, targ
     expr = GENERIC[gkey] if generic else EXPRESSIONS[op, variant]
     func = te.create_prim_func(expr.build(f, dtype))
     if generic:  # serial, as written: a host-bound problem's kernel
-        mod = tvm.IRModule({"main": func})
+        mod = _initialised_before_reducing(func)
     else:
         mod = schedule_llvm(func, config).mod if kind == "llvm" else schedule_cuda(func, config)
     main = mod["main"]

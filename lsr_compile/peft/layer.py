@@ -65,6 +65,24 @@ class LSRLayer(BaseTunerLayer):
         return LSRShape.of_factors(tokens, self.lsr_shapes[name], dtype or self.lsr_A1[name].dtype,
                                    base_format(self.get_base_layer().weight))
 
+    def tuning_shapes(self, tokens: int, dtype=None) -> list:
+        """Every problem this layer runs for ``tokens`` rows (what ``tune(model)`` tunes): each adapter's, and
+        over a dense base the mixed batch (peft's ``adapter_names``) of each group of two or more adapters that
+        share a factor structure, one segment per adapter."""
+        from ..problem import LSRShape
+
+        base, groups, out = base_format(self.get_base_layer().weight), {}, []
+        for name, f in self.lsr_shapes.items():
+            dt = dtype or self.lsr_A1[name].dtype
+            groups.setdefault((f, dt), []).append(name)
+            out.append(LSRShape.of_factors(tokens, f, dt, base))
+        for (f, dt), names in groups.items():
+            if len(names) > 1 and base == "dense":
+                K = len(names)
+                out.append(LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dt,
+                                    adapters=K, segments=min(tokens, K)))
+        return out
+
     def factors(self, adapter: str):
         """(A1, A2, B1, B2) of ``adapter``; read from the ParameterDicts' own tables (their ``[]`` cost 1.4 µs
         each, a quarter of a decode step's host time)."""

@@ -39,18 +39,24 @@ class TuningError(ValueError):
 
 
 def shapes_of(model: nn.Module, tokens: Iterable[int], dtype=None) -> list[LSRShape]:
-    """One LSRShape per distinct LSR layer shape in ``model`` and token count: every module that can say
-    what it runs (``lsr_shape(tokens, dtype)``: LSRLinear, the peft LSR layer) is asked."""
-    seen = {}
+    """One LSRShape per distinct problem the LSR layers of ``model`` run, per token count: every module that can
+    say what it runs is asked, ``tuning_shapes(tokens, dtype)`` (every problem: a peft layer's adapters, each of
+    its own structure, and the mixed batch of those that share one; an AdapterBank's layer) or
+    ``lsr_shape(tokens, dtype)`` (one: LSRLinear)."""
+    seen, asked = {}, 0
     for module in model.modules():
-        shape_of = getattr(module, "lsr_shape", None)
-        if not callable(shape_of):
+        many, one = getattr(module, "tuning_shapes", None), getattr(module, "lsr_shape", None)
+        if not callable(many) and not callable(one):
             continue
+        asked += 1
         for n in tokens:
-            s = shape_of(n, dtype)
-            seen[(n, s.factors, s.dtype)] = s
+            for s in (many(n, dtype) if callable(many) else [one(n, dtype)]):
+                seen[(n, s.factors, s.dtype, s.base, s.mixed and (s.adapters, s.num_segments))] = s
     if not seen:
-        raise TuningError("the model has no LSRLinear layers; wrap it with apply_lsr first")
+        raise TuningError("the model's LSR layers run nothing tuning can choose (an AdapterBank over a quantized base "
+                          "adds its updates with the untuned factored formulation)" if asked else
+                          "the model has no LSRLinear layers (nor peft's LSR layers, nor an AdapterBank's); wrap "
+                          "it with apply_lsr or get_peft_model first")
     return list(seen.values())
 
 
@@ -222,8 +228,9 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     ``log_dir``: default the user's (``$LSR_TUNING_LOGS``, else ``~/.local/share/lsr_compile/tuning_logs``),
     which dispatch reads; records written elsewhere apply once passed to ``lsr_compile.load_logs``.
 
-    ``shapes``: LSRShapes, or a model with LSR layers (LSRLinear or peft's): then each distinct layer problem at
-    each of ``tokens`` (default ``(1, 2048)``: a decode step and a prefill; 1 to 16 rows share one record).
+    ``shapes``: LSRShapes, or a model with LSR layers (LSRLinear or peft's) or an AdapterBank: then each distinct
+    layer problem at each of ``tokens`` (default ``(1, 2048)``: a decode step and a prefill; 1 to 16 rows share
+    one record; ``shapes_of``).
     ``trials``: at most this many compiled-kernel configs per (shape, op) besides the PyTorch formulations.
     ``ops``: default forward and backward; for a mixed-batch shape (``shape.mixed``) ``mixed_forward`` and
     ``mixed_backward``; for a shape over a quantized base (``base != "dense"``) ``adapter_forward`` and
@@ -234,6 +241,8 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     """
     if target not in TARGET_DEVICES:
         raise TuningError(f"unknown target {target!r}; choose one of {sorted(TARGET_DEVICES)}")
+    if not isinstance(shapes, nn.Module) and isinstance(getattr(shapes, "model", None), nn.Module):
+        shapes = shapes.model  # an AdapterBank: the model it serves
     from_model = isinstance(shapes, nn.Module)
     tokens = _token_counts(tokens if tokens is not None else MODEL_TOKENS if from_model else (2048,))
     if from_model:

@@ -1,6 +1,7 @@
 """Tuning logs: round trip, bad lines skipped with a warning, concurrent appends lose nothing."""
 import json
 import multiprocessing as mp
+import warnings
 
 import pytest
 
@@ -74,3 +75,26 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 200
     assert all(json.loads(l)["schema"] == logs.SCHEMA for l in lines)  # no torn or interleaved line
+
+
+@pytest.mark.parametrize("tail,kept,corrupt", [
+    (json.dumps(_record(tokens=128)), [64, 128, 256, 512], []),  # a valid record whose newline is missing
+    ('{"schema": 2, "key": {"op": "forw', [64, 256, 512], ["forward.jsonl:2:"]),  # a write cut short
+    ("", [64, 256, 512], []),  # a terminated file: nothing added
+])
+def test_an_append_after_an_unterminated_last_line_loses_no_record(tmp_path, tail, kept, corrupt):
+    """A file whose last line lacks its newline (a hand edit, a write cut short): the next record starts a line of
+    its own, and a valid unterminated line stays valid (the two were glued into one corrupt line, both lost)."""
+    path = logs.log_path(tmp_path, "llvm", DEV, "forward")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(_record(tokens=64)) + "\n" + tail)
+    logs.append(path, _record(tokens=256))
+    logs.append(path, _record(tokens=512))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs = logs.read([path], DEV, "llvm")
+    assert sorted(k.token_bucket for k in recs) == kept
+    skipped = [str(w.message) for w in caught if "corrupt record skipped" in str(w.message)]
+    assert len(skipped) == len(corrupt) and all(c in m for c, m in zip(corrupt, skipped)), skipped
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and b"\n\n" not in data

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import lsr_compile as lc
 from lsr_compile import dispatch, logs, schedule_spaces
 from lsr_compile.device import device_id
+from lsr_compile.problem import ProblemKey
 from lsr_compile.quantized import FORMATS
 
 from models import strong_adapters
@@ -104,3 +105,26 @@ def test_a_record_is_either_valid_or_skipped_with_a_warning_naming_file_and_line
     else:
         assert any(issubclass(w.category, logs.TuningLogWarning) and "forward.jsonl" in str(w.message)
                    for w in caught)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(line("forward"), max_size=5), terminated=st.booleans(), appends=st.integers(1, 3))
+def test_an_append_never_loses_a_record(lines, terminated, appends):
+    """Whatever the file holds, ending in a newline or not (a hand edit, a write cut short): every record
+    appended is read back, and so is every record that was valid before (an unterminated last line too)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = logs.log_path(Path(d), "llvm", DEV, "forward")
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"\n".join(lines) + (b"\n" if terminated and lines else b""))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            before = set(logs.read([path], DEV, "llvm"))
+            added = []
+            for i in range(appends):
+                rec = {"schema": logs.SCHEMA, "device": {"id": DEV}, "versions": logs.library_versions(),
+                       "key": lc.LSRShape(2048 << i, 16, 12, s=2, r=2, n=(4, 4), m=(4, 3)).key("forward").as_dict(),
+                       "backend": "torch", "variant": "fold", "config": {}, "time_ms": 0.5}
+                logs.append(path, rec)
+                added.append(ProblemKey(**rec["key"]))
+            after = logs.read([path], DEV, "llvm")
+    assert before | set(added) <= set(after)
