@@ -161,6 +161,7 @@ def resolve_shapes(d_in: int, d_out: int, s: int, r, n=None, m=None) -> FactorSh
 
 
 _unusable_warned: set = set()
+_rank_warned: set = set()
 
 
 def _warn_unusable(s, r1, r2, n1, n2, m1, m2) -> None:
@@ -299,7 +300,8 @@ class LSRConfig(PeftConfig):
             raise ValueError(f"init must be 'zeros' or 'reference', got {self.init!r}")
         if self.scaling not in ("rslora", "lora"):
             raise ValueError(f"scaling must be 'rslora' or 'lora', got {self.scaling!r}")
-        if _is_count(self.r) and self.r >= 4:  # shown once per call site by Python's warning filters
+        if _is_count(self.r) and self.r >= 4 and self.r not in _rank_warned:  # once per value
+            _rank_warned.add(self.r)
             import warnings
 
             warnings.warn(f"LSRConfig(r={self.r}) sets both Kronecker ranks r1 = r2 = {self.r}: inner rank q = "

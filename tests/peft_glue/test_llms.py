@@ -243,6 +243,9 @@ def test_peft_dropouts_reach_the_peft_layer():
 
 
 def test_inner_rank_is_shown_where_a_lora_user_looks(capsys):
+    from lsr_compile import config
+
+    config._rank_warned.clear()
     with pytest.warns(lc.LSRConfigWarning, match="inner rank q = 64"):
         cfg = lc.LSRConfig(r=8, s=2)
     assert "inner_rank=64" in repr(cfg) and cfg.inner_rank == 64
