@@ -14,11 +14,22 @@ whole cost and leaves out the time this busy 2-core machine gives other processe
 ratios moved by ±15 % between runs while other jobs ran; with CPU time by about ±1 %).
 
     python -m lsr_compile.cli bench-decode [--quick] [--threads 1]   # rows to results/bench-decode-<device>.jsonl
+
+**The first minute** (``first_minute``, ``lsr-compile bench-decode --first-minute``): in fresh processes, LSR
+and peft LoRA r = 8 alternately on the tiny Llama: the import (``lsr_compile``; LoRA's: ``peft``), the first eager
+training step (its
+kernels chosen, built, cached), the second, and the first ``torch.compile``d training step with Inductor's
+caches off (a cold compile: its graphs traced, decomposed and compiled).
 """
 from __future__ import annotations
 
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -180,3 +191,66 @@ def table(rows: list[dict]) -> str:
                      f"{p['peft LoRA r=8']['p50_ms']:.1f} | {p['LSR (peft)']['p50_ms']:.1f} | "
                      f"**{p['LSR (peft)']['vs_lora']:.2f}** |")
     return "\n".join(lines)
+
+
+# ---- the first minute: fresh processes -------------------------------------------------------------------------
+
+# what each side's user imports: LoRA's peft, LSR's lsr_compile (which imports peft)
+_PROBE = ("import time; t = time.perf_counter(); import {module}; s = time.perf_counter() - t; "
+          "from lsr_compile import bench_decode; bench_decode._probe({method!r}, {compiled}, s)")
+
+
+def _probe(method: str, compiled: bool, import_s: float) -> None:
+    """One fresh process's first minute, printed as JSON (``first_minute`` runs it with ``_PROBE``)."""
+    out = {"import_s": import_s}
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(1)
+    model = workloads.tiny_decoder("llama")
+    pm = get_peft_model(model, LoraConfig(r=LORA_RANK) if method == "lora" else LSRConfig()).train()
+    ids = torch.randint(3, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    run = torch.compile(pm) if compiled else pm
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        loss = run(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name in ("first_step_s", "second_step_s"):
+        t = time.perf_counter()
+        step()
+        out[name] = time.perf_counter() - t
+    print(json.dumps(out))
+
+
+def first_minute(repeats: int = 3) -> list[dict]:
+    """Rows: per repeat, LSR and LoRA alternately, eager and compiled, each in a fresh process."""
+    rows = []
+    for rep in range(repeats):
+        for compiled in (False, True):
+            for method in ("lsr", "lora"):
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(), TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+                           TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+                code = _PROBE.format(module="lsr_compile" if method == "lsr" else "peft", method=method,
+                                     compiled=compiled)
+                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                rows.append({"kind": "first minute", "method": method, "compiled": compiled, "repeat": rep} | row)
+    return rows
+
+
+def first_minute_table(rows: list[dict]) -> str:
+    """Medians over repeats: LSR, LoRA, and LSR - LoRA (eager step) or LSR / LoRA (cold compile)."""
+    def med(method, compiled, key):
+        return statistics.median(r[key] for r in rows if r["method"] == method and r["compiled"] == compiled)
+    lines = ["| fresh process, tiny Llama, 1 thread | LSR s | peft LoRA r=8 s | LSR vs LoRA |", "|---|---|---|---|"]
+    for label, compiled, key, diff in (("import", False, "import_s", True),
+                                       ("first eager training step", False, "first_step_s", True),
+                                       ("second eager training step", False, "second_step_s", True),
+                                       ("first compiled training step (cold caches)", True, "first_step_s", False)):
+        a, b = med("lsr", compiled, key), med("lora", compiled, key)
+        cmp = f"{a - b:+.2f} s" if diff else f"{a / b:.2f}x"
+        lines.append(f"| {label} | {a:.2f} | {b:.2f} | **{cmp}** |")
+    return "\n".join(lines)
+

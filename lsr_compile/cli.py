@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     bd.add_argument("--quick", action="store_true")
     bd.add_argument("--out", type=Path, default=Path("results"))
     bd.add_argument("--threads", type=int, default=1)
+    bd.add_argument("--first-minute", action="store_true", help="instead: import, first eager and first compiled "
+                                                                "training step in fresh processes, LSR and LoRA")
     bm = sub.add_parser("bench-mixed", help="many adapters in one batch: mixed LSR op vs one adapter, looping "
                                             "over adapters and peft LoRA's mixed batch")
     bm.add_argument("--quick", action="store_true")
@@ -116,10 +118,19 @@ def main(argv=None) -> int:
             f"{k} {v:.3f}" if k == "lsr / lora" else f"{k} {v:.1f}" for k, v in host.items()))
     elif a.cmd == "bench-decode":
         from . import bench_decode
+        from .device import device_id
 
-        out = bench_decode.default_out(a.out)
-        rows = bench_decode.run(out, quick=a.quick, threads=a.threads)
-        print(bench_decode.table(rows))
+        if a.first_minute:
+            from .bench import provenance, write_rows
+
+            out = a.out / f"bench-first-minute-{device_id('cpu')}.jsonl"
+            rows = [r | provenance("cpu") for r in bench_decode.first_minute(repeats=1 if a.quick else 3)]
+            write_rows(out, rows)
+            print(bench_decode.first_minute_table(rows))
+        else:
+            out = bench_decode.default_out(a.out)
+            rows = bench_decode.run(out, quick=a.quick, threads=a.threads)
+            print(bench_decode.table(rows))
         print(f"\nrows: {out}")
     elif a.cmd == "bench-mixed":
         from . import bench_mixed

@@ -232,7 +232,13 @@ def _alpha(where: str, v) -> float:
 class LSRConfig(PeftConfig):
     """Configuration of LSR-Adapt adapters; also a peft config (``get_peft_model(model, cfg)``).
 
-    ``ΔW = scale · B · A`` with ``A = Σ_l A1[l] ⊗ A2[l]``, ``B = Σ_l B1[l] ⊗ B2[l]``.
+    ``ΔW = scale · B · A`` with ``A = Σ_l A1[l] ⊗ A2[l]``, ``B = Σ_l B1[l] ⊗ B2[l]``. The update's rank, what
+    LoRA calls ``r``, is the inner rank ``q = r1·r2`` (``inner_rank``); ``lsr_config_for_lora(rank, budget)``
+    gives the config that stands in for a LoRA rank.
+
+    Learning rate: start at about 3x the rate you would use for LoRA (LoRA 3e-3 -> LSR 1e-2), or keep LoRA's
+    rate and set ``alpha`` so that the scale is about 3 (``alpha = 3·sqrt(q)`` with ``scaling="rslora"``): at
+    scale 1 an LSR update moves more slowly per step. Rows behind it: docs/llms.md, "Learning rates".
     """
 
     s: int = field(default=4, metadata={"help": "Separation rank: number of Kronecker terms in each factor."})

@@ -56,10 +56,15 @@ def cached(what, A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, build: Callable
     return value
 
 
+generation = 0  # bumped by clear(): what layers remember from a call before it (ops.decode's memos) is stale
+
+
 def clear() -> None:
     """Forget everything built: the next call of every layer builds again (after writing factors through
     ``.data``, which no version counter sees)."""
+    global generation
     _entries.clear()
+    generation += 1
 
 
 def size() -> int:

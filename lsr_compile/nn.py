@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import base_layers, dispatch, formulations, step
 from .config import FactorShapes, LSRConfig
-from .ops import adapter_update, autocast_dtype, infer, inference_ready, layer_linear, quantized_base_linear
+from .ops import adapter_update, autocast_dtype, decode, infer, inference_ready, layer_linear, quantized_base_linear
 from .quantized import DENSE, base_format, factor_dtype, refuse_merge
 from .problem import LSRShape
 
@@ -188,6 +188,7 @@ class LSRLinear(nn.Module):
     def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: LSRConfig, shape=None,
                dtype=None, fan_in_fan_out: bool = False) -> None:
         self._base_forward = None  # a quantized base module's own forward (set by from_linear)
+        self._decode_memos: dict = {}  # ops.decode's (not saved, pickled or copied)
         self.fan_in_fan_out = fan_in_fan_out  # the weight is stored d_in x d_out (a Conv1D's)
         d_out, d_in = shape or weight.shape
         f = config.shapes_for(d_in, d_out)
@@ -229,9 +230,19 @@ class LSRLinear(nn.Module):
         if self.training and self.dropouts:
             return regularized_forward(x, weight, bias, A1, A2, B1, B2, self.scale, self.dropouts,
                                        self._base_forward)
-        if inference_ready(x, weight, bias, A1, A2, B1, B2):
-            return infer(x, weight, bias, A1, A2, B1, B2, self.scale)
+        y = decode(self._decode_memos, None, x, weight, bias, A1, A2, B1, B2, self.scale)
+        if y is not None:
+            return y
         return lsr_forward(x, weight, bias, A1, A2, B1, B2, self.scale, self._base_forward)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_decode_memos"] = {}  # runners and factor references of this process, rebuilt on the next call
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_decode_memos", {})
 
     def delta_weight(self) -> Tensor:
         """``scale · B · A``, shape ``(d_out, d_in)``."""

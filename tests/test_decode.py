@@ -222,3 +222,62 @@ def test_changes_through_data_bypass_version_counters_and_clearing_the_cache_see
         assert torch.equal(layer(x), before)
         lc.clear_factor_cache()
         _is_reference(layer(x), x, layer)
+
+
+def test_a_layer_remembers_its_runner_and_forgets_it_when_anything_changes(monkeypatch, fresh_dispatch):
+    """Decode-sized calls of one layer reuse one runner (a Conv1D's weight, a new view every call, included);
+    a forced backend, new tuning records, the factors or the input's dtype make a new one."""
+    from lsr_compile import dispatch
+    from transformers.pytorch_utils import Conv1D
+
+    built = []
+    real = dispatch.inference_runner
+    monkeypatch.setattr(dispatch, "inference_runner", lambda *a: built.append(1) or real(*a))
+    torch.manual_seed(0)
+    for base in (torch.nn.Linear(48, 40), Conv1D(40, 48)):
+        layer = strong_adapters(lc.LSRLinear.from_linear(base, lc.LSRConfig(s=2, r=2)))
+        x = torch.randn(1, 1, 48)
+        built.clear()
+        with torch.no_grad():
+            for _ in range(5):
+                _is_reference(layer(x).reshape(1, 40), x.reshape(1, 48), _as_linear(layer))
+            assert len(built) == 1
+            with lc.use_backend("torch"):
+                layer(x)
+            assert len(built) == 2
+            dispatch.invalidate()
+            layer(x)
+            assert len(built) == 3
+            layer.B1.mul_(2.0)
+            _is_reference(layer(x).reshape(1, 40), x.reshape(1, 48), _as_linear(layer))
+            assert len(built) == 4
+            layer.double()(x.double())
+            assert len(built) == 5
+
+
+def _as_linear(layer):
+    """A view of ``layer`` with its weight as d_out x d_in, for the reference."""
+    class View:
+        pass
+    v = View()
+    v.weight = layer.weight.t() if layer.fan_in_fan_out else layer.weight
+    v.bias, v.scale = layer.bias, layer.scale
+    v.A1, v.A2, v.B1, v.B2 = layer.A1, layer.A2, layer.B1, layer.B2
+    return v
+
+
+def test_a_decoded_layer_copies_and_pickles_without_what_it_remembers(tmp_path, fresh_dispatch):
+    layer = _layer()
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        layer(x)
+    assert layer._decode_memos
+    twin = copy.deepcopy(layer)
+    assert twin._decode_memos == {}
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    with torch.no_grad():
+        twin.A1.mul_(3.0)
+        _is_reference(twin(x), x, twin)
+        _is_reference(loaded(x), x, loaded)
+        _is_reference(layer(x), x, layer)

@@ -15,7 +15,7 @@ from .. import base_layers, formulations
 from ..config import LSRConfig
 from ..mixed_formulations import segments_of
 from ..nn import Dropouts, init_factors, lsr_forward, regularized_forward
-from ..ops import adapter_update, infer, inference_ready, mixed_linear
+from ..ops import adapter_update, decode, mixed_linear
 from ..quantized import base_format, factor_dtype, is_quantized, refuse_merge
 
 
@@ -30,6 +30,7 @@ class LSRLayer(BaseTunerLayer):
         self.lsr_scale: dict[str, float] = {}
         self.lsr_shapes: dict = {}
         self.lsr_dropouts: dict[str, Dropouts] = {}
+        self._decode_memos: dict = {}  # ops.decode's, per adapter (not saved, pickled or copied)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -90,6 +91,11 @@ class LSRLayer(BaseTunerLayer):
         return (m["lsr_A1"]._parameters[adapter], m["lsr_A2"]._parameters[adapter],
                 m["lsr_B1"]._parameters[adapter], m["lsr_B2"]._parameters[adapter])
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_decode_memos"] = {}  # runners and factor references of this process, rebuilt on the next call
+        return state
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scale·B·A`` in the base weight's layout (peft's convention: transposed for a Conv1D)."""
         A1, A2, B1, B2 = self.factors(adapter)
@@ -149,8 +155,9 @@ class Linear(nn.Module, LSRLayer):
                         drop = self.lsr_dropouts.get(name)
                         if drop:
                             return regularized_forward(x, weight, bias, A1, A2, B1, B2, scale, drop, base)
-                    if inference_ready(x, weight, bias, A1, A2, B1, B2):
-                        return infer(x, weight, bias, A1, A2, B1, B2, scale)
+                    y = decode(self._decode_memos, name, x, weight, bias, A1, A2, B1, B2, scale)
+                    if y is not None:
+                        return y
                     return lsr_forward(x, weight, bias, A1, A2, B1, B2, scale, base)
         if self.disable_adapters:
             if self.merged:
