@@ -26,12 +26,17 @@ What the hook cannot express, and what is done instead:
     backward is benchmarked at the traced token count only (the op itself, where it wins, still dispatches by
     the token count at run time).
 
+Which torch has it: 2.12 and 2.13 (the same hook: any op, config generators, ranges); 2.10 and 2.11 have a hook
+that takes only ops made with ``@torch.library.custom_op`` (LSR's are ``torch.library`` ops, 5 µs a call against
+22 µs), 2.10's without ranges; 2.9 and older none. The check is by feature (``missing``), not by version.
+
 Everywhere else (default mode, a torch without the hook, a backend forced by ``use_backend``) nothing changes:
 the choice of dispatch is baked into the graph as before (``ops._prepare_inductor``). Nothing here imports
 Inductor before a graph is compiled.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -301,12 +306,33 @@ def _static(size) -> bool:
         return False
 
 
+_enabled = [True]
+
+
+def enabled() -> bool:
+    return _enabled[0]
+
+
+@contextlib.contextmanager
+def disabled():
+    """``with disabled(): compiled(x)``: graphs compiled inside the block in max-autotune mode keep dispatch's
+    choice for LSR's layers (Inductor still autotunes its own kernels): the compile time of LSR's candidates
+    saved, or their effect measured."""
+    old, _enabled[0] = _enabled[0], False
+    try:
+        yield
+    finally:
+        _enabled[0] = old
+
+
 def active(x: Tensor) -> bool:
     """Whether the op being decomposed for Inductor is to be autotuned among LSR's candidates: Inductor compiles
-    in max-autotune mode, no backend is forced, and the hook is there (where it is not, says so once)."""
+    in max-autotune mode, no backend is forced, not ``disabled``, and the hook is there (where it is not, says
+    so once)."""
     from torch._inductor import config
 
-    if not config.max_autotune or dispatch.forced() is not None or x.device.type not in ("cpu", "cuda"):
+    if (not config.max_autotune or not _enabled[0] or dispatch.forced() is not None
+            or x.device.type not in ("cpu", "cuda")):
         return False
     prepare()
     if _state["registered"]:
@@ -315,7 +341,7 @@ def active(x: Tensor) -> bool:
         _state["warned"] = True
         warnings.warn(f"lsr_compile: torch.compile(mode='max-autotune') cannot benchmark LSR's kernels here: "
                       f"{missing()}. LSR layers keep dispatch's choice (the tuning logs' record or the default), as "
-                      f"in default mode; torch >= 2.13 has the hook LSR uses", RuntimeWarning, stacklevel=2)
+                      f"in default mode; torch >= 2.12 has the hook LSR uses", RuntimeWarning, stacklevel=2)
     return False
 
 
@@ -362,7 +388,7 @@ def describe() -> str:
     """One line for ``explain``: what max-autotune does with LSR's ops in this process. Imports Inductor."""
     why = missing()
     if why is not None:
-        return (f"under torch.compile(mode='max-autotune'): the same choice ({why}; torch >= 2.13 has the hook "
+        return (f"under torch.compile(mode='max-autotune'): the same choice ({why}; torch >= 2.12 has the hook "
                 f"LSR's candidates need)")
     return ("under torch.compile(mode='max-autotune'): Inductor benchmarks the PyTorch formulations, the compiled "
             "kernels that run here and dispatch's choice in the compiled graph (lsr_compile.inductor_autotune)")

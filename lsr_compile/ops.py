@@ -285,7 +285,7 @@ def _prepare_inductor() -> None:
         _decompositions_registered = True
     # part of the AOTAutograd and FX-graph cache keys (documented for custom ops in torch._inductor.config)
     marked = config.unsafe_marked_cacheable_functions
-    token = dispatch.state_token()
+    token = dispatch.state_token() + ("" if inductor_autotune.enabled() else ":max-autotune-candidates-off")
     if marked.get(_CACHE_SALT) != token:
         config.unsafe_marked_cacheable_functions = {**marked, _CACHE_SALT: token}
 

@@ -14,6 +14,7 @@ from lsr_compile.kernels import unavailable
 from models import strong_adapters
 
 FORMULATIONS = {"torch_fold", "torch_materialise", "torch_factored"}
+needs_hook = pytest.mark.skipif(ia.missing() is not None, reason=f"this torch: {ia.missing()}")
 
 
 @pytest.fixture(autouse=True)
@@ -59,12 +60,12 @@ def _check_against_float64(layer, x, y, params):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * scale)
 
 
+@needs_hook
 def test_max_autotune_picks_one_of_lsrs_candidates_over_token_ranges_forward_and_backward():
     """Training steps at four token counts, one in each range (the first compiles static, the rest dynamic):
     every autotuning is of LSR's candidates and picks one of them, outputs and gradients equal the float64
     reference, and the ranges dispatch at run time (each range its own branch here, as if every range had
     another winner: on a loaded machine which one wins is noise)."""
-    assert ia.missing() is None, ia.missing()
     layer = _layer()
     params = [layer.A1, layer.A2, layer.B1, layer.B2]
     compiled = torch.compile(layer, mode="max-autotune", fullgraph=True)
@@ -102,6 +103,7 @@ def test_max_autotune_picks_one_of_lsrs_candidates_over_token_ranges_forward_and
     assert "torch.ops.lsr.linear_forward" not in text and "torch.ops.lsr.linear_backward.default" not in text
 
 
+@needs_hook
 @pytest.mark.parametrize("decomposition", [True, False])
 def test_a_decomposition_and_the_op_itself_are_each_correct_when_picked(decomposition):
     """Inductor's test switch makes a decomposition win (a formulation inlined, or a compiled kernel's one call),
@@ -124,9 +126,9 @@ def test_a_decomposition_and_the_op_itself_are_each_correct_when_picked(decompos
     assert [k for k in ia.picks() if k.startswith("lsr_linear ")], ia.picks()
 
 
-def test_default_mode_and_a_forced_backend_keep_dispatchs_choice():
-    """Only max-autotune benchmarks LSR's candidates: default mode, and max-autotune under use_backend, compile
-    the choice dispatch makes when tracing, as before."""
+def test_default_mode_a_forced_backend_and_disabled_keep_dispatchs_choice():
+    """Only max-autotune benchmarks LSR's candidates: default mode, and max-autotune under use_backend or
+    inductor_autotune.disabled(), compile the choice dispatch makes when tracing, as before."""
     from torch._inductor.utils import run_and_get_code
 
     layer = _layer()
@@ -136,7 +138,9 @@ def test_default_mode_and_a_forced_backend_keep_dispatchs_choice():
         torch._dynamo.reset()
         with lc.use_backend("torch"):
             _, forced = run_and_get_code(torch.compile(layer, mode="max-autotune", fullgraph=True), x)
-    for c in code + forced:
+        with ia.disabled():
+            _, off = run_and_get_code(torch.compile(layer, mode="max-autotune", fullgraph=True), x)
+    for c in code + forced + off:
         assert "linear_autotuned" not in c
     assert ia.picks() == {}
 
@@ -169,5 +173,5 @@ def test_a_torch_without_the_hook_is_unaffected(monkeypatch):
     # torch 2.10 and 2.11: the hook exists but takes only ops made with @torch.library.custom_op
     monkeypatch.undo()
     monkeypatch.setattr(ia, "_state", {"registered": False, "missing": None, "warned": False})
-    monkeypatch.delattr(lowering, "user_lowerings")
+    monkeypatch.delattr(lowering, "user_lowerings", raising=False)
     assert "@torch.library.custom_op" in ia.missing()
