@@ -1,5 +1,5 @@
-"""lsr-compile tune | bench | bench-decode | bench-mixed | bench-quantized | explain | logs | demo | build-tvm-cuda |
-tvm-runtime-wheels"""
+"""lsr-compile tune | bench | bench-decode | bench-mixed | bench-quantized | bench-compile | explain | logs | demo |
+build-tvm-cuda | tvm-runtime-wheels"""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,14 @@ def main(argv=None) -> int:
     bq.add_argument("--out", type=Path, default=Path("results"))
     bq.add_argument("--device", default="cpu")
     bq.add_argument("--tokens", type=int, default=256)
+    bc = sub.add_parser("bench-compile", help="which torch.compile mode: a layer and the demo model eager, default "
+                                              "compile (tuned dispatch) and mode='max-autotune' (Inductor "
+                                              "benchmarks LSR's candidates), step times and compile times")
+    bc.add_argument("--quick", action="store_true", help="a smaller layer problem and batch, a shorter tuning")
+    bc.add_argument("--out", type=Path, default=Path("results"))
+    bc.add_argument("--tune-budget", type=float, default=None,
+                    help="seconds to tune the problems first (0: none; default 60, --quick 20)")
+    bc.add_argument("--rounds", type=int, default=7)
     e = sub.add_parser("explain", help="which kernel runs for a shape, and why")
     _shape_args(e)
     pr = sub.add_parser("predict", help="the cost model's step on the H200 for the GPU shapes: LSR against the "
@@ -149,6 +157,25 @@ def main(argv=None) -> int:
         rows = bench_quantized.run(out, quick=a.quick, device=a.device, dtype=dtype, tokens=a.tokens)
         print(bench_quantized.table(rows))
         print(f"\nrows: {out}")
+    elif a.cmd == "bench-compile":
+        import os
+        import tempfile
+
+        from . import bench_compile, inductor_autotune
+        from .problem import LSRShape
+
+        # compile times from scratch: C++ kernels Inductor built in earlier runs are not reused
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lsr-bench-compile-inductor-")
+
+        out = bench_compile.default_out(a.out)
+        budget = a.tune_budget if a.tune_budget is not None else (20.0 if a.quick else 60.0)
+        layer = LSRShape(512 if a.quick else 2048, 768, 768, s=4, r=(2, 4))
+        rows = bench_compile.run(out, layer=layer, batch=4 if a.quick else 8, seq=64, tune_budget_s=budget,
+                                 rounds=a.rounds)
+        print(bench_compile.table(rows))
+        print("\nmax-autotune's picks: " + ("; ".join(f"{k}: {w}" for k, (w, _) in inductor_autotune.picks().items())
+                                          or f"none ({inductor_autotune.missing()})"))
+        print(f"load average {rows[0]['load_before']} before, {rows[0]['load_after']} after (2 cores); rows: {out}")
     elif a.cmd == "build-tvm-cuda":
         from .kernels import tvm_cuda
 

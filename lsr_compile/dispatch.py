@@ -369,13 +369,18 @@ def example_rows(x: torch.Tensor) -> int:
     return n
 
 
-def _traced_choice(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> tuple[ProblemKey, Choice]:
-    """The choice for a graph being traced. Symbolic sizes (the token count; any size under opcheck) are read
-    at their example values, without a guard, so dynamic shapes do not recompile per token bucket."""
+def traced_key(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> ProblemKey:
+    """The key of a graph being traced. Symbolic sizes (the token count; any size under opcheck) are read at
+    their example values, without a guard, so dynamic shapes do not recompile per token bucket."""
     s, r1, n1 = (_hint(v, 1) for v in A1.shape)
     r2, n2 = (_hint(v, 1) for v in A2.shape[1:])
     m1, m2 = _hint(B1.shape[1], 1), _hint(B2.shape[1], 1)
-    key = ProblemKey.of(op, x2d.dtype, _hint(x2d.shape[0], 2048), FactorShapes(s, r1, r2, n1, n2, m1, m2))
+    return ProblemKey.of(op, x2d.dtype, _hint(x2d.shape[0], 2048), FactorShapes(s, r1, r2, n1, n2, m1, m2))
+
+
+def _traced_choice(op: str, x2d: torch.Tensor, A1, A2, B1, B2) -> tuple[ProblemKey, Choice]:
+    """The choice for a graph being traced (``traced_key``)."""
+    key = traced_key(op, x2d, A1, A2, B1, B2)
     # a graph traced for a GPU this process cannot see (fake CUDA tensors on a CPU machine): the H200's choices
     gpu = H200 if x2d.device.type == "cuda" and not torch.cuda.is_available() else None
     return key, choose(op, key, x2d.device, gpu)

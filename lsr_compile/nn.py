@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import base_layers, dispatch, formulations, step
+from . import base_layers, dispatch, formulations, inductor_autotune, step
 from .config import FactorShapes, LSRConfig
 from .ops import adapter_update, autocast_dtype, decode, infer, inference_ready, layer_linear, quantized_base_linear
 from .quantized import DENSE, base_format, factor_dtype, refuse_merge
-from .problem import LSRShape
+from .problem import OPS, LSRShape
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def explain(obj, tokens: Optional[int] = None, device=None) -> str:
     run it; for an ``LSRShape``, on ``device`` (default the CPU)."""
     if isinstance(obj, LSRShape):
         shape = obj if tokens is None else dataclasses.replace(obj, tokens=tokens)
-        return dispatch.explain(shape, device)
+        return _with_max_autotune(dispatch.explain(shape, device), [shape])
     if not isinstance(obj, nn.Module):
         raise TypeError(f"explain() takes an LSR layer, a model with LSR layers or an LSRShape, got "
                         f"{type(obj).__name__}")
@@ -472,6 +472,14 @@ def explain(obj, tokens: Optional[int] = None, device=None) -> str:
         groups.setdefault((m.lsr_shape(tokens or 2048), torch.device(dev)), []).append(name or type(m).__name__)
     if "" in layers and len(groups) == 1:  # one layer: no list of names
         (shape, dev), = groups
-        return dispatch.explain(shape, dev)
-    return "\n".join(f"{', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}:\n"
+        return _with_max_autotune(dispatch.explain(shape, dev), [shape])
+    text = "\n".join(f"{', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}:\n"
                      + dispatch.explain(shape, dev) for (shape, dev), names in groups.items())
+    return _with_max_autotune(text, [shape for shape, _ in groups])
+
+
+def _with_max_autotune(text: str, shapes) -> str:
+    """``explain``'s last line, for the dense layer's ops: what ``torch.compile(mode="max-autotune")`` does."""
+    if not any(s.ops == OPS for s in shapes):
+        return text
+    return text + "\n" + inductor_autotune.describe()

@@ -16,11 +16,11 @@ STAGES = [
     ("logs",),  # 4. the tuning-log format, under the tuner that writes it and dispatch that reads it
     ("tuning",),  # 5. tuner
     ("dispatch",),  # 6. run-time choice
-    ("ops",),  # 7. op registry
+    ("ops", "inductor_autotune"),  # 7. op registry (and its candidates for max-autotune)
     ("nn", "bank"),  # 8. layers
     ("peft",),  # 9. peft glue
-    ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "profile_step", "demo", "gpu_check",
-     "cli"),  # applications
+    ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "bench_compile", "profile_step", "demo",
+     "gpu_check", "cli"),  # applications
 ]
 
 
