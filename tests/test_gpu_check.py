@@ -17,10 +17,15 @@ def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
     assert gpu_check.main(["--dry-run", "--part", "0", "--out", str(out), "--budget", "400"]) == 0
     rows = _rows(out)
     kinds = {r["kind"] for r in rows}
-    assert {"env", "profile", "correctness", "overhead", "tune", "bench", "predicted", "graphs", "model",
+    assert {"env", "profile", "correctness", "pruning", "overhead", "tune", "bench", "predicted", "graphs", "model",
             "mixed"} <= kinds, kinds
     assert not [r for r in rows if r["kind"] == "failure"]
     assert next(r for r in rows if r["kind"] == "correctness")["passed"] > 20
+    # the GPU's share of the correctness stage, pruned here for sm_90 as the tuner and the GPU tests prune it:
+    # every Triton config it would run there compiles, and none needs pruning today (bf16 every point at 768²,
+    # the dtype defaults elsewhere)
+    pruning = next(r for r in rows if r["kind"] == "pruning")
+    assert pruning["capability"] == 90 and pruning["checked"] >= 80 and pruning["pruned"] == {}
     providers = {r["provider"] for r in rows if r["kind"] == "bench"}
     assert {"floor", "lsr", "lsr_compiled", "lsr_graphs", "floor_graphs", "reference", "lora", "peft_lokr"} <= providers
     profiles = {r["name"] for r in rows if r["kind"] == "profile"}
