@@ -265,13 +265,14 @@ def dispatch_overhead(calls: int = 2000, device="cpu") -> dict[str, float]:
     return out
 
 
-def launch_host_us(calls: int = 2000, rounds: int = 7) -> dict[str, float]:
+def launch_host_us(calls: int = 2000, rounds: int = 7, device="cpu") -> dict[str, float]:
     """Host µs per call of the Triton paths around their launch, the launch itself stubbed out (Triton's
     ``run`` does nothing): what this package does on the host per call (checks, arguments, descriptors, the
     persistent launch's wave, the mixed batch's bank). A GPU's arguments (full tiles, the H200's SMs and L2),
     CPU tensors: the fused GEMM (bf16, 256 x 1024 -> 1024, q = 8) with pointers and with TMA descriptors, and
     a mixed batch's adapters (8 segments over a bank of 16, 64 x 128 -> 128) added by ``triton_mixed.forward``
-    (its base GEMM, which it also runs, reported apart). Medians over ``rounds``."""
+    (its base GEMM, which it also runs, reported apart). Medians over ``rounds``. On a CPU the tensors' ATen
+    calls compute; on a GPU (``device``) they only queue work, which is never waited for."""
     import statistics
     import time
 
@@ -293,15 +294,15 @@ def launch_host_us(calls: int = 2000, rounds: int = 7) -> dict[str, float]:
         return statistics.median(meds)
 
     dt = torch.bfloat16
-    x, W, b = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt), torch.randn(1024, dtype=dt)
-    A, Bt = torch.randn(8, 1024, dtype=dt), torch.randn(8, 1024, dtype=dt)
+    r = lambda *s, dtype=dt: torch.randn(*s, device=device).to(dtype)  # noqa: E731
+    x, W, b = r(256, 1024), r(1024, 1024), r(1024)
+    A, Bt = r(8, 1024), r(8, 1024)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     K, S, d = 16, 8, 128
-    xm, Wm, bm = torch.randn(64, d, dtype=dt), torch.randn(d, d, dtype=dt), torch.randn(d, dtype=dt)
-    factors = (torch.randn(K, 2, 2, 16, dtype=dt), torch.randn(K, 2, 4, 8, dtype=dt),
-               torch.randn(K, 2, 16, 2, dtype=dt), torch.randn(K, 2, 8, 4, dtype=dt))
-    scales = torch.rand(K)
-    ptr, ad = mf.segments_of([64 // S] * S, list(range(S)))
+    xm, Wm, bm = r(64, d), r(d, d), r(d)
+    factors = (r(K, 2, 2, 16), r(K, 2, 4, 8), r(K, 2, 16, 2), r(K, 2, 8, 4))
+    scales = r(K, dtype=torch.float32)
+    ptr, ad = mf.segments_of([64 // S] * S, list(range(S)), device=device)
     mcfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
     old = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
     try:

@@ -373,3 +373,12 @@ def test_mixed_kernel_reads_strided_scales_and_segments():
     want[:10] = 2.0 * (xd[:10] @ A[1].double().T) @ Bt[1].double()
     want[22:] = 0.5 * (xd[22:] @ A[0].double().T) @ Bt[0].double()
     torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_launch_host_us_measures_every_path():
+    """``bench.launch_host_us``, the figures in docs/gpu.md (a short run: it only has to work)."""
+    from lsr_compile import bench
+
+    us = bench.launch_host_us(calls=20, rounds=1, device=DEV)
+    assert set(us) == {"fused, pointers", "fused, TMA", "mixed forward", "its base GEMM (F.linear)"}
+    assert all(v > 0 for v in us.values())
