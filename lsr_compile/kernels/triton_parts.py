@@ -182,7 +182,9 @@ def _project_tile(x_ptr, y_ptr, P, y_pstride, out_ptr, S, KO, KT, J, xs_o, xs_t,
             y = tl.full((BLOCK_K, BLOCK_J), 0, dtype=ACC)
             for p0 in range(0, P, UNROLL_P):
                 for u in tl.static_range(UNROLL_P):
-                    y += tl.load(y_ptr + (p0 + u) * y_pstride + yoff, mask=ymask & (p0 + u < P), other=0.0).to(ACC)
+                    # the partial's index as a tile (Triton 3.9's interpreter refuses a scalar mask term)
+                    live = ymask & ((p0 + u) + offs_j[None, :] * 0 < P)
+                    y += tl.load(y_ptr + (p0 + u) * y_pstride + yoff, mask=live, other=0.0).to(ACC)
             acc = tl.dot(x, y, acc, input_precision=PRECISION, out_dtype=ACC)
     tl.store(out_ptr + o_base + offs_l[:, None] * o_sl + offs_j[None, :] * o_sj,
              (scale * acc).to(out_ptr.dtype.element_ty), mask=(offs_l[:, None] < S) & (offs_j[None, :] < J))
