@@ -272,7 +272,7 @@ def launch_host_us(calls: int = 2000, rounds: int = 7, device="cpu") -> dict[str
     CPU tensors: the fused GEMM (bf16, 256 x 1024 -> 1024, q = 8) with pointers and with TMA descriptors, and
     a mixed batch's adapters (8 segments over a bank of 16, 64 x 128 -> 128) added by ``triton_mixed.forward``
     (its base GEMM, which it also runs, reported apart). Medians over ``rounds``. On a CPU the tensors' ATen
-    calls compute; on a GPU (``device``) they only queue work, which is never waited for."""
+    calls compute (on one thread); on a GPU (``device``) they only queue work, which is never waited for."""
     import statistics
     import time
 
@@ -305,8 +305,10 @@ def launch_host_us(calls: int = 2000, rounds: int = 7, device="cpu") -> dict[str
     ptr, ad = mf.segments_of([64 // S] * S, list(range(S)), device=device)
     mcfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
     old = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
+    threads = torch.get_num_threads()
     try:
-        for cls in old:
+        torch.set_num_threads(1)  # the CPU's ATen calls compute: one thread, so a busy machine's other jobs
+        for cls in old:           # do not make their thread pool the measurement
             cls.run = lambda self, *a, **k: None
         with torch.no_grad(), triton_fused.gpu_arguments():
             out = {"fused, pointers": per_call(lambda: triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7, cfg, True)),
@@ -316,6 +318,7 @@ def launch_host_us(calls: int = 2000, rounds: int = 7, device="cpu") -> dict[str
                                                                           mcfg)),
                    "its base GEMM (F.linear)": per_call(lambda: F.linear(xm, Wm, bm))}
     finally:
+        torch.set_num_threads(threads)
         for cls, run in old.items():
             cls.run = run
     return out
