@@ -80,6 +80,8 @@ def device_of(args) -> Optional[torch.device]:
         if isinstance(a, torch.Tensor):
             return a.device
     return None
+
+
 SPACE = space_name("triton", "cuda")
 DTYPES = tuple(schedule_spaces.dtypes(SPACE))
 KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
