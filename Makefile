@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 GPU_VENV ?= .venv-gpu-image
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_IMAGE_TESTS := tests/test_ops.py tests/test_nn.py tests/test_compile.py tests/kernels/test_triton_fused.py \
-	tests/kernels/test_triton_aot.py tests/test_gpu_check.py tests/peft_glue/test_peft_glue.py tests/test_robustness.py \
-	tests/test_layout.py tests/test_mixed.py tests/test_step.py tests/test_costmodel.py tests/test_launch_budget.py
+	tests/kernels/test_triton_on_a_gpu.py tests/kernels/test_triton_aot.py tests/test_gpu_check.py \
+	tests/peft_glue/test_peft_glue.py tests/test_robustness.py tests/test_layout.py tests/test_mixed.py tests/test_step.py \
+	tests/test_costmodel.py tests/test_launch_budget.py
 
 .PHONY: setup setup-gpu-image demo test test-gpu-image test-triton-newest ci test-all bench gpu-artifacts gpu-check
 setup: $(VENV)/.installed
@@ -50,7 +51,7 @@ TRITON_NEWEST_DIR := .triton-$(TRITON_NEWEST)
 test-triton-newest: setup
 	test -d $(TRITON_NEWEST_DIR) || $(PY) -m pip install -q --no-deps --target $(TRITON_NEWEST_DIR) triton==$(TRITON_NEWEST)
 	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PY) -m pytest -q tests/kernels/test_triton_aot.py tests/kernels/test_triton_fused.py \
-		tests/test_step.py tests/test_launch_budget.py
+		tests/kernels/test_triton_on_a_gpu.py tests/test_step.py tests/test_launch_budget.py
 
 ci: test test-gpu-image test-triton-newest
 

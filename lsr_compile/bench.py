@@ -265,6 +265,65 @@ def dispatch_overhead(calls: int = 2000, device="cpu") -> dict[str, float]:
     return out
 
 
+def launch_host_us(calls: int = 2000, rounds: int = 7, device="cpu") -> dict[str, float]:
+    """Host µs per call of the Triton paths around their launch, the launch itself stubbed out (Triton's
+    ``run`` does nothing): what this package does on the host per call (checks, arguments, descriptors, the
+    persistent launch's wave, the mixed batch's bank). A GPU's arguments (full tiles, the H200's SMs and L2),
+    CPU tensors: the fused GEMM (bf16, 256 x 1024 -> 1024, q = 8) with pointers and with TMA descriptors, and
+    a mixed batch's adapters (8 segments over a bank of 16, 64 x 128 -> 128) added by ``triton_mixed.forward``
+    (its base GEMM, which it also runs, reported apart). Medians over ``rounds``. On a CPU the tensors' ATen
+    calls compute (on one thread); on a GPU (``device``) they only queue work, which is never waited for."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+    from triton.runtime import interpreter, jit
+
+    from . import mixed_formulations as mf
+    from .kernels import triton_fused, triton_mixed
+
+    def per_call(fn) -> float:
+        for _ in range(200):
+            fn()
+        meds = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            meds.append((time.perf_counter() - t0) / calls * 1e6)
+        return statistics.median(meds)
+
+    dt = torch.bfloat16
+    r = lambda *s, dtype=dt: torch.randn(*s, device=device).to(dtype)  # noqa: E731
+    x, W, b = r(256, 1024), r(1024, 1024), r(1024)
+    A, Bt = r(8, 1024), r(8, 1024)
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    K, S, d = 16, 8, 128
+    xm, Wm, bm = r(64, d), r(d, d), r(d)
+    factors = (r(K, 2, 2, 16), r(K, 2, 4, 8), r(K, 2, 16, 2), r(K, 2, 8, 4))
+    scales = r(K, dtype=torch.float32)
+    ptr, ad = mf.segments_of([64 // S] * S, list(range(S)), device=device)
+    mcfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    old = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the CPU's ATen calls compute: one thread, so a busy machine's other jobs
+        for cls in old:           # do not make their thread pool the measurement
+            cls.run = lambda self, *a, **k: None
+        with torch.no_grad(), triton_fused.gpu_arguments():
+            out = {"fused, pointers": per_call(lambda: triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7, cfg, True)),
+                   "fused, TMA": per_call(lambda: triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7,
+                                                                            dict(cfg, TMA=1), True)),
+                   "mixed forward": per_call(lambda: triton_mixed.forward(xm, Wm, bm, *factors, scales, ptr, ad,
+                                                                          mcfg)),
+                   "its base GEMM (F.linear)": per_call(lambda: F.linear(xm, Wm, bm))}
+    finally:
+        torch.set_num_threads(threads)
+        for cls, run in old.items():
+            cls.run = run
+    return out
+
+
 def host_step_us(rounds: int = 9, steps: int = 500, device="cpu") -> dict[str, float]:
     """Host µs per eager training step (forward + backward, gradients for the input and every trainable
     parameter) at a tiny layer (8 tokens, 16x16), where the host's work is all there is: the frozen Linear,

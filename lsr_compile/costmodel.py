@@ -4,7 +4,9 @@ data (``trace``), priced with the device's two measured ceilings and its host's 
     trace(fn, *args)   -> [Call]     each ATen op (a kernel, a view or an allocation: what a TorchDispatchMode
                                      sees) and each Triton launch (``triton_fused.launch``), in order, with the
                                      bytes it reads and writes and the FLOPs it does
-    price(calls, m)    -> Price      GPU time = Σ max(FLOPs / peak, bytes / bandwidth) + a fixed time per kernel;
+    price(calls, m)    -> Price      GPU time = Σ max(FLOPs / peak, bytes / bandwidth, waits · round trip)
+                                     + a fixed time per kernel (waits: the memory round trips one program
+                                     makes in turn, what no pipeline hides: latency, not bytes);
                                      host time = Σ the host's cost of each call + the step's fixed entries;
                                      a step costs the larger of the two (the host issues ahead of the GPU)
 
@@ -41,6 +43,7 @@ class Call:
     flops: float = 0.0
     bytes: float = 0.0
     source: str = "aten"  # "aten" or "triton"
+    waits: float = 0.0  # memory round trips one program waits for in turn (loads no pipeline hides), longest
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -94,6 +97,18 @@ def _fused_tma_flops(a, meta) -> float:
     return 2.0 * m * n * k + _adapter_flops(m, n, k, meta, wave_n)
 
 
+def _mixed_groups(a, meta) -> int:
+    """Programs sharing one row tile's column blocks (``triton_mixed.column_groups``): each computes the
+    tile's ``x A_kᵀ`` and reads its rows of x."""
+    d_out, cols = a[9], a[11]
+    return -(-(-(-d_out // meta["BLOCK_N"])) // cols)
+
+
+def _mixed_flops(a, meta) -> float:
+    n, d_in, d_out = a[0].shape[0], a[8], a[9]
+    return 2.0 * n * d_in * meta["BLOCK_R"] * _mixed_groups(a, meta) + 2.0 * n * d_out * meta["BLOCK_R"]
+
+
 TRITON_FLOPS: dict[str, Callable[[tuple, dict], float]] = {
     "_fold_kernel": lambda a, _: 2.0 * a[0].numel() * a[3].shape[0],  # W (d_out, d_in), A (q, d_in)
     "_dy_pass_kernel": lambda a, _: 4.0 * a[0].numel() * a[1].shape[0],  # dy (N, d_out), Bt (q, d_out)
@@ -101,6 +116,32 @@ TRITON_FLOPS: dict[str, Callable[[tuple, dict], float]] = {
     "_project_kernel": lambda a, _: 4.0 * a[12] * (a[0].numel() + a[1].numel() // a[1].shape[0]),  # s · (dA + dBt)
     "_fused_lsr_kernel": _fused_flops,
     "_fused_lsr_tma_kernel": _fused_tma_flops,
+    "_mixed_lsr_kernel": _mixed_flops,
+}
+
+# Bytes beyond each tensor once: the projection's dB programs read the partial sums twice (dB1's slices, then
+# dB2's), the mixed kernel reads y and writes it back and reads x once per column group.
+TRITON_EXTRA_BYTES: dict[str, Callable[[tuple, dict], float]] = {
+    "_project_kernel": lambda a, _: _nbytes(a[1]),
+    "_mixed_lsr_kernel": lambda a, meta: _nbytes(a[4]) + (_mixed_groups(a, meta) - 1) * _nbytes(a[0]),
+}
+
+
+def _project_waits(a, meta) -> float:
+    """The projection's longest program: ``KO·⌈KT/BLOCK_K⌉`` tiles, each waiting ⌈P/UNROLL_P⌉ times for loads of the
+    partial sums (dB programs; dA programs read one, P = 1)."""
+    P, r1, r2, n1, n2, m1, m2 = a[2], a[13], a[14], a[15], a[16], a[17], a[18]
+    bk, bp = meta["BLOCK_K"], meta["UNROLL_P"]
+    tiles = lambda ko, kt: ko * -(-kt // bk)  # noqa: E731
+    return max(max(tiles(r2, n2), tiles(r1, n1)), max(tiles(r2, m2), tiles(r1, m1)) * -(-P // bp))
+
+
+# Memory round trips a program of these kernels waits for one after another, beside its pipelined streaming
+# (``Machine.round_trip_us`` each): the projection's reads of the partial sums, the pass over dy's
+# read-modify-writes of its partial sum when a program takes several row blocks.
+TRITON_WAITS: dict[str, Callable[[tuple, dict], float]] = {
+    "_project_kernel": _project_waits,
+    "_dy_pass_kernel": lambda a, meta: (a[8] - 1) * -(-a[6] // meta["BLOCK_D"]),
 }
 
 
@@ -109,7 +150,9 @@ def triton_call(kernel, grid, args, meta) -> Call:
     ts = [getattr(t, "base", t) for t in args]  # a TMA descriptor's tensor is its base
     ts = [t for t in ts if isinstance(t, torch.Tensor)]
     flops = TRITON_FLOPS.get(name, lambda a, _: 0.0)(args, meta)
-    return Call(name, "kernel", flops, float(sum(_nbytes(t) for t in ts)), "triton")
+    moved = sum(_nbytes(t) for t in ts) + TRITON_EXTRA_BYTES.get(name, lambda a, _: 0.0)(args, meta)
+    waits = TRITON_WAITS.get(name, lambda a, _: 0.0)(args, meta)
+    return Call(name, "kernel", flops, float(moved), "triton", float(waits))
 
 
 class _Recorder(TorchDispatchMode):
@@ -157,6 +200,7 @@ class Machine:
     tflops: float  # dense GEMM rate in the step's dtype, TFLOP/s
     tb_s: float  # device memory bandwidth, TB/s
     kernel_us: float  # device time per kernel besides its roofline (launch latency, ramp, tail)
+    round_trip_us: float = 0.0  # one memory round trip a program waits for (``Call.waits``)
     host_us: dict = field(default_factory=dict)  # host µs per call: "aten" kernel, "view", "alloc", "triton"
     entry_us: dict = field(default_factory=dict)  # host µs of a step's fixed parts: "module", "op", "node", ...
 
@@ -172,8 +216,10 @@ class Machine:
 # CI CPU, whose host runs a call about 4x faster (F.linear 5.6 µs against 22.5). This step's own machinery
 # (one autograd.Function's apply, saved tensors and Python, a lookup per step) is about 30 µs on the CI CPU,
 # so 120 here (not calibrated: it never ran there). A Triton launch from Python: ~16 µs on a fast host (triton PR #7987), so 30 µs (not calibrated).
+# A program waiting on memory: ~0.15 µs per round trip, an L2 hit on Hopper (~260 cycles at 1.75 GHz; published
+# microbenchmarks, not measured here; what the projection reads was just written, so mostly L2). Not calibrated.
 H200 = Machine(
-    name="nvidia-h200-sm90", tflops=776.0, tb_s=4.2, kernel_us=5.0,
+    name="nvidia-h200-sm90", tflops=776.0, tb_s=4.2, kernel_us=5.0, round_trip_us=0.15,
     host_us={"aten": 14.4, "view": 8.1, "alloc": 8.1, "triton": 30.0},
     entry_us={"module": 7.5, "op": 42.5, "node": 30.8, "backward": 58.0, "old_op_autograd": 855.0,
               "glue": 60.0, "function": 200.0},
@@ -202,7 +248,8 @@ def price(calls: Iterable[Call], machine: Machine, entries: dict | None = None) 
     for c in calls:
         if c.kind == "kernel":
             kernels += 1
-            gpu += max(c.flops / (machine.tflops * 1e6), c.bytes / (machine.tb_s * 1e6)) + machine.kernel_us
+            gpu += max(c.flops / (machine.tflops * 1e6), c.bytes / (machine.tb_s * 1e6),
+                       c.waits * machine.round_trip_us) + machine.kernel_us
             host += machine.host_us["triton" if c.source == "triton" else "aten"]
         else:
             host += machine.host_us[c.kind]

@@ -208,6 +208,7 @@ def stage_correctness(run: Run) -> None:
     dev = run.device
     dtypes = [torch.float64, torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
     N = 37 if run.dry else 301
+    capability = _capability(dev)
     ok = 0
     for dims in check_dims(run.dry):
         for dtype in dtypes:
@@ -215,7 +216,12 @@ def stage_correctness(run: Run) -> None:
             tol = TOL[dt]
             for op in ("forward", "backward"):
                 key = ProblemKey.of(op, dtype, N, FactorShapes(*dims))
-                cands = correctness_candidates(op, key, dev, every_point=dims == check_dims(run.dry)[-1])
+                cands = correctness_candidates(op, key, dev, dims == check_dims(run.dry)[-1], capability)
+                # what cannot run here (spills, shared memory over this GPU's limit) is skipped as the tuner
+                # skips it, never run into OutOfResources
+                cands, pruned = kernels.prune(cands, op, key, dev)
+                for name, why in pruned.items():
+                    run.skip(f"{op} {name} dims={dims} {dt}: pruned: {why}")
                 for backend, variant, cfg in cands:
                     name = f"{op} {backend}:{variant} {cfg} dims={dims} {dt}"
                     why_not = kernels.unavailable(backend, dev)  # a config that spills is still checked
@@ -234,24 +240,76 @@ def stage_correctness(run: Run) -> None:
                         ok += 1
     run.row("correctness", passed=ok, failed=len(run.failures))
     run.say(f"correctness: {ok} kernel checks passed")
+    if run.dry:
+        prune_for_the_gpu(run, H200_CAPABILITY)
 
 
-def correctness_candidates(op, key, dev, every_point: bool) -> list[tuple[str, str, dict]]:
+H200_CAPABILITY = 90
+
+
+def _capability(dev) -> Optional[int]:
+    if torch.device(dev).type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(dev)
+    return major * 10 + minor
+
+
+def correctness_candidates(op, key, dev, every_point: bool, capability: Optional[int] = None
+                           ) -> list[tuple[str, str, dict]]:
     """Every PyTorch formulation, each TVM expression at its default schedule, Triton at the dtype's default
-    (on a GPU in bf16 with ``every_point``: every point of its space, as tuning would run them)."""
+    (on a ``sm_<capability>`` GPU: the first point that fits the problem there, and in bf16 with
+    ``every_point`` every point of its space, as tuning would run them; ``kernels.prune`` then drops what
+    cannot run there)."""
     from . import kernels, schedule_spaces
     from .device import space_name, target_of
 
+    gpu = capability is not None
     out = [("torch", v, {}) for v in sorted(kernels.torch_formulations(op))]
-    space = space_name("tvm", target_of(dev))
+    space = space_name("tvm", "cuda" if gpu else target_of(dev))
     if key.dtype in schedule_spaces.dtypes(space):
         out += [("tvm", v, schedule_spaces.default(space, op, v)) for v in schedule_spaces.variants(space, op)]
     from .kernels import triton_fused, triton_parts
 
-    if dev.type == "cuda" and key.dtype == "bfloat16" and every_point:
+    if gpu and key.dtype == "bfloat16" and every_point:
         return out + triton_parts.candidates(op, key) + triton_fused.candidates(op, key)
+    if gpu:
+        return out + [("triton", v, triton_parts.fitting_config(op, v, key, capability))
+                      for v in triton_parts.VARIANTS] + [("triton", "fused", triton_fused.fitting_default(op, key,
+                                                                                                        capability))]
     return out + [("triton", v, triton_parts.default_config(op, v, key, dev)) for v in triton_parts.VARIANTS] + [
         ("triton", "fused", triton_fused.default_choice(op, key, dev)[1])]
+
+
+def prune_for_the_gpu(run: Run, capability: int) -> None:
+    """The dry run's share of the GPU's correctness stage: the Triton configs that stage runs on a
+    ``sm_<capability>`` GPU (the GPU run's shapes: every point in bf16 at 768², the dtype defaults elsewhere),
+    compiled for it here and pruned as the tuner and the GPU tests prune them. What the GPU would skip is
+    listed as skipped; a config that does not even compile is a failure, found before the GPU window."""
+    from . import kernels
+    from .config import FactorShapes
+    from .problem import ProblemKey
+
+    checked, pruned = 0, {}
+    for dims in check_dims(False):
+        for dtype in ("float64", "float32", "bfloat16"):
+            for op in ("forward", "backward"):
+                key = ProblemKey.of(op, dtype, 301, FactorShapes(*dims))
+                every = dims == check_dims(False)[-1]
+                triton = [c for c in correctness_candidates(op, key, torch.device("cuda"), every, capability)
+                          if c[0] == "triton"]
+                try:
+                    _, why = kernels.prune(triton, op, key, None, capability)
+                except Exception as e:
+                    run.fail(f"sm_{capability} pruning, {op} dims={dims} {dtype}: a config does not compile: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    continue
+                checked += len(triton)
+                for name, w in why.items():
+                    pruned[f"{op} {name} dims={dims} {dtype}"] = w
+                    run.skip(f"on sm_{capability}: {op} {name} dims={dims} {dtype}: pruned: {w}")
+    run.row("pruning", capability=capability, checked=checked, pruned=pruned)
+    run.say(f"sm_{capability}: {checked} Triton configs of the GPU's correctness stage compiled, "
+            f"{len(pruned)} would be pruned")
 
 
 def _max_error(op, fn, dims, N, dtype, dev) -> float:

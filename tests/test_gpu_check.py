@@ -17,10 +17,19 @@ def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
     assert gpu_check.main(["--dry-run", "--part", "0", "--out", str(out), "--budget", "400"]) == 0
     rows = _rows(out)
     kinds = {r["kind"] for r in rows}
-    assert {"env", "profile", "correctness", "overhead", "tune", "bench", "predicted", "graphs", "model",
+    assert {"env", "profile", "correctness", "pruning", "overhead", "tune", "bench", "predicted", "graphs", "model",
             "mixed"} <= kinds, kinds
     assert not [r for r in rows if r["kind"] == "failure"]
     assert next(r for r in rows if r["kind"] == "correctness")["passed"] > 20
+    # the GPU's share of the correctness stage, pruned here for sm_90 as the tuner and the GPU tests prune it:
+    # every Triton config it would run there (bf16 every point at 768², the dtype defaults elsewhere) compiles;
+    # what would not fit is listed as skipped (with Triton 3.6 the 32x256 fold point spills 8 B at 768²)
+    pruning = next(r for r in rows if r["kind"] == "pruning")
+    assert pruning["capability"] == 90 and pruning["checked"] >= 80
+    assert all("spills" in why or "shared memory" in why for why in pruning["pruned"].values()), pruning
+    assert len(pruning["pruned"]) <= 2, pruning
+    skipped = [r["what"] for r in rows if r["kind"] == "skipped"]
+    assert all(any(s.startswith(f"on sm_90: {name}") for s in skipped) for name in pruning["pruned"])
     providers = {r["provider"] for r in rows if r["kind"] == "bench"}
     assert {"floor", "lsr", "lsr_compiled", "lsr_graphs", "floor_graphs", "reference", "lora", "peft_lokr"} <= providers
     profiles = {r["name"] for r in rows if r["kind"] == "profile"}

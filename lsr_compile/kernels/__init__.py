@@ -161,26 +161,61 @@ def unavailable(backend: str, device: torch.device) -> Optional[str]:
 
 
 def static_problem(backend: str, op: str, variant: str, config: dict, key: ProblemKey,
-                   device: torch.device) -> Optional[str]:
-    """Why a candidate must not run on ``device``, known without running it (it spills, its shared memory does
-    not fit): the tuner prunes it before any timing. None when nothing is known against it."""
+                   device: Optional[torch.device], capability: Optional[int] = None) -> Optional[str]:
+    """Why a candidate must not run on ``device`` (or, with ``capability``, on a ``sm_<capability>`` GPU
+    without one here), known without running it (it spills, its shared memory does not fit): the tuner
+    prunes it before any timing. None when nothing is known against it (and off a GPU)."""
+    if capability is None:
+        if device is None or torch.device(device).type != "cuda":
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
+        capability = major * 10 + minor
     if backend == "triton":
+        from .triton_fused import shared_limit
+
+        limit = shared_limit(capability)
         if op in MIXED_OPS:
             from . import triton_mixed
 
-            return triton_mixed.static_problem(op, key, config, device)
+            return triton_mixed.compile_report(key, config, capability).problem(limit)
         if variant != "fused":
             from . import triton_parts
 
-            return triton_parts.static_problem(op, variant, key, config, device)
+            for name, res in triton_parts.compile_reports(op, variant, key, config, capability).items():
+                why = res.problem(limit)
+                if why is not None:
+                    return f"{name} {why}"
+            return None
         from . import triton_fused
 
-        return triton_fused.static_problem(op, key, config, device)
-    if backend == "tvm" and torch.device(device).type == "cuda":
+        return triton_fused.compile_report(op, key, config, capability).problem(limit)
+    if backend == "tvm":
         from . import tvm_cuda
 
-        return tvm_cuda.static_problem(op, variant, config, key.shapes, key.dtype, tvm_target(device)["arch"])
+        return tvm_cuda.static_problem(op, variant, config, key.shapes, key.dtype, f"sm_{capability}")
     return None
+
+
+def prune(candidates: list[tuple[str, str, dict]], op: str, key: ProblemKey, device: Optional[torch.device],
+          capability: Optional[int] = None) -> tuple[list[tuple[str, str, dict]], dict[str, str]]:
+    """``(backend, variant, config)`` candidates split as the tuner splits them before any timing: those that
+    can run on ``device`` (or on a ``sm_<capability>`` GPU), and, by name, why each other one cannot
+    (``static_problem``). Whatever runs a list of configs on a GPU goes through here: the tuner, the GPU
+    check, the tests."""
+    kept, pruned = [], {}
+    for backend, variant, config in candidates:
+        why = static_problem(backend, op, variant, config, key, device, capability)
+        if why is None:
+            kept.append((backend, variant, config))
+        else:
+            pruned[candidate_name(backend, variant, config)] = why
+    return kept, pruned
+
+
+def candidate_name(backend: str, variant: str, config: dict) -> str:
+    """A candidate's name in tuning records and reports."""
+    cfg = ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+    return f"{backend}:{variant}" + (f"[{cfg}]" if cfg else "")
 
 
 def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, device: torch.device) -> Callable:

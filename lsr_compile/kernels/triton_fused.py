@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import MISSING as dataclass_missing
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Optional
 
 import torch
@@ -56,11 +58,30 @@ def interpreted() -> bool:
 
 
 def launch(kernel, grid, args: tuple, meta: dict) -> None:
-    """Every Triton launch of the package goes through here (``costmodel`` records a step by it)."""
+    """Every Triton launch of the package goes through here (``costmodel`` records a step by it). A CUDA
+    launch runs under its tensors' device guard: Triton launches on the *current* device and that device's
+    current stream, so a layer on cuda:1 while cuda:0 is current (a model spread over GPUs) would otherwise
+    fail ("Pointer argument cannot be accessed") or, with peer access, run unordered against cuda:1's stream."""
     if recorder is not None:
         recorder(kernel, grid, args, meta)
         return
-    kernel[grid](*args, **meta)
+    device = device_of(args)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def device_of(args) -> Optional[torch.device]:
+    """The device of the first tensor among ``args`` (a TMA descriptor's tensor is its base)."""
+    for a in args:
+        a = getattr(a, "base", a)
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
 SPACE = space_name("triton", "cuda")
 DTYPES = tuple(schedule_spaces.dtypes(SPACE))
 KNOBS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
@@ -77,16 +98,36 @@ def _dot(a, b, acc, IEEE: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _add(a, b):
+    """Combine functions for ``tl.reduce`` / ``tl.associative_scan``: ``tl.sum`` and ``tl.max`` are @jit helpers,
+    which ahead-of-time compilation under TRITON_INTERPRET=1 cannot call (see ``tl.full`` below)."""
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _add_adapter(acc, tacc, qm, scale, IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_R: tl.constexpr):
     """acc + scale · tacc @ qm, once per output tile. The K-loop's ``x Aᵀ`` is only as wide as the rank
     (``rank_block``: 8 for q ≤ 8, and that dot runs every K step), but this dot's K must be ≥ 16: an 8-wide
-    ``tacc`` gets 8 zero columns here, against ``qm``'s rows beyond the rank, loaded as zeros."""
-    st = (tacc * scale).to(qm.dtype)
+    ``tacc`` gets 8 zero columns here, against ``qm``'s rows beyond the rank, loaded as zeros.
+
+    The scale never meets the operand dtype: the dot takes ``t`` as the backward gets it (rounded once to the
+    operand dtype, unscaled) and accumulates into ``acc / scale``, and the sum is scaled back in the
+    accumulator's dtype, ``scale·(acc/scale + t qm)``, as ATen applies alpha in fp32. Rounding ``scale·t`` to
+    fp16 overflowed to inf with a large alpha (30000/√8: every output of a test tile) where the result was
+    finite (``acc / scale`` and back costs two fp32 roundings of acc, 1e-7 relative)."""
+    st = tacc.to(qm.dtype)
     if BLOCK_R < 16:
         st = tl.reshape(tl.permute(tl.join(st, tl.full((BLOCK_M, BLOCK_R), 0, st.dtype)), (0, 2, 1)),
                         (BLOCK_M, 2 * BLOCK_R))
-    return _dot(st, qm, acc, IEEE, ACC)
+    if scale != 0.0:
+        acc = _dot(st, qm, acc * (1.0 / scale), IEEE, ACC) * scale
+    return acc
 
 
 @triton.jit
@@ -97,7 +138,7 @@ def _fused_lsr_kernel(
     M, N, K, R,
     # strides
     stride_am, stride_ak, stride_mn, stride_mk, stride_pr, stride_pk, stride_qn, stride_qr,
-    stride_om, stride_on, stride_tm, stride_tr,
+    stride_om, stride_on, stride_tm, stride_tr, stride_b,
     scale,
     # meta
     HAS_BIAS: tl.constexpr, WRITE_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -115,10 +156,12 @@ def _fused_lsr_kernel(
     pid_m = first_m + ((pid % num_in_group) % group_size)
     pid_n = (pid % num_in_group) // group_size
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit offsets: a row index times a row stride passes 2³¹ at N·d = 2³¹ (524,288 tokens at d = 4096), and
+    # int32 arithmetic wraps there; so do W's (a 256k x 8192 weight) and a column-major operand's
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     # tl.full, not tl.zeros: zeros is a @jit helper, which under TRITON_INTERPRET=1 is an interpreted function
     # that leaves triton.language patched when ahead-of-time compilation calls it (compile_report)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
@@ -144,7 +187,7 @@ def _fused_lsr_kernel(
     # the adapter term accumulates into acc (no second BLOCK_M x BLOCK_N tile: that one spilled)
     acc = _add_adapter(acc, tacc, qm, scale, IEEE, ACC, BLOCK_M, BLOCK_R)
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        b = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < N, other=0.0)
         acc += b[None, :].to(ACC)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -194,7 +237,7 @@ def _fused_lsr_tma_kernel(
     # hardware, no address arithmetic or masks in the K-loop); bias and t stay pointers (t may be < 16 B wide)
     a_desc, m_desc, bias_ptr, p_desc, q_desc, out_desc, t_ptr,
     M, N, K, R,
-    stride_tm, stride_tr,
+    stride_tm, stride_tr, stride_b,
     scale,
     wave_m, wave_n,
     HAS_BIAS: tl.constexpr, WRITE_T: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -223,7 +266,7 @@ def _fused_lsr_tma_kernel(
                                         UPCAST, IEEE, ACC, BLOCK_K)
                 if WRITE_T:
                     if (col_wave == 0) & (pid_n0 == 0):
-                        offs_m = om + tl.arange(0, BLOCK_M)
+                        offs_m = om.to(tl.int64) + tl.arange(0, BLOCK_M)  # t (N, q): past 2³¹ at 2²⁸ tokens
                         tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                                  tacc.to(t_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
                 qm = q_desc.load([0, on])
@@ -232,7 +275,7 @@ def _fused_lsr_tma_kernel(
                 acc = _add_adapter(acc, tacc, qm, scale, IEEE, ACC, BLOCK_M, BLOCK_R)
                 if HAS_BIAS:
                     offs_n = on + tl.arange(0, BLOCK_N)
-                    b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+                    b = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < N, other=0.0)
                     acc += b[None, :].to(ACC)
                 out_desc.store([om, on], acc.to(out_desc.dtype))
 
@@ -265,20 +308,33 @@ def launch_config(config: dict) -> dict:
 def fused_linear(a, Mt, bias, P, Q, scale: float, config: dict, want_t: bool = False):
     """``a Mᵀ + bias + scale·(a Pᵀ) Qᵀ`` (and ``a Pᵀ``) for 2-D ``a (m, k)``, ``Mt (n, k)``, ``P (r, k)``,
     ``Q (n, r)``, any strides; fp32 accumulation (fp64 for fp64). A config with ``TMA: 1`` runs the
-    persistent TMA kernel where the operands allow it (``tma_ready``), else the same tiles with pointers."""
-    _check(a, Mt, P, Q)
+    persistent TMA kernel where the operands allow it (``tma_ready``), else the same tiles with pointers.
+
+    What depends only on shapes, strides, dtypes, the device and the config (the checks, the kernel's
+    constexprs, grid, strides, the persistent launch's wave and its descriptors' layout) is worked out once
+    per signature (``_plan``); a call allocates its outputs and builds its arguments."""
     if a.dtype == torch.float64:  # a float argument reaches the kernel as fp32: keep fp64's scale exact
         Q, scale = Q * scale, 1.0
-    cfg = launch_config(config)
-    if cfg.get("TMA") and tma_ready(a, Mt, P, Q):
-        kernel, (args, kwargs, grid) = _fused_lsr_tma_kernel, _tma_launch_args(a, Mt, bias, P, Q, scale, cfg, want_t)
-    else:
-        kernel, (args, kwargs, grid) = _fused_lsr_kernel, _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t)
-    launch(kernel, grid, args, kwargs)
+    tma = bool(config.get("TMA")) and _bases_aligned(a, Mt, P, Q)
+    key = (a.shape, a.stride(), Mt.shape, Mt.stride(), P.shape, P.stride(), Q.shape, Q.stride(), a.dtype,
+           a.device, Mt.device, P.device, Q.device,
+           None if bias is None else (bias.stride(0), bias.device), want_t, tma, tuple(config.items()),
+           _gpu_arguments)
+    plan = _plans.get(key)
+    if plan is None:
+        _check(a, Mt, P, Q)
+        if len(_plans) > 4096:
+            _plans.clear()
+        plan = _plans[key] = _plan(a, Mt, bias, P, Q, launch_config(config), want_t, tma)
+    args = plan.args(a, Mt, bias, P, Q, scale)
+    launch(plan.kernel, plan.grid, args, plan.meta)
     out, t = args[5], args[6]
-    if isinstance(out, TensorDescriptor):
+    if plan.tma:
         out = out.base
     return (out, t) if want_t else out
+
+
+_plans: dict = {}  # fused_linear's launch plans by signature
 
 
 def rank_block(r: int) -> int:
@@ -298,19 +354,74 @@ def _meta(a, r: int, cfg: dict, want_t: bool) -> dict:
     )
 
 
-def _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
-    """The kernel's arguments for one call: what a launch passes and what ``compile_report`` compiles."""
+@dataclass(frozen=True)
+class _Plan:
+    """One signature's launch: kernel, grid, constexprs, and how a call's arguments are laid out."""
+
+    kernel: object
+    grid: tuple
+    meta: dict
+    tma: bool
+    m: int
+    n: int
+    k: int
+    r: int
+    strides: tuple  # the pointer kernel's strides (a, M, P, Q, out, t, bias); the TMA kernel's (t, bias)
+    descs: tuple = ()  # the TMA kernel's (shape, strides, block) of a, M (or Mᵀ), P, Qᵀ, out
+    wave: tuple = ()  # the TMA kernel's (wave_m, wave_n)
+
+    def args(self, a, Mt, bias, P, Q, scale) -> tuple:
+        out = torch.empty((self.m, self.n), device=a.device, dtype=a.dtype)
+        t = torch.empty((self.m, self.r), device=a.device, dtype=a.dtype) if self.meta["WRITE_T"] else None
+        if self.tma:
+            (sa, sm, sp, sq, so) = self.descs
+            return ((_descriptor(a, *sa), _descriptor(Mt if self.meta["M_KMAJOR"] else Mt.t(), *sm), bias,
+                     _descriptor(P, *sp), _descriptor(Q.t(), *sq), _descriptor(out, *so), t,
+                     self.m, self.n, self.k, self.r) + self.strides + (float(scale),) + self.wave)
+        return (a, Mt, bias, P, Q, out, t, self.m, self.n, self.k, self.r) + self.strides + (float(scale),)
+
+
+def _plan(a, Mt, bias, P, Q, cfg: dict, want_t: bool, tma: bool) -> _Plan:
+    """The launch for these operands' signature (``tma``: the persistent TMA kernel, where ``tma_ready``)."""
     m, k = a.shape
     n, r = Mt.shape[0], P.shape[0]
-    out = torch.empty((m, n), device=a.device, dtype=a.dtype)
-    t = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_t else None
-    st = t.stride() if want_t else (0, 0)
-    args = (a, Mt, bias, P, Q, out, t, m, n, k, r,
-            a.stride(0), a.stride(1), Mt.stride(0), Mt.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
-            out.stride(0), out.stride(1), st[0], st[1], float(scale))
-    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None, GROUP_M=cfg["GROUP_M"])
+    st = (r, 1) if want_t else (0, 0)  # t is allocated contiguous
+    sb = (bias.stride(0),) if bias is not None else (0,)
+    meta = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None)
+    if tma and tma_ready(a, Mt, P, Q):
+        bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], rank_block(r)
+        kmajor = Mt.stride(-1) == 1
+        mt = Mt if kmajor else Mt.t()
+        layouts = ((a, [bm, bk]), (mt, [bn, bk] if kmajor else [bk, bn]), (P, [br, bk]), (Q.t(), [max(16, br), bn]))
+        for t_, block in layouts:  # validated once here; a call builds its descriptors without the checks
+            TensorDescriptor.from_tensor(t_, block)
+        descs = tuple((tuple(t_.shape), tuple(t_.stride()), block) for t_, block in layouts) + (
+            ((m, n), (n, 1), [bm, bn]),)
+        wave = _wave(m, n, k, bm, bn, br, a.element_size(), a.device)
+        return _Plan(_fused_lsr_tma_kernel, (wave[0] * wave[1],), meta | dict(M_KMAJOR=kmajor), True, m, n, k, r,
+                     st + sb, descs, wave)
+    strides = (a.stride(0), a.stride(1), Mt.stride(0), Mt.stride(1), P.stride(0), P.stride(1), Q.stride(0),
+               Q.stride(1), n, 1) + st + sb
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    return args, kwargs, grid
+    return _Plan(_fused_lsr_kernel, grid, meta | dict(GROUP_M=cfg["GROUP_M"]), False, m, n, k, r, strides)
+
+
+_DESCRIPTOR_FIELDS = {f.name: f.default for f in dataclass_fields(TensorDescriptor)
+                      if f.default is not dataclass_missing}
+
+
+def _descriptor(t, shape, strides, block) -> TensorDescriptor:
+    """``TensorDescriptor.from_tensor(t, block)`` without its checks, which ``_plan`` ran once for this layout
+    (the base's alignment is checked per call, ``_bases_aligned``)."""
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(_DESCRIPTOR_FIELDS, base=t, shape=list(shape), strides=list(strides), block_shape=block)
+    return d
+
+
+def _launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
+    """The pointer kernel's arguments for one call: what ``compile_report`` compiles."""
+    plan = _plan(a, Mt, bias, P, Q, cfg, want_t, tma=False)
+    return plan.args(a, Mt, bias, P, Q, scale), plan.meta, plan.grid
 
 
 # ---- the persistent TMA kernel's host side ---------------------------------------------------------------
@@ -322,7 +433,19 @@ H200_L2 = 50 * 2**20  # and the L2 its waves are sized for (bytes)
 def _rows_aligned(t) -> bool:
     """A TMA descriptor needs a 16-byte-aligned base, unit last stride and 16-byte-aligned row strides."""
     return (t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-            and (t.data_ptr() % 16 == 0))
+            and (_data_ptr(t) % 16 == 0))
+
+
+def _bases_aligned(*ts) -> bool:
+    """The per-call part of ``tma_ready``: every base 16-byte aligned (a view may start anywhere)."""
+    return all(_data_ptr(t) % 16 == 0 for t in ts)
+
+
+def _data_ptr(t) -> int:
+    """The tensor's address; 0 for a fake tensor, which has none (as Triton's own descriptor check treats it)."""
+    if type(t).__name__ in ("FakeTensor", "FunctionalTensor"):
+        return 0
+    return t.data_ptr()
 
 
 def tma_ready(a, Mt, P, Q) -> bool:
@@ -346,11 +469,27 @@ def _machine(device: torch.device) -> tuple[int, int]:
     """(programs, L2 bytes) of a persistent launch: one program per SM on a GPU; without one the H200's,
     except in the interpreter, where three programs make each walk several tiles."""
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return props.multi_processor_count, props.L2_cache_size
+        return _cuda_machine(device)
     return (3 if interpreted() and device.type == "cpu" else H200_SMS), H200_L2
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_machine(device: torch.device) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def machine_programs(device: torch.device) -> int:
+    """Programs that fill ``device`` once (its SMs; the H200's without a GPU, three in the interpreter)."""
+    return _machine(device)[0]
+
+
+def _wave(m, n, k, bm, bn, br, item, device) -> tuple[int, int]:
+    programs, l2 = _machine(device)
+    return wave_shape(triton.cdiv(m, bm), triton.cdiv(n, bn), programs, bm * k * item, bn * k * item, l2, br / bn)
+
+
+@functools.lru_cache(maxsize=4096)
 def wave_shape(m_blocks: int, n_blocks: int, programs: int, row_bytes: int, col_bytes: int, l2_bytes: int,
                t_share: float) -> tuple[int, int]:
     """The persistent launch's wave: ``(wave_m, wave_n)`` row by column blocks worked on at once, one program
@@ -371,22 +510,10 @@ def wave_shape(m_blocks: int, n_blocks: int, programs: int, row_bytes: int, col_
 
 
 def _tma_launch_args(a, Mt, bias, P, Q, scale, cfg, want_t):
-    m, k = a.shape
-    n, r = Mt.shape[0], P.shape[0]
-    bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], rank_block(r)
-    out = torch.empty((m, n), device=a.device, dtype=a.dtype)
-    t = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_t else None
-    st = t.stride() if want_t else (0, 0)
-    kmajor = Mt.stride(-1) == 1
-    desc = TensorDescriptor.from_tensor
-    args = (desc(a, [bm, bk]), desc(Mt, [bn, bk]) if kmajor else desc(Mt.t(), [bk, bn]), bias,
-            desc(P, [br, bk]), desc(Q.t(), [max(16, br), bn]), desc(out, [bm, bn]), t, m, n, k, r, st[0], st[1],
-            float(scale))
-    programs, l2 = _machine(a.device)
-    wm, wn = wave_shape(triton.cdiv(m, bm), triton.cdiv(n, bn), programs, bm * k * a.element_size(),
-                        bn * k * a.element_size(), l2, br / bn)
-    kwargs = _meta(a, r, cfg, want_t) | dict(HAS_BIAS=bias is not None, M_KMAJOR=kmajor)
-    return args + (wm, wn), kwargs, (wm * wn,)
+    """The persistent TMA kernel's arguments for one call (operands ``tma_ready``)."""
+    plan = _plan(a, Mt, bias, P, Q, cfg, want_t, tma=True)
+    assert plan.tma, "operands not TMA-ready"
+    return plan.args(a, Mt, bias, P, Q, scale), plan.meta, plan.grid
 
 
 def _operands(op, key: ProblemKey, device="meta"):

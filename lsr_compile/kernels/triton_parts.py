@@ -82,52 +82,56 @@ def _factors_kernel(a1_ptr, a2_ptr, b1_ptr, b2_ptr, a_ptr, bt_ptr,
 @triton.jit
 def _fold_kernel(w_ptr, out_ptr, a_ptr, bt_ptr, a1_ptr, a2_ptr, b1_ptr, b2_ptr, scale,
                  S, R1, R2, N1, N2, M1, M2,
+                 stride_wo, stride_wi, stride_aq, stride_ai, stride_bq, stride_bo,
                  FROM_FACTORS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_Q: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    """One (BLOCK_O, BLOCK_I) tile of ``W + scale·Bᵀᵀ A``; from the factors, the first tile row / column also
-    writes its columns of A / Bᵀ."""
+    """One (BLOCK_O, BLOCK_I) tile of ``W + scale·Bᵀᵀ A`` into a contiguous ``out``; W, A and Bᵀ at any strides
+    (W's offsets in 64 bits: a 256k x 8192 weight passes 2³¹ elements); from the factors, the first tile row /
+    column also writes its columns of A / Bᵀ."""
     pid_o = tl.program_id(0)
     pid_i = tl.program_id(1)
     Q = R1 * R2
     d_in = N1 * N2
     d_out = M1 * M2
     offs_k = tl.arange(0, BLOCK_Q)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_o = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = pid_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_a = (offs_k[:, None] < Q) & (offs_i[None, :] < d_in)
     mask_b = (offs_k[:, None] < Q) & (offs_o[None, :] < d_out)
+    a_ptrs = a_ptr + offs_k[:, None] * stride_aq + offs_i[None, :] * stride_ai
+    bt_ptrs = bt_ptr + offs_k[:, None] * stride_bq + offs_o[None, :] * stride_bo
     if FROM_FACTORS:
         a = _kron_tile(a1_ptr, a2_ptr, S, R2, N2, R1 * N1, N1, 1, R2 * N2, N2, 1, offs_k, offs_i, Q, d_in, ACC)
         bt = _kron_tile(b1_ptr, b2_ptr, S, R2, M2, M1 * R1, 1, R1, M2 * R2, 1, R2, offs_k, offs_o, Q, d_out, ACC)
         if pid_o == 0:
-            tl.store(a_ptr + offs_k[:, None] * d_in + offs_i[None, :], a.to(a_ptr.dtype.element_ty), mask=mask_a)
+            tl.store(a_ptrs, a.to(a_ptr.dtype.element_ty), mask=mask_a)
         if pid_i == 0:
-            tl.store(bt_ptr + offs_k[:, None] * d_out + offs_o[None, :], bt.to(bt_ptr.dtype.element_ty),
-                     mask=mask_b)
+            tl.store(bt_ptrs, bt.to(bt_ptr.dtype.element_ty), mask=mask_b)
     else:
-        a = tl.load(a_ptr + offs_k[:, None] * d_in + offs_i[None, :], mask=mask_a, other=0.0).to(ACC)
-        bt = tl.load(bt_ptr + offs_k[:, None] * d_out + offs_o[None, :], mask=mask_b, other=0.0).to(ACC)
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0).to(ACC)
+        bt = tl.load(bt_ptrs, mask=mask_b, other=0.0).to(ACC)
     delta = tl.dot(tl.trans(bt), a, input_precision=PRECISION, out_dtype=ACC)
     mask = (offs_o[:, None] < d_out) & (offs_i[None, :] < d_in)
-    w = tl.load(w_ptr + offs_o[:, None] * d_in + offs_i[None, :], mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi, mask=mask, other=0.0)
     tl.store(out_ptr + offs_o[:, None] * d_in + offs_i[None, :],
              (w.to(ACC) + scale * delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dy_pass_kernel(dy_ptr, bt_ptr, tt_ptr, ut_ptr, part_ptr,
-                    N, D, Q,
+                    N, D, Q, ROWS,
                     stride_dyn, stride_dyd, stride_ttq, stride_ttn, stride_utq, stride_utn,
                     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
-    """Program p: ROWS row blocks of dy; for each, u = dy B over all columns (complete, in registers) and
-    tT dy added into its own partial sum ``part[p]`` (fp32, no atomics)."""
+                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program p: ROWS consecutive row blocks of dy; for each, u = dy B over all columns (complete, in
+    registers) and tT dy added into its own partial sum ``part[p]`` (fp32, no atomics). Row offsets are 64-bit
+    (dy passes 2³¹ elements at 524,288 tokens of 4096)."""
     pid = tl.program_id(0)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d0 = tl.arange(0, BLOCK_D)
-    part = part_ptr + pid * Q * D
+    part = part_ptr + pid.to(tl.int64) * Q * D
     for j in range(0, ROWS):
-        offs_n = (pid * ROWS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (pid * ROWS + j).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n < N
         t = tl.load(tt_ptr + offs_q[None, :] * stride_ttq + offs_n[:, None] * stride_ttn,
                     mask=rows[:, None] & (offs_q[None, :] < Q), other=0.0)
@@ -157,10 +161,13 @@ def _dy_pass_kernel(dy_ptr, bt_ptr, tt_ptr, ut_ptr, part_ptr,
 @triton.jit
 def _project_tile(x_ptr, y_ptr, P, y_pstride, out_ptr, S, KO, KT, J, xs_o, xs_t, ys_o, ys_t, s_j, y_base,
                   o_sl, o_sj, o_base, scale, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
+                  BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, UNROLL_P: tl.constexpr):
     """``out[l, j] = scale · Σ_{o,t} X[l, o·xs_o + t·xs_t] · Σ_p Y_p[y_base + o·ys_o + t·ys_t + j·s_j]``: one
     slice of a factor gradient. The contracted pair (o, t) is two loops, the short one outside and the long one
-    in tiles, so no index is divided by a runtime size (that cost local memory on sm_90)."""
+    in tiles, so no index is divided by a runtime size (that cost local memory on sm_90). The P partial sums
+    are read UNROLL_P at a time, as independent loads issued together (``tl.static_range``): a program waits
+    for memory ``KO·⌈KT/BLOCK_K⌉·⌈P/UNROLL_P⌉`` times, not ``KO·⌈KT/BLOCK_K⌉·P`` (and P is at most a GPU's SM
+    count, whatever N: ``dy_pass_programs``)."""
     offs_l = tl.arange(0, BLOCK_S)
     offs_j = tl.arange(0, BLOCK_J)
     row = KO * KT
@@ -173,8 +180,11 @@ def _project_tile(x_ptr, y_ptr, P, y_pstride, out_ptr, S, KO, KT, J, xs_o, xs_t,
             ymask = (tt[:, None] < KT) & (offs_j[None, :] < J)
             yoff = y_base + o * ys_o + tt[:, None] * ys_t + offs_j[None, :] * s_j
             y = tl.full((BLOCK_K, BLOCK_J), 0, dtype=ACC)
-            for p in range(0, P):
-                y += tl.load(y_ptr + p * y_pstride + yoff, mask=ymask, other=0.0).to(ACC)
+            for p0 in range(0, P, UNROLL_P):
+                for u in tl.static_range(UNROLL_P):
+                    # the partial's index as a tile (Triton 3.9's interpreter refuses a scalar mask term)
+                    live = ymask & ((p0 + u) + offs_j[None, :] * 0 < P)
+                    y += tl.load(y_ptr + (p0 + u) * y_pstride + yoff, mask=live, other=0.0).to(ACC)
             acc = tl.dot(x, y, acc, input_precision=PRECISION, out_dtype=ACC)
     tl.store(out_ptr + o_base + offs_l[:, None] * o_sl + offs_j[None, :] * o_sj,
              (scale * acc).to(out_ptr.dtype.element_ty), mask=(offs_l[:, None] < S) & (offs_j[None, :] < J))
@@ -183,8 +193,8 @@ def _project_tile(x_ptr, y_ptr, P, y_pstride, out_ptr, S, KO, KT, J, xs_o, xs_t,
 @triton.jit
 def _project_kernel(da_ptr, dbt_ptr, P, a1_ptr, a2_ptr, b1_ptr, b2_ptr, da1_ptr, da2_ptr, db1_ptr, db2_ptr, scale,
                     S, R1, R2, N1, N2, M1, M2,
-                    ACC: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr):
+                    ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_J: tl.constexpr, UNROLL_P: tl.constexpr):
     """Program e < n1: dA1[:, :, e]; then dA2[:, :, f], dB1[:, c, :], dB2[:, d, :] (docs/design.md §2)."""
     pid = tl.program_id(0)
     d_in = N1 * N2
@@ -199,7 +209,7 @@ def _project_kernel(da_ptr, dbt_ptr, P, a1_ptr, a2_ptr, b1_ptr, b2_ptr, da1_ptr,
             x_ptr, out_ptr, KO, KT, J, xs_o, xs_t = a1_ptr, da2_ptr, R1, N1, R2, N1, 1
             ys_o, ys_t, s_j, y_base, o_sl, o_sj, o_base = R2 * d_in, N2, d_in, f, R2 * N2, N2, f
         _project_tile(x_ptr, da_ptr, 1, 0, out_ptr, S, KO, KT, J, xs_o, xs_t, ys_o, ys_t, s_j, y_base, o_sl, o_sj,
-                      o_base, scale, ACC, PRECISION, BLOCK_S, BLOCK_K, BLOCK_J)
+                      o_base, scale, ACC, PRECISION, BLOCK_S, BLOCK_K, BLOCK_J, 1)
     else:
         if pid < N1 + N2 + M1:  # dB1[l,c,a] = Σ_{d,b} B2[l,d,b] · dBt[a·r2+b, c·m2+d]
             c = pid - N1 - N2
@@ -210,7 +220,7 @@ def _project_kernel(da_ptr, dbt_ptr, P, a1_ptr, a2_ptr, b1_ptr, b2_ptr, da1_ptr,
             x_ptr, out_ptr, KO, KT, J, xs_o, xs_t = b1_ptr, db2_ptr, R1, M1, R2, 1, R1
             ys_o, ys_t, s_j, y_base, o_sl, o_sj, o_base = R2 * d_out, M2, d_out, d, M2 * R2, 1, d * R2
         _project_tile(x_ptr, dbt_ptr, P, R1 * R2 * d_out, out_ptr, S, KO, KT, J, xs_o, xs_t, ys_o, ys_t, s_j,
-                      y_base, o_sl, o_sj, o_base, scale, ACC, PRECISION, BLOCK_S, BLOCK_K, BLOCK_J)
+                      y_base, o_sl, o_sj, o_base, scale, ACC, PRECISION, BLOCK_S, BLOCK_K, BLOCK_J, UNROLL_P)
 
 
 # ---- launchers -------------------------------------------------------------------------------------------
@@ -243,8 +253,22 @@ DEFAULT = {"fold_block_o": 64, "fold_block_i": 128, "fold_warps": 4,
            "dy_block_n": 64, "dy_block_d": 128, "dy_rows": 1, "dy_warps": 4, "dy_stages": 2}
 # The projection's K step: 16 never spilled on sm_90 in any dtype or size tried; 32 did for some (ptxas held
 # bf16 4096² at 40 registers with 8 B of stack, fp64 at 64 with 32 B), 64 for fp32 (255 registers). Its work,
-# s·q·(d_in + d_out), is too small for the tile to matter.
+# s·q·(d_in + d_out), is too small for the tile to matter; what costs is waiting for memory, once per
+# PROJECT_UNROLL_P partial sums read together.
 PROJECT_BLOCK_K = 16
+PROJECT_UNROLL_P = 32
+
+
+def dy_pass_programs(n: int, config: dict, device) -> tuple[int, int]:
+    """(programs, row blocks per program) of the pass over dy for ``n`` rows: at least ``dy_rows`` row blocks a
+    program, and never more programs than fill the GPU once (``machine_programs``: its SMs). Each program
+    writes one fp32 partial sum of ``tᵀ dy`` (q x d_out) that the projection adds up, so the partials' bytes
+    and the projection's work per program stop growing with N there (at N = 8192, 64-row blocks: 128
+    programs; at N = 131072, 132 on an H200, 16 row blocks each)."""
+    blocks = triton.cdiv(n, _shrink(config["dy_block_n"]))
+    programs = min(triton.cdiv(blocks, config["dy_rows"]), triton_fused.machine_programs(torch.device(device)))
+    rows = triton.cdiv(blocks, max(programs, 1))
+    return triton.cdiv(blocks, rows) if blocks else 0, rows
 
 
 class TritonParts(AtenParts):
@@ -268,8 +292,8 @@ class TritonParts(AtenParts):
         return A, Bt
 
     def _fold(self, W, A, Bt, scale, factors=None):
-        """From ``factors`` when given (then A and Bt are written), else from A and Bt."""
-        W = W.contiguous()
+        """From ``factors`` when given (then A and Bt are written), else from A and Bt; W, A and Bt at any
+        strides (a column-major Bᵀ is ``B.t()`` of a contiguous B), the result contiguous."""
         if factors is not None:
             A1, A2, B1, B2 = (t.contiguous() for t in factors)
             s, r1, r2, n1, n2, m1, m2 = _dims(A1, A2, B1, B2)
@@ -277,11 +301,12 @@ class TritonParts(AtenParts):
             A1 = A2 = B1 = B2 = A
             (q, d_in), d_out = A.shape, Bt.shape[1]
             s, r1, r2, n1, n2, m1, m2 = 0, q, 1, d_in, 1, d_out, 1
-        out = torch.empty_like(W)
+        out = torch.empty(W.shape, device=W.device, dtype=W.dtype)
         c = self.config
         bo, bi = _shrink(c["fold_block_o"]), _shrink(c["fold_block_i"])
         grid = (triton.cdiv(m1 * m2, bo), triton.cdiv(n1 * n2, bi))
-        _launch(_fold_kernel, grid, (W, out, A, Bt, A1, A2, B1, B2, float(scale), s, r1, r2, n1, n2, m1, m2),
+        _launch(_fold_kernel, grid, (W, out, A, Bt, A1, A2, B1, B2, float(scale), s, r1, r2, n1, n2, m1, m2,
+                                     W.stride(0), W.stride(1), A.stride(0), A.stride(1), Bt.stride(0), Bt.stride(1)),
                 dict(FROM_FACTORS=factors is not None, ACC=_acc(W.dtype), PRECISION=_precision(W.dtype),
                      BLOCK_Q=_pad(r1 * r2), BLOCK_O=bo, BLOCK_I=bi, num_warps=c["fold_warps"]))
         return out
@@ -305,16 +330,16 @@ class TritonParts(AtenParts):
         n, d = dy.shape
         q = Bt.shape[0]
         c = self.config
-        bn, bd, rows = _shrink(c["dy_block_n"]), _shrink(c["dy_block_d"]), c["dy_rows"]
-        programs = triton.cdiv(n, bn * rows)
+        bn, bd = _shrink(c["dy_block_n"]), _shrink(c["dy_block_d"])
+        programs, rows = dy_pass_programs(n, c, dy.device)
         uT = dy.new_empty(q, n)
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         part = torch.empty(programs, q, d, device=dy.device, dtype=acc)
         _launch(_dy_pass_kernel, (programs,),
-                (dy, Bt, tT, uT, part, n, d, q, dy.stride(0), dy.stride(1), tT.stride(0), tT.stride(1),
+                (dy, Bt, tT, uT, part, n, d, q, rows, dy.stride(0), dy.stride(1), tT.stride(0), tT.stride(1),
                  uT.stride(0), uT.stride(1)),
                 dict(ACC=_acc(dy.dtype), UPCAST=_interpreted() and dy.dtype in (torch.bfloat16, torch.float16),
-                     PRECISION=_precision(dy.dtype), BLOCK_Q=_pad(q), BLOCK_N=bn, BLOCK_D=bd, ROWS=rows,
+                     PRECISION=_precision(dy.dtype), BLOCK_Q=_pad(q), BLOCK_N=bn, BLOCK_D=bd,
                      num_warps=c["dy_warps"], num_stages=c["dy_stages"]))
         return uT, part
 
@@ -326,8 +351,8 @@ class TritonParts(AtenParts):
             dA, dBt, scale = dA * scale, dBt * scale, 1.0
         _launch(_project_kernel, (n1 + n2 + m1 + m2,),
                 (dA, dBt, dBt.shape[0], A1, A2, B1, B2, *grads, float(scale), s, r1, r2, n1, n2, m1, m2),
-                dict(ACC=_acc(A1.dtype), PRECISION="ieee", BLOCK_S=_pad(s),
-                     BLOCK_K=PROJECT_BLOCK_K, BLOCK_J=_pad(max(r1, r2)), num_warps=4))
+                dict(ACC=_acc(A1.dtype), PRECISION="ieee", BLOCK_S=_pad(s), BLOCK_K=PROJECT_BLOCK_K,
+                     BLOCK_J=_pad(max(r1, r2)), UNROLL_P=PROJECT_UNROLL_P, num_warps=4))
         return tuple(grads)
 
     def addmm(self, c, a, b, beta=1.0, alpha=1.0):

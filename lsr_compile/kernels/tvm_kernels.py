@@ -2,14 +2,15 @@
 
 The vendor GEMM does ``x Wᵀ`` / ``dy W``; the TVM function adds the adapter into
 its output in place (zero-copy: torch tensors go straight in through DLPack, and
-on a GPU the kernels run on PyTorch's current stream). On a GPU the function is
-an artifact built ahead of time when one exists (``tvm_cuda``: TVM's runtime
-alone loads it), else it is compiled here.
+on a GPU the kernels run on their tensors' device, on PyTorch's current stream
+there). On a GPU the function is an artifact built ahead of time when one
+exists (``tvm_cuda``: TVM's runtime alone loads it), else it is compiled here.
 """
 from __future__ import annotations
 
 import functools
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,8 @@ def symbolic_shapes() -> FactorShapes:
 
 def _function(op, variant, config, f, dtype, device):
     """The compiled TVM function for ``device``: on a GPU a prebuilt artifact when there is one (TVM's
-    runtime alone runs it), else compiled here; calls run on PyTorch's current CUDA stream."""
+    runtime alone runs it), else compiled here; calls run on their tensors' device and that device's current
+    PyTorch stream (``on_tensors_stream``)."""
     target = tvm_target(device)
     if target["kind"] != "cuda":
         if config.get("shapes") == "any":
@@ -85,10 +87,20 @@ def _function(op, variant, config, f, dtype, device):
 
     rec = tvm_cuda.find(op, variant, config, f, dtype, target["arch"])
     fn = tvm_cuda.load(rec) if rec is not None else compile_for(op, variant, config, f, dtype, target)
+    return on_tensors_stream(fn, tvm_ffi.use_torch_stream)
+
+
+def on_tensors_stream(fn, use_torch_stream):
+    """``fn`` called under its tensors' device guard, then on PyTorch's current stream there
+    (``use_torch_stream`` takes the *current* device's): a layer on cuda:1 while cuda:0 is current would
+    otherwise run on cuda:0's stream, unordered against cuda:1's writes."""
+    from .triton_fused import device_of
 
     def on_torch_stream(*args):
-        with tvm_ffi.use_torch_stream():
-            return fn(*args)
+        device = device_of(args)
+        with torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext():
+            with use_torch_stream():
+                return fn(*args)
     return on_torch_stream
 
 

@@ -212,9 +212,7 @@ def _check_writable(log_dir: Path) -> None:
                           f"you can write, or set $LSR_TUNING_LOGS") from None
 
 
-def _name(backend, variant, config) -> str:
-    cfg = ",".join(f"{k}={v}" for k, v in sorted(config.items()))
-    return f"{backend}:{variant}" + (f"[{cfg}]" if cfg else "")
+_name = kernels.candidate_name
 
 
 def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "llvm",

@@ -7,6 +7,7 @@ import torch._dynamo
 
 import lsr_compile as lc
 from lsr_compile import formulations, reference
+from lsr_compile import kernels
 from lsr_compile.kernels import triton_fused, triton_parts
 from lsr_compile.tuning.harness import TOL
 from lsr_compile.config import FactorShapes
@@ -28,6 +29,20 @@ DIMS = [(3, 2, 3, 6, 7, 5, 9), (2, 2, 4, 8, 8, 4, 8), (1, 1, 1, 3, 41, 2, 64)]
 def _rel_close(got, want, tol):
     scale = max(1.0, want.abs().max().item())
     torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=tol)
+
+
+def pruned(op, key, cfg, capability=None):
+    """Why ``cfg`` must not run for ``key`` on this device (with ``capability``: on a ``sm_<capability>`` GPU),
+    as the tuner prunes it (``kernels.prune``: spills, shared memory over the device's limit), or None. A test
+    that runs a config of the space asks this first: an H200 raises OutOfResources for an fp32 TMA point."""
+    kept, why = kernels.prune([("triton", "fused", cfg)], op, key, DEV if capability is None else None, capability)
+    return None if kept else next(iter(why.values()))
+
+
+def skip_if_pruned(op, key, cfg):
+    why = pruned(op, key, cfg)
+    if why is not None:
+        pytest.skip(f"pruned on this GPU, as the tuner would: {why}")
 
 
 @pytest.mark.parametrize("dims", DIMS)
@@ -68,16 +83,32 @@ def test_fused_backward(dims, dtype, tol):
             _rel_close(out, want, tol)
 
 
+# (dims, N, dtype) of test_every_point_of_the_space_runs_and_is_right: fp32 on ragged sizes (exact, and what a
+# GPU prunes most of: fp32 dots spill, the 64x256x64 four-stage point needs 252 KB of shared memory where sm_90
+# has 227 KB), and bf16 on 16-byte-aligned rows, where every point, TMA included, runs on sm_90
+EVERY_POINT = {"float32-ragged": (DIMS[0], 37, torch.float32), "bfloat16-aligned": ((2, 2, 4, 8, 8, 8, 16), 70,
+                                                                                   torch.bfloat16)}
+
+
+def every_point_configs(case, op, capability=None):
+    """The problem and the configs test_every_point_of_the_space_runs_and_is_right runs for ``case``: the
+    space, pruned for this device (or for a ``sm_<capability>`` GPU) as the tuner prunes it."""
+    dims, N, dtype = EVERY_POINT[case]
+    key = ProblemKey.of(op, dtype, N, FactorShapes(*dims))
+    return key, [c for c in triton_fused.schedule_spaces.space(triton_fused.SPACE, op, "fused")
+                 if pruned(op, key, c, capability) is None]
+
+
+@pytest.mark.parametrize("case", sorted(EVERY_POINT))
 @pytest.mark.parametrize("op", ["forward", "backward"])
-def test_every_point_of_the_space_runs_and_is_right(op):
-    """Each tuned config runs as given on a GPU; in the interpreter at a quarter of its tile (still distinct)."""
-    dims, N = DIMS[0], 37
-    points = triton_fused.schedule_spaces.space(triton_fused.SPACE, op, "fused")
+def test_every_point_of_the_space_runs_and_is_right(op, case):
+    """Each tuned config that fits the device runs as given on a GPU; in the interpreter at a quarter of its
+    tile (still distinct)."""
+    (dims, N, dtype), (key, points) = EVERY_POINT[case], every_point_configs(case, op)
     launched = {tuple(sorted(triton_fused.launch_config(c).items())) for c in points}
     assert len(launched) > len(points) // 2  # the configs stay different where they run
-    x, W, b, factors = make_layer_inputs(N, *dims, dtype=torch.float32, device=DEV)
-    g = torch.randn(N, dims[5] * dims[6], device=DEV)
-    key = ProblemKey.of(op, torch.float32, N, FactorShapes(*dims))
+    x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, device=DEV)
+    g = torch.randn(N, dims[5] * dims[6], dtype=torch.float64).to(DEV, dtype)
     want = None
     A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
     for cfg in points:
@@ -85,11 +116,12 @@ def test_every_point_of_the_space_runs_and_is_right(op):
         got = fn(x, W, b, *factors, 0.7)[0] if op == "forward" else fn(g, x, W, *factors, A, Bt, None, None, 0.7,
                                                                        True)[0]
         want = got if want is None else want
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=str(cfg))
+        tol = 1e-4 if dtype == torch.float32 else TOL["bfloat16"]
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, msg=str(cfg))
     ref = reference.lsr_linear(x.double(), W.double(), b.double(), *[f.double() for f in factors], 0.7) \
         if op == "forward" else g.double() @ (W.double() + 0.7 * reference.delta_weight(
             *[f.double() for f in factors], 1.0))
-    _rel_close(want, ref, TOL["float32"])
+    _rel_close(want, ref, TOL[str(dtype)[6:]])
 
 
 TMA_POINTS = [c for c in triton_fused.schedule_spaces.space(triton_fused.SPACE, "forward", "fused") if c.get("TMA")]
@@ -105,13 +137,24 @@ def _kernels_launched(fn, *args):
     return seen
 
 
+TMA_CASE = ((2, 2, 4, 8, 8, 8, 16), 150)  # (dims, N) of test_tma_persistent_kernel_values_and_gradients
+
+
+def tma_case_keys(dtype):
+    dims, N = TMA_CASE
+    return {op: ProblemKey.of(op, dtype, N, FactorShapes(*dims)) for op in ("forward", "backward")}
+
+
 @pytest.mark.parametrize("cfg", TMA_POINTS, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL["float32"]), (torch.bfloat16, TOL["bfloat16"])])
 def test_tma_persistent_kernel_values_and_gradients(cfg, dtype, tol):
     """16-byte-aligned rows: the persistent TMA kernel runs (fewer programs than tiles, so each walks several
     waves; a ragged token count, so tiles hang over the edge and the last row wave has idle programs), forward
-    with bias and t, and the input gradient through the layer's backward, against float64."""
-    dims, N = (2, 2, 4, 8, 8, 8, 16), 150  # d_in 64, d_out 128, q 8
+    with bias and t, and the input gradient through the layer's backward, against float64. On a GPU only where
+    the point fits (fp32 TMA tiles need 301-397 KB of shared memory: pruned on sm_90)."""
+    for op, key in tma_case_keys(dtype).items():
+        skip_if_pruned(op, key, cfg)
+    dims, N = TMA_CASE  # d_in 64, d_out 128, q 8
     x, W, b, factors = make_layer_inputs(N, *dims, dtype=dtype, device=DEV)
     A, Bt = formulations.build_A(*factors[:2]), formulations.build_Bt(*factors[2:])
     launched = _kernels_launched(triton_fused.fused_linear, x, W, b, A, Bt.t(), 0.7, cfg, True)
@@ -133,25 +176,67 @@ def test_tma_persistent_kernel_values_and_gradients(cfg, dtype, tol):
     _rel_close(dx, g.double() @ (W.double() + 0.7 * Btd.T @ Ad), tol)
 
 
+def rank_case_key(q, dtype):
+    """The problem test_rank_narrower_than_a_dot_is_padded_only_in_the_epilogue launches (100 x 64 -> 160)."""
+    return ProblemKey.of("forward", dtype, 100, FactorShapes(1, 1, q, 8, 8, 10, 16))
+
+
 @pytest.mark.parametrize("q", [3, 8, 16])
 @pytest.mark.parametrize("tma", [0, 1])
-def test_rank_narrower_than_a_dot_is_padded_only_in_the_epilogue(q, tma):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL["float32"]), (torch.bfloat16, TOL["bfloat16"])])
+def test_rank_narrower_than_a_dot_is_padded_only_in_the_epilogue(q, tma, dtype, tol):
     """``x Aᵀ`` is ``rank_block(q)`` wide in the K-loop (8 for q ≤ 8) and zero-padded to 16 only for the
     epilogue's dot; ranks below the block (q = 3) are masked or zero-filled. Both kernels, several column
-    tiles per row block (the persistent one reuses its ``x Aᵀ`` across them)."""
+    tiles per row block (the persistent one reuses its ``x Aᵀ`` across them); bf16 too, which is what runs
+    on sm_90 (fp32's 128x128 tiles are pruned there: the pointer one spills, the TMA one overflows shared
+    memory)."""
     cfg = dict(TMA_POINTS[1], TMA=tma)  # 128x128x64: 32x32x16 tiles in the interpreter
+    skip_if_pruned("forward", rank_case_key(q, dtype), cfg)
     N, d_in, d_out = 100, 64, 160
-    x, W, b = (torch.randn(*s, dtype=torch.float64).to(DEV, torch.float32) for s in ((N, d_in), (d_out, d_in), (d_out,)))
-    A = torch.randn(q, d_in, dtype=torch.float64).to(DEV, torch.float32)
-    Bt = torch.randn(q, d_out, dtype=torch.float64).to(DEV, torch.float32)
+    x, W, b = (torch.randn(*s, dtype=torch.float64).to(DEV, dtype) for s in ((N, d_in), (d_out, d_in), (d_out,)))
+    A = torch.randn(q, d_in, dtype=torch.float64).to(DEV, dtype)
+    Bt = torch.randn(q, d_out, dtype=torch.float64).to(DEV, dtype)
     launched = _kernels_launched(triton_fused.fused_linear, x, W, b, A, Bt.t(), 0.7, cfg, True)
     (kernel, _, meta), = launched
     assert meta["BLOCK_R"] == triton_fused.rank_block(q) == max(8, q)
     assert kernel is (triton_fused._fused_lsr_tma_kernel if tma else triton_fused._fused_lsr_kernel)
     y, t = triton_fused.fused_linear(x, W, b, A, Bt.t(), 0.7, cfg, want_t=True)
     xd = x.double()
-    _rel_close(y, xd @ W.double().T + b.double() + 0.7 * (xd @ A.double().T) @ Bt.double(), TOL["float32"])
-    _rel_close(t, xd @ A.double().T, TOL["float32"])
+    _rel_close(y, xd @ W.double().T + b.double() + 0.7 * (xd @ A.double().T) @ Bt.double(), tol)
+    _rel_close(t, xd @ A.double().T, tol)
+
+
+def test_what_the_gpu_runs_of_these_tests_fits_sm90():
+    """Every config the tests above run on an H200, after their pruning, compiled here for sm_90: it fits (no
+    OutOfResources there), and the pruning has teeth: fp32's TMA points are pruned, bf16's all run."""
+    limit = triton_fused.SHARED_LIMIT[90]
+    runs = []
+    for op in ("forward", "backward"):
+        space = triton_fused.schedule_spaces.space(triton_fused.SPACE, op, "fused")
+        key, points = every_point_configs("float32-ragged", op, capability=90)
+        assert 2 <= len(points) < len(space)
+        runs += [(op, key, c) for c in points]
+        key, points = every_point_configs("bfloat16-aligned", op, capability=90)
+        assert points == space
+        runs += [(op, key, c) for c in points]
+    for dtype in (torch.float32, torch.bfloat16):
+        for cfg in TMA_POINTS:
+            keys = tma_case_keys(dtype)
+            if all(pruned(op, key, cfg, 90) is None for op, key in keys.items()):
+                runs += [(op, key, cfg) for op, key in keys.items()]
+            else:
+                assert dtype == torch.float32, (cfg, dtype)
+        for q in (3, 8, 16):
+            for tma in (0, 1):
+                cfg, key = dict(TMA_POINTS[1], TMA=tma), rank_case_key(q, dtype)
+                if pruned("forward", key, cfg, 90) is None:
+                    runs.append(("forward", key, cfg))
+                else:  # fp32 128x128 tiles spill (pointers) or overflow shared memory (TMA) on sm_90
+                    assert dtype == torch.float32, (q, cfg)
+    assert sum(k.dtype == "bfloat16" and bool(c.get("TMA")) for _, k, c in runs) >= 2 * len(TMA_POINTS)
+    for op, key, cfg in runs:
+        r = triton_fused.compile_report(op, key, cfg, 90)
+        assert r.problem(limit) is None, (op, key, cfg, r)
 
 
 def test_wave_shape_trades_rank_work_against_l2():
