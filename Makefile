@@ -71,6 +71,6 @@ gpu-artifacts: setup
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 -c constraints.txt -d .whl torchao
 
-# On a GPU machine (writes to $OUT, else results/gpu): see README, "On a GPU".
+# On a GPU machine (writes to $OUT, else results/gpu): see docs/gpu.md, "The GPU check".
 gpu-check:
 	bash examples/gpu_check.sh

@@ -13,7 +13,7 @@ held-out loss drops, and greedy continuations of labelled prompts before and aft
 learned.
 ``--sweep`` fine-tunes LoRA r=8, LSR with this library's defaults and the LoRA-rank LSR config at several
 learning rates from the same base (same data order) and writes rows and a table: the rows behind the
-learning-rate rule in the README.
+learning-rate rule (docs/llms.md, "Learning rates").
 """
 from __future__ import annotations
 
@@ -286,7 +286,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="learning rates: LSR against LoRA r=8 (rows and a table)")
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps (batch 16)")
-    ap.add_argument("--lr", type=float, default=1e-2, help="the fine-tune's rate (the README's rule: 3x LoRA's)")
+    ap.add_argument("--lr", type=float, default=1e-2, help="the fine-tune's rate (docs/llms.md's rule: 3x LoRA's)")
     ap.add_argument("--rates", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
     ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--length", type=int, default=40, help="tokens per snippet")

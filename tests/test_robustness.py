@@ -193,7 +193,7 @@ def test_three_sgd_steps_of_pefts_training_check_stay_finite():
     """peft's custom-model training check as peft runs it for LoRA (inputs arange(90), values up to 89, three
     SGD steps on the sum of the outputs): finite at lr 0.01, where the earlier defaults gave NaN. At lr 0.5
     LoRA survives and LSR does not: the four-factor product grows faster in steps 2 and 3, and every init
-    scale tried that survives it moves the first step about 1000x less than LoRA's (see the README)."""
+    scale tried that survives it moves the first step about 1000x less than LoRA's (docs/design.md, "Design notes")."""
     from peft import LoraConfig, get_peft_model
 
     class MLP(torch.nn.Module):
