@@ -8,9 +8,9 @@ GPU_PY := $(GPU_VENV)/bin/python
 GPU_IMAGE_TESTS := tests/test_ops.py tests/test_nn.py tests/test_compile.py tests/kernels/test_triton_fused.py \
 	tests/kernels/test_triton_on_a_gpu.py tests/kernels/test_triton_aot.py tests/test_gpu_check.py \
 	tests/peft_glue/test_peft_glue.py tests/test_robustness.py tests/test_layout.py tests/test_mixed.py tests/test_step.py \
-	tests/test_costmodel.py tests/test_launch_budget.py
+	tests/test_costmodel.py tests/test_launch_budget.py tests/test_decode.py tests/peft_glue/test_llms.py tests/test_max_autotune.py
 
-.PHONY: setup setup-gpu-image demo test test-gpu-image test-triton-newest ci test-all bench gpu-artifacts gpu-check
+.PHONY: setup setup-gpu-image demo test test-slow test-gpu-image test-triton-newest ci test-all bench gpu-artifacts gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -35,14 +35,19 @@ $(GPU_VENV)/.installed: pyproject.toml constraints-gpu-image.txt
 demo: setup
 	$(PY) -m lsr_compile.cli demo
 
-# The whole suite with the project's pins (a few minutes, nothing but the pinned stack to install).
+# The whole suite with the project's pins but the tests marked slow (nothing but the pinned stack to install).
 test: setup
 	$(PY) -m pytest -q
+
+# The tests marked slow (minutes each: the GPU check's dry run, Triton's interpreter on the step's larger sizes);
+# CI runs them after `make test`.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # The GPU machine's stack (torch 2.11 CUDA build, ~3 GB to download the first time) on the tests that must pass
 # there too; CI runs it after `make test` (.ci/run).
 test-gpu-image: setup-gpu-image
-	$(GPU_PY) -m pytest -q $(GPU_IMAGE_TESTS)
+	$(GPU_PY) -m pytest -q -m "slow or not slow" $(GPU_IMAGE_TESTS)
 
 # The newest Triton the library admits (a user installing today gets it), on the Triton tests: every config compiled
 # for sm_90 and the kernels in its interpreter. Installed beside the pinned environment, not into it.
@@ -50,10 +55,10 @@ TRITON_NEWEST ?= 3.9.0
 TRITON_NEWEST_DIR := .triton-$(TRITON_NEWEST)
 test-triton-newest: setup
 	test -d $(TRITON_NEWEST_DIR) || $(PY) -m pip install -q --no-deps --target $(TRITON_NEWEST_DIR) triton==$(TRITON_NEWEST)
-	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PY) -m pytest -q tests/kernels/test_triton_aot.py tests/kernels/test_triton_fused.py \
+	PYTHONPATH=$(TRITON_NEWEST_DIR) $(PY) -m pytest -q -m "slow or not slow" tests/kernels/test_triton_aot.py tests/kernels/test_triton_fused.py \
 		tests/kernels/test_triton_on_a_gpu.py tests/test_step.py tests/test_launch_budget.py
 
-ci: test test-gpu-image test-triton-newest
+ci: test test-slow test-gpu-image test-triton-newest
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"

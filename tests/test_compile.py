@@ -1,4 +1,5 @@
 """torch.compile of models with LSR layers: same outputs, no graph breaks, no recompile per shape."""
+import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
@@ -111,6 +112,7 @@ def test_fake_cuda_model_traces_as_one_graph():
     assert len(nodes) == 2 * 2 + 3 * 2 + 1
 
 
+@pytest.mark.slow  # ~1.5 minutes on 2 cores
 def test_the_training_graph_holds_nothing_cuda_graphs_refuse():
     """What torch.compile(mode="reduce-overhead") captures: the forward and backward graphs AOTAutograd makes of
     a model with LSR layers hold the step's ops, and none that Inductor's CUDA-graph check refuses (an op tagged

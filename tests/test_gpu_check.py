@@ -4,6 +4,8 @@ listed), and rows are on disk as soon as they are measured."""
 import importlib.util
 import json
 
+import pytest
+
 from lsr_compile import gpu_check
 
 
@@ -11,6 +13,7 @@ def _rows(out):
     return [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~3 minutes on 2 cores: every stage of both parts, sm_90 compiles included
 def test_dry_run_writes_every_stage(tmp_path, fresh_dispatch):
     """Both commands' stages (``--part 0``), in the order of the two commands: part 1 starts with the profile."""
     out = tmp_path / "out"
