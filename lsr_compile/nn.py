@@ -469,6 +469,10 @@ def explain(obj, tokens: Optional[int] = None, device=None) -> str:
     groups: dict = {}
     for name, m in layers.items():
         dev = device or next(m.parameters()).device
+        if torch.device(dev).type == "meta":
+            raise ValueError(f"explain(): {name or type(m).__name__} is on the meta device (built, not loaded), where "
+                             f"every call runs a PyTorch formulation on shapes alone; pass device='cpu' or 'cuda' to "
+                             f"see what will run there, or call explain after to_empty() and loading the weights")
         groups.setdefault((m.lsr_shape(tokens or 2048), torch.device(dev)), []).append(name or type(m).__name__)
     if "" in layers and len(groups) == 1:  # one layer: no list of names
         (shape, dev), = groups

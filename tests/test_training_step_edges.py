@@ -293,6 +293,9 @@ def test_a_layer_on_meta_tensors_runs_and_loads_like_nn_linear():
     assert x.grad.shape == x.shape and lazy.A1.grad.shape == lazy.A1.shape
     with torch.no_grad():
         assert lazy(x).shape == (2, 5, 12)
+    with pytest.raises(ValueError, match=r"on the meta device .* pass device='cpu' or 'cuda'"):
+        lc.explain(lazy)
+    assert "torch:" in lc.explain(lazy, device="cpu")  # what will run once it is loaded on the CPU
     lazy.to_empty(device="cpu")
     lazy.load_state_dict(real.state_dict())
     xs = torch.randn(4, 16)
