@@ -78,8 +78,9 @@ class BankedLinear(nn.Module):
         if is_quantized(self.base.weight):
             return []
         f, K = self.factor_shapes, self.A1.shape[0]
-        return [LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2),
-                         dtype or self.A1.dtype, adapters=K, segments=min(tokens, K))]
+        dt = dtype or base_layers.compute_dtype(self.base.weight, self.A1)
+        return [LSRShape(tokens, f.d_in, f.d_out, f.s, (f.r1, f.r2), (f.n1, f.n2), (f.m1, f.m2), dt,
+                         adapters=K, segments=min(tokens, K))]
 
     def storage(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in FACTORS + ("scales",)}

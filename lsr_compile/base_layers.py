@@ -47,3 +47,11 @@ def as_linear(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
 def kinds() -> str:
     """What the error messages name as adaptable."""
     return "nn.Linear" + (" or transformers' Conv1D" if conv1d_class() is not None else "")
+
+
+def compute_dtype(weight: Tensor, factor: Tensor):
+    """The dtype a layer's calls run in, which tuning records and ``explain`` key a problem by: the input's, in a
+    model the frozen weight's (peft keeps adapters in float32 over a half-precision base, and dispatch keys a call
+    by its input); the factors' where the weight's dtype says nothing of the activations (bitsandbytes' packed
+    uint8)."""
+    return weight.dtype if weight.is_floating_point() else factor.dtype

@@ -250,7 +250,8 @@ class LSRLinear(nn.Module):
 
     def lsr_shape(self, tokens: int, dtype=None) -> LSRShape:
         """The problem this layer runs for ``tokens`` rows (what ``tune(model)`` tunes)."""
-        return LSRShape.of_factors(tokens, self.factor_shapes, dtype or self.A1.dtype, base_format(self.weight))
+        return LSRShape.of_factors(tokens, self.factor_shapes, dtype or base_layers.compute_dtype(self.weight, self.A1),
+                                   base_format(self.weight))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """A state dict always holds the unmerged base weight, so loading it never applies ΔW twice."""

@@ -63,8 +63,9 @@ class LSRLayer(BaseTunerLayer):
         from ..problem import LSRShape
 
         name = next(a for a in self.active_adapters if a in self.lsr_A1)
-        return LSRShape.of_factors(tokens, self.lsr_shapes[name], dtype or self.lsr_A1[name].dtype,
-                                   base_format(self.get_base_layer().weight))
+        weight = self.get_base_layer().weight
+        dt = dtype or base_layers.compute_dtype(weight, self.lsr_A1[name])
+        return LSRShape.of_factors(tokens, self.lsr_shapes[name], dt, base_format(weight))
 
     def tuning_shapes(self, tokens: int, dtype=None) -> list:
         """Every problem this layer runs for ``tokens`` rows (what ``tune(model)`` tunes): each adapter's, and
@@ -72,9 +73,10 @@ class LSRLayer(BaseTunerLayer):
         share a factor structure, one segment per adapter."""
         from ..problem import LSRShape
 
-        base, groups, out = base_format(self.get_base_layer().weight), {}, []
+        weight = self.get_base_layer().weight
+        base, groups, out = base_format(weight), {}, []
         for name, f in self.lsr_shapes.items():
-            dt = dtype or self.lsr_A1[name].dtype
+            dt = dtype or base_layers.compute_dtype(weight, self.lsr_A1[name])
             groups.setdefault((f, dt), []).append(name)
             out.append(LSRShape.of_factors(tokens, f, dt, base))
         for (f, dt), names in groups.items():

@@ -273,3 +273,26 @@ def test_lsr_config_for_lora_matches_rank_and_budget():
     assert lc.lsr_config_for_lora(6).r == (3, 2)
     with pytest.raises(ValueError, match="fits"):
         lc.lsr_config_for_lora(8, budget=0.001, shape=(64, 64))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tune_and_explain_key_a_half_precision_model_by_the_dtype_it_runs(family):
+    """peft keeps the adapters in float32 over a bf16 base; the layers run bf16 rows, so the problems
+    ``tune(model)`` tunes and ``explain`` shows are bf16 ones (float32 ones would never be looked up)."""
+    from lsr_compile.tuning.search import shapes_of
+
+    base = workloads.tiny_decoder(family, hidden=64, layers=2, vocab=128, dtype=torch.bfloat16)
+    pm = get_peft_model(base, lc.LSRConfig(s=2, r=(2, 2), target_modules=TARGETS.get(family)))
+    layers = [m for m in pm.modules() if hasattr(m, "lsr_A1")]
+    assert layers and all(p.dtype == torch.float32 for m in layers for p in m.lsr_A1.values())
+    seen = set()
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype)) for m in layers]
+    with torch.no_grad():
+        pm(input_ids=_ids())
+    for h in hooks:
+        h.remove()
+    assert seen == {torch.bfloat16}
+    shapes = shapes_of(pm, [1, 64])
+    assert shapes and {s.dtype for s in shapes} == seen
+    assert {m.lsr_shape(1).dtype for m in layers} == seen
+    assert "bfloat16" in lc.explain(pm, tokens=1) and "float32" not in lc.explain(pm, tokens=1)
