@@ -16,10 +16,9 @@ ratios moved by ±15 % between runs while other jobs ran; with CPU time by about
     python -m lsr_compile.cli bench-decode [--quick] [--threads 1]   # rows to results/bench-decode-<device>.jsonl
 
 **The first minute** (``first_minute``, ``lsr-compile bench-decode --first-minute``): in fresh processes, LSR
-and peft LoRA r = 8 alternately on the tiny Llama: the import (``lsr_compile``; LoRA's: ``peft``), the first eager
-training step (its
-kernels chosen, built, cached), the second, and the first ``torch.compile``d training step with Inductor's
-caches off (a cold compile: its graphs traced, decomposed and compiled).
+and peft LoRA r = 8 alternately on the tiny Llama: the import (``lsr_compile``; LoRA's: ``peft``), the first
+eager training step (its kernels chosen, built, cached), the second, and the first ``torch.compile``d training
+step with Inductor's caches off (a cold compile: its graphs traced, decomposed and compiled).
 """
 from __future__ import annotations
 
@@ -253,4 +252,3 @@ def first_minute_table(rows: list[dict]) -> str:
         cmp = f"{a - b:+.2f} s" if diff else f"{a / b:.2f}x"
         lines.append(f"| {label} | {a:.2f} | {b:.2f} | **{cmp}** |")
     return "\n".join(lines)
-

@@ -140,5 +140,12 @@ H200 = GPU("nvidia-h200-sm90", 90)
 
 
 def gpu_of(device: torch.device | str) -> GPU:
+    return GPU(device_id(device), capability(device))
+
+
+def capability(device: torch.device | str) -> int | None:
+    """A CUDA device's compute capability as one number (90 for sm_90); None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
     major, minor = torch.cuda.get_device_capability(torch.device(device))
-    return GPU(device_id(device), major * 10 + minor)
+    return major * 10 + minor

@@ -202,13 +202,14 @@ def stage_correctness(run: Run) -> None:
     reference, values and gradients; outputs are poisoned with NaN before each call."""
     from . import kernels
     from .config import FactorShapes
+    from .device import capability as device_capability
     from .problem import ProblemKey
     from .tuning.harness import TOL
 
     dev = run.device
     dtypes = [torch.float64, torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
     N = 37 if run.dry else 301
-    capability = _capability(dev)
+    capability = device_capability(dev)
     ok = 0
     for dims in check_dims(run.dry):
         for dtype in dtypes:
@@ -245,13 +246,6 @@ def stage_correctness(run: Run) -> None:
 
 
 H200_CAPABILITY = 90
-
-
-def _capability(dev) -> Optional[int]:
-    if torch.device(dev).type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(dev)
-    return major * 10 + minor
 
 
 def correctness_candidates(op, key, dev, every_point: bool, capability: Optional[int] = None

@@ -446,10 +446,8 @@ def decode(memos: dict, name, x, weight, bias, A1, A2, B1, B2, scale: float) -> 
         return infer(x, weight, bias, A1, A2, B1, B2, scale)
     m = memos.get(name)
     if (m is not None and m[0] is A1 and m[1] is A2 and m[2] is B1 and m[3] is B2 and m[4] == weight.data_ptr()
-            and m[5] == _ptr(bias) and m[6] == (A1._version, A2._version, B1._version, B2._version, A1.data_ptr(),
-                                          A2.data_ptr(), B1.data_ptr(), B2.data_ptr())
-            and m[7] is x.dtype and x.dim() and x.numel() <= 16 * x.shape[-1] and m[8] == x.device
-            and m[9] == (dispatch.forced(), dispatch.generation, logs.appends(), factor_cache.generation)):
+            and m[5] == _ptr(bias) and m[6] == _factor_state(A1, A2, B1, B2) and m[7] is x.dtype and x.dim()
+            and x.numel() <= 16 * x.shape[-1] and m[8] == x.device and m[9] == _dispatch_state()):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y = m[10](x2, weight, bias, A1, A2, B1, B2, scale)
         return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
@@ -458,14 +456,24 @@ def decode(memos: dict, name, x, weight, bias, A1, A2, B1, B2, scale: float) -> 
     y = infer(x, weight, bias, A1, A2, B1, B2, scale)
     if 0 < x.dim() and x.numel() <= 16 * x.shape[-1]:  # decode-sized: remember the runner infer just used
         try:
-            state = (A1._version, A2._version, B1._version, B2._version, A1.data_ptr(), A2.data_ptr(),
-                     B1.data_ptr(), B2.data_ptr())
+            state = _factor_state(A1, A2, B1, B2)
         except RuntimeError:  # inference tensors: no version counter
             return y
-        memos[name] = (A1, A2, B1, B2, weight.data_ptr(), _ptr(bias), state, x.dtype, x.device,
-                       (dispatch.forced(), dispatch.generation, logs.appends(), factor_cache.generation),
+        memos[name] = (A1, A2, B1, B2, weight.data_ptr(), _ptr(bias), state, x.dtype, x.device, _dispatch_state(),
                        _runner(_flat(x), weight, bias, A1, A2, B1, B2))
     return y
+
+
+def _factor_state(A1, A2, B1, B2) -> tuple:
+    """What changes when a factor is written in place or replaced under the same tensor: versions, storage."""
+    return (A1._version, A2._version, B1._version, B2._version, A1.data_ptr(), A2.data_ptr(), B1.data_ptr(),
+            B2.data_ptr())
+
+
+def _dispatch_state() -> tuple:
+    """What changes which runner a call gets: a forced backend, dispatch's tables, new log records, a cleared
+    factor cache."""
+    return dispatch.forced(), dispatch.generation, logs.appends(), factor_cache.generation
 
 
 def _ptr(t) -> int:

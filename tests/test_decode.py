@@ -2,6 +2,7 @@
 is seen, the result is the reference's, and nothing is kept alive after its layer."""
 import copy
 import gc
+import types
 import weakref
 
 import pytest
@@ -257,13 +258,9 @@ def test_a_layer_remembers_its_runner_and_forgets_it_when_anything_changes(monke
 
 def _as_linear(layer):
     """A view of ``layer`` with its weight as d_out x d_in, for the reference."""
-    class View:
-        pass
-    v = View()
-    v.weight = layer.weight.t() if layer.fan_in_fan_out else layer.weight
-    v.bias, v.scale = layer.bias, layer.scale
-    v.A1, v.A2, v.B1, v.B2 = layer.A1, layer.A2, layer.B1, layer.B2
-    return v
+    return types.SimpleNamespace(weight=layer.weight.t() if layer.fan_in_fan_out else layer.weight,
+                                 bias=layer.bias, scale=layer.scale, A1=layer.A1, A2=layer.A2, B1=layer.B1,
+                                 B2=layer.B2)
 
 
 def test_a_decoded_layer_copies_and_pickles_without_what_it_remembers(tmp_path, fresh_dispatch):

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import formulations, mixed_formulations, schedule_spaces, step
-from ..device import space_name, tvm_target
+from ..device import capability as capability_of, space_name
 from ..problem import ADAPTER_OPS, MIXED_OPS, ProblemKey
 
 BACKENDS = ("torch", "tvm", "triton")
@@ -166,10 +166,9 @@ def static_problem(backend: str, op: str, variant: str, config: dict, key: Probl
     without one here), known without running it (it spills, its shared memory does not fit): the tuner
     prunes it before any timing. None when nothing is known against it (and off a GPU)."""
     if capability is None:
-        if device is None or torch.device(device).type != "cuda":
+        capability = None if device is None else capability_of(device)
+        if capability is None:
             return None
-        major, minor = torch.cuda.get_device_capability(device)
-        capability = major * 10 + minor
     if backend == "triton":
         from .triton_fused import shared_limit
 
@@ -200,8 +199,8 @@ def prune(candidates: list[tuple[str, str, dict]], op: str, key: ProblemKey, dev
           capability: Optional[int] = None) -> tuple[list[tuple[str, str, dict]], dict[str, str]]:
     """``(backend, variant, config)`` candidates split as the tuner splits them before any timing: those that
     can run on ``device`` (or on a ``sm_<capability>`` GPU), and, by name, why each other one cannot
-    (``static_problem``). Whatever runs a list of configs on a GPU goes through here: the tuner, the GPU
-    check, the tests."""
+    (``static_problem``, which the tuner asks of each candidate in turn). The GPU check and the tests run
+    their lists of configs through here."""
     kept, pruned = [], {}
     for backend, variant, config in candidates:
         why = static_problem(backend, op, variant, config, key, device, capability)

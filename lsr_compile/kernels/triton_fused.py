@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import schedule_spaces
-from ..device import space_name
+from ..device import capability, space_name
 from ..problem import DTYPES as DTYPES_TORCH, ProblemKey
 from .cubin import resource_usage
 
@@ -533,7 +533,7 @@ def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
     dtype = key.dtype if key is not None else None
     if key is None or torch.device(device).type != "cuda":
         return "fused", schedule_spaces.default(SPACE, op, "fused", dtype)
-    return "fused", fitting_default(op, key, _capability(device))
+    return "fused", fitting_default(op, key, capability(device))
 
 
 def fitting_default(op: str, key: ProblemKey, capability: int) -> dict:
@@ -655,14 +655,3 @@ def compile_report(op: str, key: ProblemKey, config: dict, capability: int = 90)
     return _compile_report(op, key, tuple(sorted(cfg.items())), capability)
 
 
-def static_problem(op: str, key: ProblemKey, config: dict, device) -> Optional[str]:
-    """Why a config must be pruned before any timing on ``device`` (spills, shared memory), or None."""
-    if torch.device(device).type != "cuda":
-        return None
-    cap = _capability(device)
-    return compile_report(op, key, config, cap).problem(shared_limit(cap))
-
-
-def _capability(device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor

@@ -14,7 +14,6 @@ beside the base GEMM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import schedule_spaces
-from ..device import space_name
+from ..device import capability, space_name
 from ..mixed_formulations import bank_A, bank_Bt
 from ..problem import ProblemKey
 from ..problem import DTYPES as DTYPES_TORCH
@@ -216,10 +215,11 @@ def default_choice(op: str, key: ProblemKey, device) -> tuple[str, dict]:
     if op != "mixed_forward":
         raise ValueError(f"Triton has no {op} kernel (the PyTorch formulations serve it)")
     first = schedule_spaces.default(SPACE, op, VARIANT, key.dtype)
-    if torch.device(device).type != "cuda":
+    cap = capability(device)
+    if cap is None:
         return VARIANT, first
     for cfg in [first] + schedule_spaces.space(SPACE, op, VARIANT):
-        if static_problem(op, key, cfg, device) is None:
+        if compile_report(key, cfg, cap).problem(shared_limit(cap)) is None:
             return VARIANT, cfg
     return VARIANT, first
 
@@ -230,13 +230,6 @@ def candidates(op: str, key: ProblemKey) -> list[tuple[str, str, dict]]:
     return [("triton", VARIANT, c) for c in schedule_spaces.space(SPACE, op, VARIANT)]
 
 
-def static_problem(op: str, key: ProblemKey, config: dict, device) -> Optional[str]:
-    """Why a config must be pruned before any timing on ``device`` (spills, shared memory), or None."""
-    if torch.device(device).type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    cap = major * 10 + minor
-    return compile_report(key, config, cap).problem(shared_limit(cap))
 
 
 def build(op: str, variant: str, config: dict, key: ProblemKey, device):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import schedule_spaces
-from ..device import space_name
+from ..device import capability, space_name
 from ..problem import DTYPES as DTYPES_TORCH, ProblemKey
 from ..step import AtenParts, given
 from . import triton_fused
@@ -413,8 +413,7 @@ def default_config(op: str, variant: str, key: Optional[ProblemKey], device="cpu
     first = schedule_spaces.default(SPACE, op, variant, key.dtype if key is not None else None)
     if key is None or torch.device(device).type != "cuda":
         return first
-    major, minor = torch.cuda.get_device_capability(device)
-    return fitting_config(op, variant, key, major * 10 + minor)
+    return fitting_config(op, variant, key, capability(device))
 
 
 def fitting_config(op: str, variant: str, key: ProblemKey, capability: int) -> dict:
@@ -472,14 +471,3 @@ def _reports(op, variant, key, config_items, capability):
     return tuple(out)
 
 
-def static_problem(op: str, variant: str, key: ProblemKey, config: dict, device) -> Optional[str]:
-    """Why a config must be pruned on ``device`` (a kernel spills or overflows shared memory), or None."""
-    if torch.device(device).type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    cap = major * 10 + minor
-    for name, res in compile_reports(op, variant, key, config, cap).items():
-        why = res.problem(shared_limit(cap))
-        if why is not None:
-            return f"{name} {why}"
-    return None

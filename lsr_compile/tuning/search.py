@@ -95,7 +95,7 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     built, rejected, skipped = {}, {}, {}
     bar = tqdm(total=len(cands), desc=f"{op:8s} {shape.label()}", disable=not progress, leave=True)
     for i, (backend, variant, config) in enumerate(cands):
-        name = _name(backend, variant, config)
+        name = kernels.candidate_name(backend, variant, config)
         bar.update(1)
         why_not = kernels.unavailable(backend, device)
         if why_not is None and firsts[backend, variant] != i and time.perf_counter() - started > budget_s / 2:
@@ -210,9 +210,6 @@ def _check_writable(log_dir: Path) -> None:
     except OSError as e:
         raise TuningError(f"tuning log directory {log_dir} is not writable ({e}); pass log_dir= a directory "
                           f"you can write, or set $LSR_TUNING_LOGS") from None
-
-
-_name = kernels.candidate_name
 
 
 def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "llvm",

@@ -2,8 +2,9 @@
 environment (3.7 with the project's pins, 3.6 in the GPU-image environment): ptxas accepts it, nothing spills,
 shared memory fits, bf16/fp16 use Hopper's wgmma. A GPU never sees a config that fails here."""
 import pytest
+import torch
 
-from lsr_compile import schedule_spaces
+from lsr_compile import kernels, schedule_spaces
 from lsr_compile.kernels import triton_fused
 from lsr_compile.problem import ProblemKey
 
@@ -72,8 +73,8 @@ def test_problems_are_reported_not_hidden():
 
 def test_static_problem_is_silent_off_the_gpu():
     key = ProblemKey("forward", "float32", 512, *ALIGNED)
-    assert triton_fused.static_problem("forward", key, schedule_spaces.default("triton_cuda", "forward", "fused"),
-                                       "cpu") is None
+    cfg = schedule_spaces.default("triton_cuda", "forward", "fused")
+    assert kernels.static_problem("triton", "forward", "fused", cfg, key, torch.device("cpu")) is None
 
 
 MIXED = schedule_spaces.space("triton_cuda", "mixed_forward", "gathered")
