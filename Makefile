@@ -8,7 +8,7 @@ GPU_PY := $(GPU_VENV)/bin/python
 GPU_IMAGE_TESTS := tests/test_ops.py tests/test_nn.py tests/test_compile.py tests/kernels/test_triton_fused.py \
 	tests/kernels/test_triton_on_a_gpu.py tests/kernels/test_triton_aot.py tests/test_gpu_check.py \
 	tests/peft_glue/test_peft_glue.py tests/test_robustness.py tests/test_layout.py tests/test_mixed.py tests/test_step.py \
-	tests/test_costmodel.py tests/test_launch_budget.py tests/test_decode.py tests/peft_glue/test_llms.py tests/test_max_autotune.py
+	tests/test_costmodel.py tests/test_launch_budget.py tests/test_inference_cache.py tests/peft_glue/test_llms.py tests/test_max_autotune.py
 
 .PHONY: setup setup-gpu-image demo test test-slow test-gpu-image test-triton-newest ci test-all bench gpu-artifacts gpu-check
 setup: $(VENV)/.installed

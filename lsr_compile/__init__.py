@@ -13,6 +13,8 @@ The pipeline, one module per stage, in import order (each imports only from the 
     tuning/             timing, the correctness harness, the search: tune()
     dispatch.py         run-time choice per (device, op, shape): forced > tuned > default
     ops.py              torch.ops.lsr.* custom ops (fake impls, autograd) -> torch.compile without graph breaks
+    inference_cache.py  a layer's calls without a graph (decoding, evaluation): what it keeps, and when it may
+                        use it (only while the factors' values equal the copy it took)
     nn.py               LSRLinear, apply_lsr, explain
     peft/               peft integration (get_peft_model, save/load, LoRA export)
 """
@@ -20,7 +22,7 @@ from . import _peft_type  # noqa: F401  (PeftType.LSR must exist before any peft
 from . import reference
 from .config import FactorizationError, FactorShapes, LSRConfig, LSRConfigWarning, factor_pair
 from .dispatch import load_logs, use_backend
-from .factor_cache import clear as clear_factor_cache
+from .inference_cache import clear as clear_factor_cache
 from .nn import LSRLinear, LSRMergedError, apply_lsr, count_parameters, explain, lsr_config_for_lora, lsr_layers
 from .ops import LSRInputError, lsr_linear, mixed_linear
 from .problem import LSRShape

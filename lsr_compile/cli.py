@@ -1,4 +1,4 @@
-"""lsr-compile tune | bench | bench-decode | bench-mixed | bench-quantized | bench-compile | explain | logs | demo |
+"""lsr-compile tune | bench | bench-decode | bench-tuned | bench-mixed | bench-quantized | bench-compile | explain | logs | demo |
 build-tvm-cuda | tvm-runtime-wheels"""
 from __future__ import annotations
 
@@ -52,6 +52,12 @@ def main(argv=None) -> int:
     bd.add_argument("--threads", type=int, default=1)
     bd.add_argument("--first-minute", action="store_true", help="instead: import, first eager and first compiled "
                                                                 "training step in fresh processes, LSR and LoRA")
+    bt = sub.add_parser("bench-tuned", help="tuning never slows what runs: a decoder LLM's decoding, prefill and "
+                                            "training step before and after lc.tune(model), beside peft LoRA r=8")
+    bt.add_argument("--quick", action="store_true")
+    bt.add_argument("--out", type=Path, default=Path("results"))
+    bt.add_argument("--threads", type=int, default=1)
+    bt.add_argument("--budget", type=float, default=None, help="seconds tune(model) may take (default 60, --quick 20)")
     bm = sub.add_parser("bench-mixed", help="many adapters in one batch: mixed LSR op vs one adapter, looping "
                                             "over adapters and peft LoRA's mixed batch")
     bm.add_argument("--quick", action="store_true")
@@ -140,6 +146,13 @@ def main(argv=None) -> int:
             rows = bench_decode.run(out, quick=a.quick, threads=a.threads)
             print(bench_decode.table(rows))
         print(f"\nrows: {out}")
+    elif a.cmd == "bench-tuned":
+        from . import bench_tuned
+
+        out = bench_tuned.default_out(a.out)
+        rows = bench_tuned.run(out, quick=a.quick, threads=a.threads, budget_s=a.budget)
+        print(bench_tuned.table(rows))
+        print(f"\ntune(model) took {rows[0]['tune_s']} s (budget {rows[0]['tune_budget_s']} s); rows: {out}")
     elif a.cmd == "bench-mixed":
         from . import bench_mixed
 

@@ -359,6 +359,21 @@ def options(op: str, key, capability: int) -> list[tuple[str, str, dict]]:
     return out
 
 
+def untuned(op: str, key, device, capability=None) -> tuple[str, str, dict, str]:
+    """(backend, variant, config, why) that runs for a problem no tuning record covers: on a GPU (``device``
+    cuda, or ``capability`` of one described) where Triton runs, the plan this model prices lowest; elsewhere
+    ``kernels.untuned_choice``. Dispatch runs it; the tuner keeps it unless a candidate beats it."""
+    from . import kernels
+    from .device import capability as capability_of
+    from .problem import OPS
+
+    if capability is None:
+        capability = capability_of(device)
+    if capability is not None and op in OPS and kernels.unavailable("triton", "cuda") is None:
+        return cheapest(op, key, capability)
+    return kernels.untuned_choice(op, key, device)
+
+
 def cheapest(op: str, key, capability: int, machine: Machine = H200) -> tuple[str, str, dict, str]:
     """(backend, variant, config, why): of ``options``, the one this model prices lowest (a backward behind
     the forward it would choose). What dispatch runs on a GPU for a problem no tuning record covers. Priced

@@ -19,10 +19,10 @@ from typing import Callable, Optional
 
 import torch
 
-from . import costmodel, factor_cache, kernels, logs, step
+from . import costmodel, kernels, logs
 from .config import FactorShapes
-from .problem import OPS, LSRShape, ProblemKey, dtype_name, token_bucket
-from .device import GPU, H200, device_id, gpu_of, target_of
+from .problem import LSRShape, ProblemKey, dtype_name, token_bucket
+from .device import GPU, H200, device_id, target_of
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,7 @@ def choose(op: str, key: ProblemKey, device: torch.device, gpu: Optional[GPU] = 
     if rec is not None:
         return Choice(rec.backend, rec.variant, tuple(sorted(rec.config.items())),
                       f"tuned: {rec.source}, {rec.time_ms:.3g} ms")
-    if target == "cuda" and op in OPS and kernels.unavailable("triton", "cuda") is None:
-        backend, variant, config, why = costmodel.cheapest(op, key, (gpu or gpu_of(device)).capability)
-    else:
-        backend, variant, config, why = kernels.untuned_choice(op, key, device)
+    backend, variant, config, why = costmodel.untuned(op, key, device, gpu.capability if gpu is not None else None)
     return Choice(backend, variant, tuple(sorted(config.items())),
                   f"default: no tuning record for {target}/{dev_id} {key.token_bucket}-token bucket; {why}")
 
@@ -305,48 +302,24 @@ def _signature(tag: str, x2d: torch.Tensor, weight, bias, A1, A2, B1, B2) -> tup
             B1.device, B2.shape, B2.dtype, B2.device, _forced.get())
 
 
-# The thin products of a few rows in half precision on a CPU take oneDNN's slow path: bf16, 256², 8 tokens,
-# rank 4 (Xeon, AVX-512 BF16, 1 thread): x Aᵀ 20 µs and the addmm 24 µs against 2-3 µs in float32 (the frozen
-# GEMM itself 29 µs). Decoding there computes the adapter in float32, as peft LoRA's float32 adapters do.
-_CPU_HALF = (torch.bfloat16, torch.float16)
-
-
 def forced() -> Optional[str]:
     """The backend ``use_backend`` forces here, or None."""
     return _forced.get()
 
 
-def inference_runner(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callable) -> Callable:
+def inference_runner(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callable, derive: Callable) -> Callable:
     """``run(x, weight, bias, A1, A2, B1, B2, scale) -> y`` for calls that record no graph (decoding,
-    evaluation) with these factors as they are now and inputs like these: the kernel chosen for the problem,
-    and where it is a PyTorch formulation that reads A and Bᵀ, that formulation over A and Bᵀ built once
-    (``factor_cache``; the caller keys the runner by the factors' state too). ``check`` validates the inputs
-    here, and again when the kernel raises (a device or dtype changed since), so a bad input still gets its
-    named error. The factors may be kept in another floating dtype than the layer (peft's float32 adapters over
-    a half-precision base): cast once. The runner holds no factor tensor (its cache entry would keep it alive)."""
+    evaluation) with inputs like these: ``kernels.inference`` over the forward chosen for the problem.
+    ``derive(what, build)`` gives what is built from the factors' values (``inference_cache``: built once while
+    they hold; ``build()`` every time where nothing is kept). ``check`` validates the inputs here, and again when
+    the kernel raises (a device or dtype changed since), so a bad input still gets its named error."""
     check(x2d, weight, bias, A1, A2, B1, B2)
     fwd, choice = _kernel("forward", x2d, A1, A2, B1, B2)
-    dtype, device = x2d.dtype, x2d.device
-    infer = step.INFERENCE.get(choice.variant) if choice.backend == "torch" else None
-    if infer is None:
-        def run(x, weight, bias, A1, A2, B1, B2, scale):
-            try:
-                if A1.dtype != dtype:
-                    A1, A2, B1, B2 = factor_cache.cached(("cast", dtype), A1, A2, B1, B2,
-                                                         lambda: tuple(f.to(dtype) for f in (A1, A2, B1, B2)))
-                return fwd(x, weight, bias, A1, A2, B1, B2, scale)[0]
-            except RuntimeError:
-                check(x, weight, bias, A1, A2, B1, B2)
-                raise
-        return run
-    what = torch.float32 if choice.variant == "materialise" and device.type == "cpu" and dtype in _CPU_HALF \
-        else dtype
-    A, Bt = factor_cache.cached(what, A1, A2, B1, B2,
-                                lambda: tuple(t.to(what) for t in step.ATEN.factors(A1, A2, B1, B2)))
+    inner = kernels.inference(choice.backend, choice.variant, fwd, x2d, A1, A2, B1, B2, derive)
 
     def run(x, weight, bias, A1, A2, B1, B2, scale):
         try:
-            return infer(x, weight, bias, A, Bt, scale)
+            return inner(x, weight, bias, A1, A2, B1, B2, scale)
         except RuntimeError:
             check(x, weight, bias, A1, A2, B1, B2)
             raise

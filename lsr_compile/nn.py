@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
@@ -14,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import base_layers, dispatch, formulations, inductor_autotune, step
-from .config import FactorShapes, LSRConfig
-from .ops import adapter_update, autocast_dtype, decode, infer, inference_ready, layer_linear, quantized_base_linear
+from .config import FactorShapes, LSRConfig, lora_rank
+from .inference_cache import Memo, layer_call
+from .ops import adapter_update, autocast_dtype, layer_linear, quantized_base_linear
 from .quantized import DENSE, base_format, factor_dtype, refuse_merge
 from .problem import OPS, LSRShape
 
@@ -28,8 +28,6 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
     autocast respected (all operands cast to the autocast dtype, as nn.Linear does), then one
     ``torch.ops.lsr.linear`` call. Every kernel choice (Triton on a GPU too) is made inside the op at run time,
     so a traced model holds the op and nothing device-specific."""
-    if inference_ready(x, weight, bias, A1, A2, B1, B2):  # decoding, evaluation (a dense base: plain tensors)
-        return infer(x, weight, bias, A1, A2, B1, B2, scale)
     base = base_format(weight)
     if base != DENSE and not torch._C._are_functorch_transforms_active():
         # a quantized frozen base runs its own kernels (its module's forward; under autocast its library decides);
@@ -85,6 +83,12 @@ class Dropouts:
     def __bool__(self) -> bool:
         return bool(self.input or self.rank or self.module)
 
+    def leaves_out(self) -> bool:
+        """This call's module-dropout coin, drawn from torch's CPU generator as peft's LoKr does: activation
+        checkpointing saves and restores that state, so its recompute makes the same decision (Python's
+        ``random`` is not replayed: a different graph, a ``CheckpointError`` or wrong gradients)."""
+        return bool(self.module) and torch.rand(()).item() < self.module
+
 
 def regularized_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor,
                         B2: Tensor, scale: float, drop: Dropouts, base_forward=None) -> Tensor:
@@ -93,7 +97,7 @@ def regularized_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: T
     adapter then runs apart from the base (``lsr::adapter``, or in ATen with the mask), not in one fused op."""
     base = base_format(weight)
     base_out = base_forward(x) if base_forward is not None and base != DENSE else F.linear(x, weight, bias)
-    if drop.module and random.random() < drop.module:
+    if drop.leaves_out():
         return base_out
     xa = F.dropout(x, drop.input) if drop.input else x
     dt = autocast_dtype(x) or base_out.dtype
@@ -109,6 +113,17 @@ def regularized_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: T
     else:
         update = adapter_update(xa.to(dt), A1, A2, B1, B2, scale, base)
     return base_out + update.to(base_out.dtype)
+
+
+def refuse_derived_merge(module: nn.Module, where: str) -> None:
+    """A weight computed from others (pruned, parametrized, weight-normed) is recomputed on every call: ΔW folded
+    into it would be lost without a word."""
+    if "weight" not in module._parameters:
+        raise ValueError(f"{where}: the base weight of this {type(module).__name__} is computed (pruned, "
+                         f"parametrized or weight-normed), so ΔW folded into it would be lost at its next "
+                         f"computation. Make it a plain parameter first (torch.nn.utils.prune.remove(module, "
+                         f"'weight'), torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')), or use "
+                         f"to_linear() / merge_and_unload after that, or keep the adapter unmerged")
 
 
 class LSRMergedError(RuntimeError):
@@ -188,7 +203,7 @@ class LSRLinear(nn.Module):
     def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config: LSRConfig, shape=None,
                dtype=None, fan_in_fan_out: bool = False) -> None:
         self._base_forward = None  # a quantized base module's own forward (set by from_linear)
-        self._decode_memos: dict = {}  # ops.decode's (not saved, pickled or copied)
+        self._inference_memo = Memo()  # what calls without a graph keep (inference_cache)
         self.fan_in_fan_out = fan_in_fan_out  # the weight is stored d_in x d_out (a Conv1D's)
         d_out, d_in = shape or weight.shape
         f = config.shapes_for(d_in, d_out)
@@ -200,7 +215,10 @@ class LSRLinear(nn.Module):
         if bias is not None:
             bias.requires_grad_(False)
         self.weight = weight
-        self.bias = bias
+        if bias is None:
+            self.register_parameter("bias", None)  # as nn.Linear: forward finds every tensor in _parameters
+        else:
+            self.bias = bias
         kw = dict(device=weight.device, dtype=dtype or weight.dtype)
         for name, shape in f.factor_sizes().items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
@@ -224,25 +242,24 @@ class LSRLinear(nn.Module):
                 y = _MergedStep.apply(y, *factors)  # a backward to the factors says what is wrong
             return y
         p = self._parameters  # one dict instead of six Module.__getattr__ calls (a tiny layer's host time)
-        weight, bias, A1, A2, B1, B2 = p["weight"], p.get("bias"), p["A1"], p["A2"], p["B1"], p["B2"]
+        try:
+            weight, bias, A1, A2, B1, B2 = p["weight"], p["bias"], p["A1"], p["A2"], p["B1"], p["B2"]
+        except KeyError:  # pruned or parametrized (torch.nn.utils.prune, parametrize, weight_norm): the attributes
+            weight, bias, A1, A2, B1, B2 = self.weight, self.bias, self.A1, self.A2, self.B1, self.B2
         if self.fan_in_fan_out:
             weight = weight.t()
         if self.training and self.dropouts:
             return regularized_forward(x, weight, bias, A1, A2, B1, B2, self.scale, self.dropouts,
                                        self._base_forward)
-        y = decode(self._decode_memos, None, x, weight, bias, A1, A2, B1, B2, self.scale)
+        y = layer_call(self._inference_memo, x, weight, bias, A1, A2, B1, B2, self.scale)
         if y is not None:
             return y
         return lsr_forward(x, weight, bias, A1, A2, B1, B2, self.scale, self._base_forward)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_decode_memos"] = {}  # runners and factor references of this process, rebuilt on the next call
-        return state
-
     def __setstate__(self, state):
+        state.pop("_decode_memos", None)  # pickled by an earlier version
         super().__setstate__(state)
-        self.__dict__.setdefault("_decode_memos", {})
+        self.__dict__.setdefault("_inference_memo", Memo())
 
     def delta_weight(self) -> Tensor:
         """``scale · B · A``, shape ``(d_out, d_in)``."""
@@ -277,6 +294,7 @@ class LSRLinear(nn.Module):
         if self.merged:
             raise RuntimeError("layer is already merged; call unmerge() first")
         refuse_merge(self.weight, "LSRLinear.merge")
+        refuse_derived_merge(self, "LSRLinear.merge")
         self._unmerged_weight = self.weight.detach().clone()
         base_layers.as_linear(self.weight, self.fan_in_fan_out).add_(self.delta_weight().to(self.weight.dtype))
         self.merged = True
@@ -356,7 +374,7 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
         targets = all_linear_layers(model)
     matches = _matcher(targets)
     excluded = _matcher(exclude_modules or config.exclude_modules or ())
-    chosen = []
+    chosen, found = [], []
     for name, module in model.named_modules():
         if not name or not matches(name) or excluded(name):
             continue
@@ -366,14 +384,13 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
         if not base_layers.is_adaptable(module):
             raise TypeError(f"target module {name} is a {type(module).__name__}, not an {base_layers.kinds()}; "
                             f"narrow target_modules")
+        found.append(name)
         if not config.selects(name):
             continue
         config.for_layer(name).shapes_for(*base_layers.dims(module))  # FactorizationError before any change
         chosen.append(name)
     if not chosen:
-        linears = [n for n, m in model.named_modules() if base_layers.is_adaptable(m)][:8]
-        raise ValueError(f"no nn.Linear matched target_modules={targets!r} (transformers' Conv1D layers count too); "
-                         f"some linear layers of this model: {linears}")
+        raise _nothing_matched(model, targets, config, found)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -395,25 +412,51 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
 ALL_LINEAR = "all-linear"
 
 
-def lsr_config_for_lora(rank: int = 8, budget: Optional[float] = None, model: Optional[nn.Module] = None,
+# LoraConfig's names that lsr_config_for_lora takes with LoRA's meaning (besides r), and LSRConfig's for each
+LORA_NAMES = {"lora_alpha": "alpha", "lora_dropout": "lsr_dropout", "use_rslora": "scaling"}
+
+
+def lsr_config_for_lora(rank: Union[int, tuple, None] = None, budget: Optional[float] = None, model: Optional[nn.Module] = None,
                         shape: Optional[tuple[int, int]] = None, **config) -> LSRConfig:
-    """The LSR config that stands in for a LoRA of rank ``rank``: the same rank of update (inner rank
-    ``q = r1·r2 = rank``, the most balanced split: 8 -> r = (4, 2)) and, with ``budget``, the most Kronecker terms
-    ``s`` whose trainable parameters stay within ``budget`` times LoRA's on the layers it would adapt (those of
-    ``model`` that ``config``'s target_modules select, or one ``shape = (d_in, d_out)``); without ``budget``,
-    ``s`` as given (default 4). Other keyword arguments go to ``LSRConfig`` (target_modules, alpha, ...).
+    """The LSR config that stands in for a LoRA of rank ``rank`` (default 8): the same rank of update (inner rank
+    ``q = r1·r2 = rank``, the most balanced split: 8 -> r = (4, 2); a pair ``(r1, r2)`` is taken as the split) and,
+    with ``budget``, the most Kronecker terms ``s`` whose trainable parameters stay within ``budget`` times those
+    of the LoRA of the same ranks on the layers it would adapt (those of ``model`` that ``config``'s target_modules
+    select, or one ``shape = (d_in, d_out)``); without ``budget``, ``s`` as given (default 4). Layers whose ``s`` a
+    ``rank_pattern`` entry sets keep it, and their parameters count against the budget first.
+
+    LoRA's spelling means what it means in ``LoraConfig``: ``r=`` is ``rank`` (give one of them), an int in
+    ``rank_pattern`` is that layer's LoRA rank (split as ``rank`` is; a pair or a dict is LSR's structure, as in
+    ``LSRConfig``), ``lora_alpha`` is ``alpha`` with LoRA's scale ``lora_alpha / rank`` (``scaling="lora"``;
+    ``use_rslora=True``: ``/ sqrt(rank)``), ``lora_dropout`` is ``lsr_dropout``. Other keyword arguments go to
+    ``LSRConfig`` (target_modules, alpha, ...). A rank above a layer's ``min(d_in, d_out)`` is refused when the
+    layers are known.
 
         cfg = lc.lsr_config_for_lora(8, budget=0.3, model=model)   # rank 8 at <= 0.3x LoRA-8's parameters"""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int (LoRA's r), got {rank!r}")
-    r1 = max(d for d in range(1, math.isqrt(rank) + 1) if rank % d == 0)
-    cfg = LSRConfig(**({"r": (rank // r1, r1)} | config))
-    if budget is None:
+    config = _lsr_names(config)
+    if "r" in config:
+        if rank is not None:
+            raise TypeError(f"lsr_config_for_lora got rank={rank!r} and r={config['r']!r}: give LoRA's rank once "
+                            f"(r= is LoraConfig's spelling of rank)")
+        rank = config.pop("r")
+    split = lora_rank(8 if rank is None else rank)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"budget must be a finite, positive multiple of LoRA's parameters (e.g. 0.3), got {budget!r}")
+    if model is not None and shape is not None:
+        raise ValueError("give the layers to count on once: model= (its target layers) or shape=(d_in, d_out)")
+    if shape is not None and not (isinstance(shape, (tuple, list)) and len(shape) == 2
+                                  and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise ValueError(f"shape must be one layer's (d_in, d_out), a pair of ints, got {shape!r} (a square layer: "
+                         f"(4096, 4096))")
+    pattern = {k: v if isinstance(v, (dict, tuple, list)) else lora_rank(v, f"rank_pattern[{k!r}]")
+               for k, v in dict(config.pop("rank_pattern", None) or {}).items()}
+    cfg = LSRConfig(**({"r": split, "rank_pattern": pattern} | config))
+    if model is None and shape is None:
+        if budget is not None:
+            raise ValueError("give the layers the budget is counted on: model= (its target layers) or "
+                             "shape=(d_in, d_out)")
         return cfg
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f"budget must be a positive fraction of LoRA's parameters (e.g. 0.3), got {budget!r}")
-    if (model is None) == (shape is None):
-        raise ValueError("give the layers the budget is counted on: model= (its target layers) or shape=(d_in, d_out)")
     if shape is not None:
         layers = {"layer": tuple(shape)}
     else:
@@ -421,18 +464,74 @@ def lsr_config_for_lora(rank: int = 8, budget: Optional[float] = None, model: Op
         if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
             targets = all_linear_layers(model)
         matches, excluded = _matcher(targets), _matcher(cfg.exclude_modules or ())
-        layers = {n: base_layers.dims(m) for n, m in model.named_modules()
-                  if n and matches(n) and not excluded(n) and base_layers.is_adaptable(m) and cfg.selects(n)}
+        found = {n: m for n, m in model.named_modules() if n and matches(n) and not excluded(n)
+                 and base_layers.is_adaptable(m)}
+        layers = {n: base_layers.dims(m) for n, m in found.items() if cfg.selects(n)}
         if not layers:
-            raise ValueError(f"no layer of the model matches target_modules={targets!r}")
-    lora = sum(rank * (d_in + d_out) for d_in, d_out in layers.values())
-    per_term = sum(cfg.for_layer(n).shapes_for(d_in, d_out).num_params // cfg.for_layer(n).s
-                   for n, (d_in, d_out) in layers.items())
-    s = int(budget * lora // per_term)
+            raise _nothing_matched(model, targets, cfg, list(found))
+    lora = fixed = per_term = 0
+    for name, (d_in, d_out) in layers.items():
+        layer_cfg = cfg.for_layer(name)
+        if layer_cfg.inner_rank > min(d_in, d_out):
+            raise ValueError(f"rank {layer_cfg.inner_rank} is above what {name} ({d_in} -> {d_out}) can carry: its "
+                             f"update has rank at most min(d_in, d_out) = {min(d_in, d_out)}; give a rank of at most "
+                             f"that")
+        f = layer_cfg.shapes_for(d_in, d_out)
+        lora += f.q * (d_in + d_out)
+        if "s" in cfg.pattern_for(name):
+            fixed += f.num_params
+        else:
+            per_term += f.num_params // f.s
+    if budget is None:
+        return cfg
+    pinned = f" ({fixed / lora:.3f}x taken by the layers whose s rank_pattern sets)" if fixed else ""
+    if fixed > budget * lora:
+        raise ValueError(f"the layers whose s rank_pattern sets already take {fixed / lora:.3f}x LoRA's parameters, "
+                         f"above budget={budget:g}: lower their s, or raise the budget")
+    if not per_term:
+        return cfg
+    s = int((budget * lora - fixed) // per_term)
     if s < 1:
-        raise ValueError(f"no LSR config of inner rank {rank} fits {budget:g}x LoRA's parameters here: one Kronecker "
-                         f"term already takes {per_term / lora:.3f}x")
+        raise ValueError(f"no LSR config of inner rank {cfg.inner_rank} fits {budget:g}x LoRA's parameters here: one "
+                         f"Kronecker term already takes {per_term / lora:.3f}x{pinned}")
     return dataclasses.replace(cfg, s=s)
+
+
+def _lsr_names(config: dict) -> dict:
+    """``lsr_config_for_lora``'s keyword arguments with LoraConfig's names as LSRConfig's, LoRA's meaning kept."""
+    out = dict(config)
+    for lora_name, name in LORA_NAMES.items():
+        if lora_name in out:
+            if name in out:
+                raise TypeError(f"lsr_config_for_lora got {lora_name} (LoRA's name) and {name} (LSR's) for the same "
+                                f"thing: give one")
+            v = out.pop(lora_name)
+            out[name] = ("rslora" if v else "lora") if lora_name == "use_rslora" else v
+    if "lora_alpha" in config:
+        out.setdefault("scaling", "lora")  # LoRA's scale: lora_alpha / rank
+    unknown = set(out) - {f.name for f in dataclasses.fields(LSRConfig)}
+    if unknown:
+        raise TypeError(f"lsr_config_for_lora got {', '.join(sorted(unknown))}, which LSRConfig does not take; of "
+                        f"LoraConfig's own names it takes r (as rank), "
+                        f"{', '.join(f'{k} (as {v})' for k, v in LORA_NAMES.items())}")
+    return out
+
+
+def _nothing_matched(model: nn.Module, targets, config: LSRConfig, found: list) -> ValueError:
+    """No layer to adapt: which option left them all out, and what it could have read."""
+    if not found:
+        linears = [n for n, m in model.named_modules() if base_layers.is_adaptable(m)][:8]
+        return ValueError(f"no nn.Linear matched target_modules={targets!r} (transformers' Conv1D layers count too); "
+                          f"some linear layers of this model: {linears}")
+    where = f"layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r}"
+    indices = sorted({i for i in map(config.layer_index, found) if i is not None})
+    if indices:
+        return ValueError(f"target_modules={targets!r} matched {len(found)} layers, but {where} kept none of them: "
+                          f"their layer indices are {indices}")
+    lists = sorted({m.group(1) for m in (re.match(r"(?:^|.*?\.)([^.]+)\.\d+\.", n) for n in found) if m})
+    return ValueError(f"target_modules={targets!r} matched {len(found)} layers (e.g. {found[0]}), but {where} finds no "
+                      f"layer index in their names" + (f": set layers_pattern to the name of the layer list, e.g. "
+                                                       f"{lists[0]!r}" if lists else ""))
 
 
 def all_linear_layers(model: nn.Module) -> list[str]:
@@ -468,19 +567,31 @@ def explain(obj, tokens: Optional[int] = None, device=None) -> str:
         raise TypeError(f"explain() takes an LSR layer, a model with LSR layers or an LSRShape; this "
                         f"{type(obj).__name__} holds no LSR layer (wrap it with apply_lsr or peft's get_peft_model)")
     groups: dict = {}
+    base_only = []  # peft layers without the active adapter (set_adapter to one on other layers)
     for name, m in layers.items():
         dev = device or next(m.parameters()).device
         if torch.device(dev).type == "meta":
             raise ValueError(f"explain(): {name or type(m).__name__} is on the meta device (built, not loaded), where "
                              f"every call runs a PyTorch formulation on shapes alone; pass device='cpu' or 'cuda' to "
                              f"see what will run there, or call explain after to_empty() and loading the weights")
-        groups.setdefault((m.lsr_shape(tokens or 2048), torch.device(dev)), []).append(name or type(m).__name__)
+        shape = m.lsr_shape(tokens or 2048)
+        if shape is None:
+            base_only.append((name or type(m).__name__, m))
+        else:
+            groups.setdefault((shape, torch.device(dev)), []).append(name or type(m).__name__)
     if "" in layers and len(groups) == 1:  # one layer: no list of names
         (shape, dev), = groups
         return _with_max_autotune(dispatch.explain(shape, dev), [shape])
-    text = "\n".join(f"{', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}:\n"
-                     + dispatch.explain(shape, dev) for (shape, dev), names in groups.items())
-    return _with_max_autotune(text, [shape for shape, _ in groups])
+    text = "\n".join(f"{_some(names)}:\n" + dispatch.explain(shape, dev) for (shape, dev), names in groups.items())
+    if base_only:
+        active = sorted({a for _, m in base_only for a in m.active_adapters})
+        text += (f"\n{_some([n for n, _ in base_only])}: the base layer alone, no LSR kernel (the active adapter "
+                 f"{', '.join(active)} is not on these layers)")
+    return _with_max_autotune(text.strip("\n"), [shape for shape, _ in groups])
+
+
+def _some(names: list) -> str:
+    return f"{', '.join(names[:4])}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
 
 
 def _with_max_autotune(text: str, shapes) -> str:

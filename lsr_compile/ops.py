@@ -37,9 +37,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from . import dispatch, factor_cache, inductor_autotune, logs, mixed_formulations, step
-from .problem import token_bucket
+from . import dispatch, inductor_autotune, mixed_formulations, step
 
 _lib = torch.library.Library("lsr", "DEF")
 _lib.define(
@@ -383,10 +383,11 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def _plain(*tensors) -> bool:
     """Eager calls on plain tensors, with no dispatch mode, subclass, functorch transform or tracer to see the
     op: these skip the dispatcher and run the op's implementation directly (the dispatcher's round trips were
-    a third of a tiny layer's host time). Everything else goes through ``torch.ops.lsr.linear``."""
+    a third of a tiny layer's host time). Everything else goes through ``torch.ops.lsr.linear`` (which
+    ``torch.jit.trace`` records as one call)."""
     return (not torch.compiler.is_compiling()  # first: Dynamo folds it, and traces nothing after it
             and not torch._C._len_torch_dispatch_stack() and not torch._C._are_functorch_transforms_active()
-            and all(type(t) in _PLAIN for t in tensors))
+            and not torch._C._get_tracing_state() and all(type(t) in _PLAIN for t in tensors))
 
 
 # autograd.Function.apply's Python wrapper binds default arguments and unwraps functorch's dead wrappers: plain
@@ -397,107 +398,21 @@ _step_apply = super(torch.autograd.Function, _LinearStep).apply
 def layer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,
                  scale: float) -> Tensor:
     """``lsr_linear`` as a layer calls it (``nn.lsr_forward``): ``scale`` a number, autocast and torch.func
-    transforms already handled by the caller, so nothing is checked per call beyond the signature cache."""
+    transforms already handled by the caller, so nothing is checked per call beyond the signature cache.
+    Under forward-mode AD (dual tensors) the plain-PyTorch formulation, which carries tangents."""
+    if forward_ad._current_level >= 0:
+        return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
     if _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN):
         if _records_grad(x, weight, bias, A1, A2, B1, B2):
             return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), True)
-        return infer(x, weight, bias, A1, A2, B1, B2, float(scale), check_args)
+        return _forward(x, weight, bias, A1, A2, B1, B2, float(scale))[0]
     return torch.ops.lsr.linear(x, weight, bias, A1, A2, B1, B2, float(scale))
 
 
-def _check_layer_args(x, weight, bias, A1, A2, B1, B2):
+def check_layer_args(x, weight, bias, A1, A2, B1, B2):
     """``check_args`` for a layer whose factors are kept in another floating dtype than its base."""
     cast = [f.to(weight.dtype) if isinstance(f, Tensor) and f.is_floating_point() else f for f in (A1, A2, B1, B2)]
     check_args(x, weight, bias, *cast)
-
-
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: torch.is_autocast_enabled("cpu")
-                        or torch.is_autocast_enabled("cuda"))
-
-
-def inference_ready(x, weight, bias, A1, A2, B1, B2) -> bool:
-    """Decoding's fast path applies: plain eager tensors over a dense base, no graph to record, and no compiler,
-    dispatch mode, functorch transform or autocast to see or change the call. Written out flat: decoding is
-    host-bound, and in a model every call here runs with cold caches (each frame and lookup shows)."""
-    P = _PLAIN
-    return (not torch.compiler.is_compiling()  # first: Dynamo folds it, and traces nothing after it
-            and type(x) in P and type(weight) in P and type(A1) in P and type(A2) in P and type(B1) in P
-            and type(B2) in P and (bias is None or type(bias) in P)
-            and not (torch.is_grad_enabled() and (x.requires_grad or A1.requires_grad or A2.requires_grad
-                                                  or B1.requires_grad or B2.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
-            and not torch._C._len_torch_dispatch_stack() and not torch._C._are_functorch_transforms_active()
-            and not _any_autocast())
-
-
-def decode(memos: dict, name, x, weight, bias, A1, A2, B1, B2, scale: float) -> Optional[Tensor]:
-    """A layer's call when it records no graph (``generate``, evaluation), or None when one is recorded or
-    something must see the op (the caller then runs ``lsr_forward``). ``memos`` (the layer's own dict, one entry
-    per adapter ``name``) keeps the last call's runner with what it holds for: the factor tensors themselves,
-    their version counters and storage, the input's dtype, device and a few rows (a decode step), and
-    dispatch's state. A call that matches runs it after six checks (everything else is the same objects as
-    before); any other goes through ``inference_ready`` and ``infer``. Decoding is host-bound and, in a model,
-    runs this with cold caches: in a 2-layer Llama's greedy decoding on the CI CPU the memo took LSR from 0.99
-    to 0.97-0.98 of peft LoRA's time."""
-    if (torch.is_grad_enabled() or type(x) not in _PLAIN or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() or _any_autocast()):
-        if not inference_ready(x, weight, bias, A1, A2, B1, B2):
-            return None
-        return infer(x, weight, bias, A1, A2, B1, B2, scale)
-    m = memos.get(name)
-    if (m is not None and m[0] is A1 and m[1] is A2 and m[2] is B1 and m[3] is B2 and m[4] == weight.data_ptr()
-            and m[5] == _ptr(bias) and m[6] == _factor_state(A1, A2, B1, B2) and m[7] is x.dtype and x.dim()
-            and x.numel() <= 16 * x.shape[-1] and m[8] == x.device and m[9] == _dispatch_state()):
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = m[10](x2, weight, bias, A1, A2, B1, B2, scale)
-        return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
-    if not inference_ready(x, weight, bias, A1, A2, B1, B2):
-        return None
-    y = infer(x, weight, bias, A1, A2, B1, B2, scale)
-    if 0 < x.dim() and x.numel() <= 16 * x.shape[-1]:  # decode-sized: remember the runner infer just used
-        try:
-            state = _factor_state(A1, A2, B1, B2)
-        except RuntimeError:  # inference tensors: no version counter
-            return y
-        memos[name] = (A1, A2, B1, B2, weight.data_ptr(), _ptr(bias), state, x.dtype, x.device, _dispatch_state(),
-                       _runner(_flat(x), weight, bias, A1, A2, B1, B2))
-    return y
-
-
-def _factor_state(A1, A2, B1, B2) -> tuple:
-    """What changes when a factor is written in place or replaced under the same tensor: versions, storage."""
-    return (A1._version, A2._version, B1._version, B2._version, A1.data_ptr(), A2.data_ptr(), B1.data_ptr(),
-            B2.data_ptr())
-
-
-def _dispatch_state() -> tuple:
-    """What changes which runner a call gets: a forced backend, dispatch's tables, new log records, a cleared
-    factor cache."""
-    return dispatch.forced(), dispatch.generation, logs.appends(), factor_cache.generation
-
-
-def _ptr(t) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _runner(x2, weight, bias, A1, A2, B1, B2, check=None):
-    """The inference runner for these 2-D rows and factors (``factor_cache`` keeps it with the factors' state).
-    The base weight and bias are keyed by their storage, not their identity: a Conv1D's weight arrives as a new
-    transposed view on every call."""
-    n = x2.shape[0]
-    key = ("run", x2.dtype, x2.device, n if n <= 16 else token_bucket(n), weight.data_ptr(), weight.shape,
-           _ptr(bias), dispatch.forced(), dispatch.generation, logs.appends())
-    return factor_cache.cached(key, A1, A2, B1, B2, lambda: dispatch.inference_runner(
-        x2, weight, bias, A1, A2, B1, B2, check or (check_args if A1.dtype == weight.dtype else _check_layer_args)))
-
-
-def infer(x, weight, bias, A1, A2, B1, B2, scale: float, check=None) -> Tensor:
-    """The layer for a call ``inference_ready`` accepted (decoding, evaluation): one lookup keyed by the factors'
-    state finds a runner with A and Bᵀ built (``dispatch.inference_runner``). The factors may be in another
-    floating dtype than the base (cast once per change) unless ``check`` (run when a runner is built) says no."""
-    x2 = x if x.dim() == 2 else _flat(x)
-    y = _runner(x2, weight, bias, A1, A2, B1, B2, check)(x2, weight, bias, A1, A2, B1, B2, scale)
-    return y if x2 is x else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lsr_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor,

@@ -193,7 +193,7 @@ FORWARDS = {"fold": forward_fold, "materialise": forward_materialise, "factored"
 
 
 # ---- inference (no graph to record): (x, W, b, A, Bt, scale) -> y, A and Bt built once per factor change -------
-#      (factor_cache), so a decode step runs the frozen GEMM and two thin products: what a LoRA layer runs
+#      (inference_cache), so a decode step runs the frozen GEMM and two thin products: what a LoRA layer runs
 
 def infer_materialise(x, weight, bias, A, Bt, scale):
     """``x Wᵀ + b``, then ``scale·(x Aᵀ) Bᵀ`` added in place (computed in A's dtype where it differs)."""

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsr_compile"
 # lowest first; a module may import its own stage and the stages before it
 STAGES = [
     ("shipped", "config", "_peft_type", "problem", "reference", "formulations", "step", "mixed_formulations", "device",
-     "quantized", "factor_cache", "base_layers"),
+     "quantized", "base_layers"),
     ("expr",),  # 1. expression
     ("schedule_spaces",),  # 2. schedule space
     ("kernels",),  # 3. kernels
@@ -17,10 +17,11 @@ STAGES = [
     ("tuning",),  # 5. tuner
     ("dispatch",),  # 6. run-time choice
     ("ops", "inductor_autotune"),  # 7. op registry (and its candidates for max-autotune)
+    ("inference_cache",),  # the no-graph path of a layer and what it keeps between calls
     ("nn", "bank"),  # 8. layers
     ("peft",),  # 9. peft glue
-    ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "bench_compile", "profile_step", "demo",
-     "gpu_check", "cli"),  # applications
+    ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "bench_tuned", "bench_compile",
+     "profile_step", "demo", "gpu_check", "cli"),  # applications
 ]
 
 

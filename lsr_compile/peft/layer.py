@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-import random
-
 from .. import base_layers, formulations
 from ..config import LSRConfig
 from ..mixed_formulations import segments_of
-from ..nn import Dropouts, init_factors, lsr_forward, regularized_forward
-from ..ops import adapter_update, decode, mixed_linear
+from ..nn import Dropouts, init_factors, lsr_forward, refuse_derived_merge, regularized_forward
+from ..inference_cache import Memo, layer_call
+from ..ops import adapter_update, mixed_linear
 from ..quantized import base_format, factor_dtype, is_quantized, refuse_merge
 
 
@@ -30,7 +29,7 @@ class LSRLayer(BaseTunerLayer):
         self.lsr_scale: dict[str, float] = {}
         self.lsr_shapes: dict = {}
         self.lsr_dropouts: dict[str, Dropouts] = {}
-        self._decode_memos: dict = {}  # ops.decode's, per adapter (not saved, pickled or copied)
+        self._inference_memo = Memo()  # what calls without a graph keep (inference_cache)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -41,8 +40,18 @@ class LSRLayer(BaseTunerLayer):
         self.in_features, self.out_features = base_layers.dims(base)
 
     def base_weight(self) -> torch.Tensor:
-        """The base layer's weight as d_out x d_in (a Conv1D's transposed: a view)."""
-        return base_layers.as_linear(self.get_base_layer().weight, self.fan_in_fan_out)
+        """The base layer's weight as d_out x d_in (a Conv1D's transposed: a view). One that torch's pruning or
+        old-style ``weight_norm`` computes in the base's forward pre-hooks is computed here first: this layer does
+        not call the base's forward (a parametrized one computes itself)."""
+        base = self.get_base_layer()
+        if "weight" not in base._parameters:
+            from torch.nn.utils.prune import BasePruningMethod
+            from torch.nn.utils.weight_norm import WeightNorm
+
+            for hook in list(base._forward_pre_hooks.values()):
+                if isinstance(hook, (BasePruningMethod, WeightNorm)):
+                    hook(base, ())
+        return base_layers.as_linear(base.weight, self.fan_in_fan_out)
 
     def update_layer(self, adapter_name: str, config: LSRConfig, **kwargs) -> None:
         f = config.shapes_for(self.in_features, self.out_features)
@@ -59,10 +68,13 @@ class LSRLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def lsr_shape(self, tokens: int, dtype=None):
-        """The problem the first active adapter runs for ``tokens`` rows (what ``tune(model)`` tunes)."""
+        """The problem the first active adapter runs for ``tokens`` rows (what ``tune(model)`` tunes); None when no
+        active adapter is on this layer (``set_adapter`` to one on other layers), which then runs the base alone."""
         from ..problem import LSRShape
 
-        name = next(a for a in self.active_adapters if a in self.lsr_A1)
+        name = next((a for a in self.active_adapters if a in self.lsr_A1), None)
+        if name is None:
+            return None
         weight = self.get_base_layer().weight
         dt = dtype or base_layers.compute_dtype(weight, self.lsr_A1[name])
         return LSRShape.of_factors(tokens, self.lsr_shapes[name], dt, base_format(weight))
@@ -93,10 +105,9 @@ class LSRLayer(BaseTunerLayer):
         return (m["lsr_A1"]._parameters[adapter], m["lsr_A2"]._parameters[adapter],
                 m["lsr_B1"]._parameters[adapter], m["lsr_B2"]._parameters[adapter])
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_decode_memos"] = {}  # runners and factor references of this process, rebuilt on the next call
-        return state
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._inference_memo.forget()
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scale·B·A`` in the base weight's layout (peft's convention: transposed for a Conv1D)."""
@@ -118,6 +129,7 @@ class Linear(nn.Module, LSRLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         refuse_merge(base.weight, "merging an LSR adapter")
+        refuse_derived_merge(base, "merging an LSR adapter")
         for name in adapter_names:
             if name not in self.lsr_A1:
                 continue
@@ -151,13 +163,13 @@ class Linear(nn.Module, LSRLayer):
                 if weight is not None:
                     if self.fan_in_fan_out:
                         weight = weight.t()
-                    bias = p.get("bias")
+                    bias = p["bias"] if "bias" in p else base.bias  # a parametrized bias: its attribute
                     A1, A2, B1, B2 = self.factors(name)
                     if self.training:
                         drop = self.lsr_dropouts.get(name)
                         if drop:
                             return regularized_forward(x, weight, bias, A1, A2, B1, B2, scale, drop, base)
-                    y = decode(self._decode_memos, name, x, weight, bias, A1, A2, B1, B2, scale)
+                    y = layer_call(self._inference_memo, x, weight, bias, A1, A2, B1, B2, scale)
                     if y is not None:
                         return y
                     return lsr_forward(x, weight, bias, A1, A2, B1, B2, scale, base)
@@ -184,7 +196,7 @@ class Linear(nn.Module, LSRLayer):
         for name in rest:  # several active adapters: each adds its own update (its dropout as it is configured)
             A1, A2, B1, B2 = self.factors(name)
             drop = self.lsr_dropouts.get(name) if self.training else None
-            if drop and drop.module and random.random() < drop.module:
+            if drop and drop.leaves_out():
                 continue
             xa = F.dropout(x, drop.input) if drop and drop.input else x
             xa = xa.to(A1.dtype)
@@ -202,6 +214,8 @@ class Linear(nn.Module, LSRLayer):
         the bank stacked from the adapters in use (gradients reach each adapter's own factors)."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} samples")
+        if self.training:
+            self._refuse_mixed_dropout(adapter_names)
         base = self.get_base_layer()
         if is_quantized(base.weight):
             return self._mixed_over_quantized(x, adapter_names, base_format(base.weight))
@@ -224,6 +238,19 @@ class Linear(nn.Module, LSRLayer):
             # a second factor structure adds only its adapters' updates: its base term is subtracted back out
             y = out if y is None else y + out - F.linear(x.to(weight.dtype), weight, bias)
         return y
+
+    def _refuse_mixed_dropout(self, adapter_names: list[str]) -> None:
+        """The mixed op runs the base and every adapter of the batch in one call, on the same input and the
+        whole inner rank: dropout (on the adapter's input, over its rank, or of the whole adapter) has no place in
+        it, and training without the dropout an adapter was configured with would be silently different."""
+        opts = {n: ", ".join(f"{o}={v}" for o, v in (("lsr_dropout", d.input), ("rank_dropout", d.rank),
+                                                     ("module_dropout", d.module)) if v)
+                for n in dict.fromkeys(adapter_names) if (d := self.lsr_dropouts.get(n))}
+        if opts:
+            raise ValueError(f"a mixed batch (adapter_names) in training mode cannot apply dropout, and "
+                             f"{'; '.join(f'adapter {n!r} sets {o}' for n, o in opts.items())}: set lsr_dropout, "
+                             f"rank_dropout and module_dropout to 0 for adapters trained in mixed batches, train one "
+                             f"adapter per batch (set_adapter, no adapter_names), or run the mixed batch in eval mode")
 
     def _mixed_over_quantized(self, x: torch.Tensor, adapter_names: list[str], base: str) -> torch.Tensor:
         """A mixed batch over a quantized base: the base once, through its own library's kernel, then each

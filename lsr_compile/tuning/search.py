@@ -5,6 +5,7 @@ import datetime
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .. import kernels, logs, shipped
+from .. import costmodel, kernels, logs, shipped
 from ..device import TARGET_DEVICES, device_id, device_info
 from ..problem import ADAPTER_OPS, ALL_OPS, LSRShape
 from . import harness
@@ -70,20 +71,57 @@ def _forward_kernel(shape: LSRShape, device, winner: Optional[dict]):
     return kernels.build(backend, "forward", variant, config, key, torch.device(device))
 
 
-def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progress: bool,
-         forward_winner: Optional[dict] = None) -> Optional[dict]:
-    from tqdm.auto import tqdm
+# At most this many rows a forward is timed as decoding runs it (the token bucket of one to 16 rows)
+DECODE_BUCKET = 16
+# seconds a first import costs before any build (TVM: 4 s on the CI machine), and a build when none was timed yet
+_IMPORT_S = {"tvm": 5.0, "triton": 2.0}
+_build_s: dict[str, float] = {}  # the longest build of each backend in this process
 
+
+def _out_of_time(backend: str, started: float, budget_s: float) -> Optional[str]:
+    """Why a compiled candidate is not tried within this job's budget: past half of it (timing needs the
+    rest), or what building it may take (its first import, else the longest build seen) does not fit."""
+    spent = time.perf_counter() - started
+    cost = _build_s.get(backend, 0.5) + (_IMPORT_S.get(backend, 0.0) if backend not in sys.modules else 0.0)
+    if spent > budget_s / 2 or spent + cost > budget_s:
+        return "time budget"
+    return None
+
+
+def _candidates(target: str, op: str, key, trials, device) -> list[tuple[str, str, dict]]:
+    """``kernels.candidates``, and what runs untuned (``costmodel.untuned``) where the trials left it out: a
+    record is measured against what runs without one."""
+    cands = kernels.candidates(target, op, key, trials)
+    untuned = costmodel.untuned(op, key, torch.device(device))[:3]
+    if untuned not in cands:
+        cands.append(untuned)
+    return cands
+
+
+def _decode_call(backend: str, variant: str, forward, d: dict):
+    """``forward`` run as a layer runs it without a graph for the factors of ``d`` (``kernels.inference``: A
+    and Bᵀ built once, as ``inference_cache`` keeps them, then one call at a time), in the forward op's
+    signature."""
+    derived: dict = {}
+
+    def derive(what, build):
+        if what not in derived:
+            derived[what] = build()
+        return derived[what]
+    run = kernels.inference(backend, variant, forward, d["x"], *d["factors"], derive)
+    return lambda *args: (run(*args),)
+
+
+def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, bar,
+         forward_winner: Optional[dict] = None) -> Optional[dict]:
     from ..step import keeps_folded
 
     key = shape.key(op)
     dtype = key.dtype
     scale = 0.7
-    cands = kernels.candidates(target, op, key, trials)
-    firsts = {}  # each (backend, variant)'s first point (its default) is never skipped for time
-    for i, (backend, variant, _) in enumerate(cands):
-        firsts.setdefault((backend, variant), i)
+    cands = _candidates(target, op, key, trials, device)
     started = time.perf_counter()
+    decode = op == "forward" and key.token_bucket <= DECODE_BUCKET
     check = harness.inputs(shape, min(shape.tokens, CHECK_TOKENS), device, shape.dtype)
     want = harness.expected(op, check, scale)
     bench = harness.inputs(shape, shape.tokens, device, shape.dtype)
@@ -93,13 +131,14 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
             harness.save_forward(d, forward, scale, keeps_folded(d["x"].shape[0], shape.factors.d_out,
                                                                  torch.device(device).type))
     built, rejected, skipped = {}, {}, {}
-    bar = tqdm(total=len(cands), desc=f"{op:8s} {shape.label()}", disable=not progress, leave=True)
-    for i, (backend, variant, config) in enumerate(cands):
+    default = kernels.candidate_name(*costmodel.untuned(op, key, torch.device(device))[:3])
+    for backend, variant, config in cands:
         name = kernels.candidate_name(backend, variant, config)
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
         why_not = kernels.unavailable(backend, device)
-        if why_not is None and firsts[backend, variant] != i and time.perf_counter() - started > budget_s / 2:
-            why_not = "time budget"
+        if why_not is None and backend != "torch" and name != default:
+            why_not = _out_of_time(backend, started, budget_s)
         if why_not is not None:
             skipped[name] = why_not
             continue
@@ -112,16 +151,19 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
             skipped[name] = f"pruned: {why_not}"
             continue
         try:
+            t0 = time.perf_counter()
             fn = kernels.build(backend, op, variant, config, key, torch.device(device))
-            problem = harness.problem(op, harness.call(op, fn, check, scale)(), want, dtype)
+            if backend != "torch":
+                _build_s[backend] = max(_build_s.get(backend, 0.0), time.perf_counter() - t0)
+            run = _decode_call(backend, variant, fn, check) if decode else fn
+            problem = harness.problem(op, harness.call(op, run, check, scale)(), want, dtype)
         except Exception as e:  # a candidate that does not build or run is reported, never recorded
             problem = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if problem:
             rejected[name] = problem
             log.warning("tune: rejected %s for %s: %s", name, key, problem)
         else:
-            built[name] = (backend, variant, config, fn)
-    bar.close()
+            built[name] = (backend, variant, config, _decode_call(backend, variant, fn, bench) if decode else fn)
     if not built:
         warnings.warn(f"tune: no correct candidate for {op} {shape.label()}: {rejected | skipped}", RuntimeWarning,
                       stacklevel=3)
@@ -132,13 +174,13 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     else:
         floor_fn = lambda: bench["dy"] @ bench["W"]  # noqa: E731
     calls = {n: harness.call(op, c[3], bench, scale) for n, c in built.items()} | {"floor": floor_fn}
-    left = max(budget_s - (time.perf_counter() - started), 1.0)
+    left = max(budget_s - (time.perf_counter() - started), 0.0)
     times = measure(calls, device, rounds=30, budget_s=left)
     med = {n: median(t) for n, t in times.items()}
-    winner = _winner(op, built, med)
+    winner = _winner(op, built, med, default)
     if op not in ADAPTER_OPS and med[winner] < PLAUSIBLE * med["floor"]:
         # re-timed alone with the floor, longer; still implausible: refused, not recorded
-        again = measure({winner: calls[winner], "floor": floor_fn}, device, rounds=30, budget_s=max(left, 5.0))
+        again = measure({winner: calls[winner], "floor": floor_fn}, device, rounds=30, budget_s=left)
         med[winner], med["floor"] = median(again[winner]), median(again["floor"])
         if med[winner] < PLAUSIBLE * med["floor"]:
             warnings.warn(f"tune: {op} {shape.label()}: the fastest candidate {winner} timed {med[winner]:.4g} ms, "
@@ -168,13 +210,16 @@ def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, progre
     }
 
 
-TIE = 1.03  # forwards this close to the fastest are a tie on a noisy machine (the CI CPU's medians move ~3 %)
+TIE = 1.03  # candidates this close to the fastest are a tie on a noisy machine (the CI CPU's medians move ~3 %)
 
 
-def _winner(op: str, built: dict, med: dict) -> str:
-    """The fastest candidate; for a layer forward, of those within ``TIE`` of it the one that hands the
+def _winner(op: str, built: dict, med: dict, default: str) -> str:
+    """The fastest candidate, unless what runs untuned (``default``) is within ``TIE`` of it: a record never
+    makes a problem slower than no record. For a layer forward, of those within ``TIE`` the one that hands the
     backward the most (the folded weight, then tT): a training step pays for the backward's rebuilding."""
     best = min(built, key=lambda n: med[n])
+    if default in built and med[default] <= TIE * med[best]:
+        return default
     if op != "forward":
         return best
     near = [n for n in built if med[n] <= TIE * med[best]]
@@ -189,6 +234,16 @@ def summary(rec: dict) -> str:
     k = rec["key"]
     return (f"{k['op']:8s} N={rec['tokens']:5d} {k['m1'] * k['m2']}x{k['n1'] * k['n2']}: {rec['backend']}:"
             f"{rec['variant']} {rec['config']} {rec['time_ms']:.3f} ms = {rec['time_ms'] / rec['floor_ms']:.3f}x floor")
+
+
+def _progress(jobs, target: str, trials, show: bool):
+    """One bar for the whole call, over every candidate of every job (its postfix names the job); where
+    stderr is no terminal (a log, a notebook's captured output) it redraws every 30 s, not 10 times a second."""
+    from tqdm.auto import tqdm
+
+    total = sum(len(_candidates(target, op, s.key(op), trials, TARGET_DEVICES[target])) for s, op in jobs)
+    tty = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, desc="tune", unit="candidate", disable=not show, mininterval=0.5 if tty else 30.0)
 
 
 def _token_counts(tokens) -> tuple[int, ...]:
@@ -271,26 +326,31 @@ def tune(shapes: Union[Iterable[LSRShape], LSRShape, nn.Module], target: str = "
     device = TARGET_DEVICES[target]
     jobs = [(s, op) for s in shapes for op in (ops or s.ops)]
     if time_budget_s:
-        budget = time_budget_s / len(jobs)
+        total = float(time_budget_s)
     elif from_model:
-        budget = min(DEFAULT_BUDGET_S, max(MIN_JOB_S, MODEL_BUDGET_S / len(jobs)))
+        total = len(jobs) * min(DEFAULT_BUDGET_S, max(MIN_JOB_S, MODEL_BUDGET_S / len(jobs)))
     else:
-        budget = DEFAULT_BUDGET_S
+        total = len(jobs) * DEFAULT_BUDGET_S
     estimate = (f"tune: {len(jobs)} jobs ({len(shapes)} layer problems x {len(jobs) // max(len(shapes), 1)} ops) on "
-                f"{target}, at most {budget:.0f} s each: at most {len(jobs) * budget / 60:.1f} min")
+                f"{target}: at most {total / 60:.1f} min")
     log.info("%s", estimate)
+    deadline = time.perf_counter() + total  # one budget for the call: a job that overran leaves less to the rest
     if progress:
-        from tqdm.auto import tqdm
-
-        tqdm.write(estimate)
+        print(estimate)
+    bar = _progress(jobs, target, trials, progress)
     written, forward_winners = [], {}
-    for shape, op in jobs:
-        rec = _job(shape, op, target, device, trials, budget, progress, forward_winners.get(shape))
-        if rec is None:
-            continue
-        if op == "forward":
-            forward_winners[shape] = rec
-        logs.append(logs.log_path(log_dir, target, rec["device"]["id"], op), rec)
-        written.append(rec)
-        log.info("tune: %s", summary(rec))
+    try:
+        for i, (shape, op) in enumerate(jobs):
+            bar.set_postfix_str(f"{op} {shape.label()}", refresh=False)
+            budget = max(deadline - time.perf_counter(), 0.0) / (len(jobs) - i)
+            rec = _job(shape, op, target, device, trials, budget, bar, forward_winners.get(shape))
+            if rec is None:
+                continue
+            if op == "forward":
+                forward_winners[shape] = rec
+            logs.append(logs.log_path(log_dir, target, rec["device"]["id"], op), rec)
+            written.append(rec)
+            log.info("tune: %s", summary(rec))
+    finally:
+        bar.close()
     return written
