@@ -93,6 +93,20 @@ def _as_pair(v, name, limit: int = MAX_DIM) -> Optional[tuple[int, int]]:
     return t
 
 
+def lora_rank(v, name: str = "rank") -> tuple[int, int]:
+    """LoRA's rank as LSR's (r1, r2), q = r1·r2: an int the most balanced split (8 -> (4, 2)), a pair as given."""
+    if not _is_count(v):
+        return _as_pair(v, name, MAX_RANK)
+    if v > MAX_RANK * MAX_RANK:
+        raise ValueError(f"{name} = {v} is beyond any real adapter (LoRA's rank, at most {MAX_RANK ** 2:,}); "
+                         f"check the value")
+    r2 = max(d for d in range(1, math.isqrt(v) + 1) if v % d == 0)
+    if v // r2 > MAX_RANK:
+        raise ValueError(f"{name} = {v} splits at best as r = ({v // r2}, {r2}), a Kronecker rank beyond any real "
+                         f"adapter (at most {MAX_RANK}); choose a rank with a more even split")
+    return v // r2, r2
+
+
 def _names(v, name):
     """target_modules / exclude_modules: None, a regex string, or names (a set)."""
     if v is None or isinstance(v, str):
@@ -162,6 +176,20 @@ def resolve_shapes(d_in: int, d_out: int, s: int, r, n=None, m=None) -> FactorSh
 
 _unusable_warned: set = set()
 _rank_warned: set = set()
+
+
+def _warn_square_rank(r, where: str, stacklevel: int) -> None:
+    """An int r >= 4 is almost surely LoRA's rank, but LSR reads it as r1 = r2 = r (q = r²). Warned once per value
+    and place, with the spelling of a LoRA-r-sized update."""
+    if not (_is_count(r) and 4 <= r <= MAX_RANK) or (where, r) in _rank_warned:
+        return
+    _rank_warned.add((where, r))
+    import warnings
+
+    warnings.warn(f"{where} = {r} in LSRConfig sets both Kronecker ranks r1 = r2 = {r}: inner rank q = {r * r}, the "
+                  f"rank LoRA calls r. For a LoRA-{r}-sized update give (r1, r2) with r1*r2 = {r}, e.g. "
+                  f"{lora_rank(r)}, or use lsr_compile.lsr_config_for_lora, which reads ints as LoRA's ranks",
+                  LSRConfigWarning, stacklevel=stacklevel + 1)
 
 
 def _warn_unusable(s, r1, r2, n1, n2, m1, m2) -> None:
@@ -274,6 +302,11 @@ class LSRConfig(PeftConfig):
     modules_to_save: Optional[list] = field(
         default=None, metadata={"help": "Other modules trained and saved with the adapter (e.g. a classifier head)."}
     )
+    ensure_weight_tying: bool = field(
+        default=False, metadata={"help": "As LoRA's option of that name: a layer tied to the input embeddings in "
+                                         "modules_to_save (a tied lm_head) trains one copy that the embeddings "
+                                         "share, so the model stays tied; False: the layer's copy alone trains and "
+                                         "the tie is broken (peft's default, with its warning)."})
     lsr_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the adapter's input in training (LoRA's lora_dropout): the base "
                                        "sees x, the adapter dropout(x)."})
@@ -306,14 +339,7 @@ class LSRConfig(PeftConfig):
             raise ValueError(f"init must be 'zeros' or 'reference', got {self.init!r}")
         if self.scaling not in ("rslora", "lora"):
             raise ValueError(f"scaling must be 'rslora' or 'lora', got {self.scaling!r}")
-        if _is_count(self.r) and self.r >= 4 and self.r not in _rank_warned:  # once per value
-            _rank_warned.add(self.r)
-            import warnings
-
-            warnings.warn(f"LSRConfig(r={self.r}) sets both Kronecker ranks r1 = r2 = {self.r}: inner rank q = "
-                          f"{self.r * self.r}, the rank LoRA calls r. For a LoRA-{self.r}-sized update give "
-                          f"r=(r1, r2) with r1*r2 = {self.r}, or use lsr_compile.lsr_config_for_lora({self.r})",
-                          LSRConfigWarning, stacklevel=3)
+        _warn_square_rank(self.r, "r", 3)
         self.r = _as_pair(self.r, "r", MAX_RANK)
         self.n = _as_pair(self.n, "n")
         self.m = _as_pair(self.m, "m")
@@ -329,7 +355,10 @@ class LSRConfig(PeftConfig):
                 raise ValueError(f"{name} must be a probability in [0, 1), got {v!r}")
             setattr(self, name, float(v))
         self._check_layer_selection()
-        self.rank_pattern = {k: _structure(k, v) for k, v in dict(self.rank_pattern or {}).items()}
+        self.rank_pattern = dict(self.rank_pattern or {})
+        for k, v in self.rank_pattern.items():  # an int r there is read as r is, and warned as r is
+            _warn_square_rank(v.get("r") if isinstance(v, dict) else v, f"rank_pattern[{k!r}]", 3)
+        self.rank_pattern = {k: _structure(k, v) for k, v in self.rank_pattern.items()}
         self.alpha_pattern = {k: _alpha(f"alpha_pattern[{k!r}]", v) for k, v in dict(self.alpha_pattern or {}).items()}
 
     def _check_layer_selection(self) -> None:
@@ -371,6 +400,13 @@ class LSRConfig(PeftConfig):
         idx = self.layers_to_transform
         if idx is None:
             return True
+        layer = self.layer_index(name)
+        if layer is None:
+            return False
+        return layer == idx if isinstance(idx, int) else layer in idx
+
+    def layer_index(self, name: str) -> Optional[int]:
+        """The layer index ``layers_to_transform`` reads in the module ``name``; None if it has none."""
         patterns = self.layers_pattern
         patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
         if patterns:
@@ -378,20 +414,21 @@ class LSRConfig(PeftConfig):
                          None)
         else:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-        if match is None:
-            return False
-        layer = int(match.group("idx"))
-        return layer == idx if isinstance(idx, int) else layer in idx
+        return None if match is None else int(match.group("idx"))
+
+    def pattern_for(self, name: str) -> dict:
+        """The ``rank_pattern`` entry (the fields it sets) that applies to the module ``name``; {} if none."""
+        from peft.utils.other import get_pattern_key
+
+        if not self.rank_pattern:
+            return {}
+        return self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), name), {})
 
     def for_layer(self, name: str) -> "LSRConfig":
         """This config with ``rank_pattern`` / ``alpha_pattern`` applied for the module ``name``."""
         from peft.utils.other import get_pattern_key
 
-        changes = {}
-        if self.rank_pattern:
-            key = get_pattern_key(self.rank_pattern.keys(), name)
-            if key in self.rank_pattern:
-                changes.update(self.rank_pattern[key])
+        changes = dict(self.pattern_for(name))
         if self.alpha_pattern:
             key = get_pattern_key(self.alpha_pattern.keys(), name)
             if key in self.alpha_pattern:

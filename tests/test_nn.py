@@ -1,5 +1,8 @@
+import warnings
+
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401 (not imported with torch.nn.utils)
 
 import lsr_compile as lc
 from lsr_compile import reference
@@ -125,3 +128,55 @@ def test_apply_lsr_bad_targets():
 def test_prime_layer_gets_clear_error():
     with pytest.raises(lc.FactorizationError, match="d_in = 769"):
         lc.LSRLinear.from_linear(torch.nn.Linear(769, 64), lc.LSRConfig())
+
+
+class _Negated(torch.nn.Module):
+    def forward(self, w):
+        return -w
+
+
+@pytest.mark.parametrize("modify", [
+    lambda layer: torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.3),
+    lambda layer: torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Negated()),
+    lambda layer: torch.nn.utils.parametrize.register_parametrization(layer, "bias", _Negated()),
+    lambda layer: torch.nn.utils.weight_norm(layer),
+    lambda layer: torch.nn.utils.parametrizations.weight_norm(layer),
+], ids=["prune", "parametrize", "parametrized bias", "weight_norm", "parametrizations.weight_norm"])
+def test_a_pruned_parametrized_or_weight_normed_layer_runs_its_effective_weight(modify):
+    """torch.nn.utils' prune, parametrize and weight_norm take "weight" out of the layer's own parameters, where the
+    forward read it: a bare ``KeyError: 'weight'``. Now the layer runs the weight they compute (the reference on it,
+    gradients to weight_norm's trainable g and v included); merging into it, which would be lost, is refused."""
+    torch.manual_seed(0)
+    layer = strong_adapters(lc.LSRLinear(24, 20, config=lc.LSRConfig(s=2, r=2)))
+    with torch.no_grad():
+        layer.bias.normal_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        modify(layer)
+    x = torch.randn(5, 24, requires_grad=True)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]  # the factors; weight_norm's g and v
+    want = reference.lsr_linear(x, layer.weight, layer.bias, layer.A1, layer.A2, layer.B1, layer.B2, layer.scale)
+    want_grads = torch.autograd.grad(want.square().sum(), params)
+    y = layer(x)
+    torch.testing.assert_close(y, want)
+    for got, expected in zip(torch.autograd.grad(y.square().sum(), params), want_grads):
+        torch.testing.assert_close(got, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.to_linear()(x), layer(x))
+    if "weight" not in layer._parameters:
+        with pytest.raises(ValueError, match=r"LSRLinear.merge: the base weight .* is computed .*prune.remove"):
+            layer.merge()
+
+
+def test_apply_lsr_names_layers_to_transform_when_it_keeps_no_layer():
+    """target_modules matched, layers_to_transform / layers_pattern kept nothing: the error blamed target_modules."""
+    with pytest.raises(ValueError, match=r"matched 4 layers, but layers_to_transform=\[5\], layers_pattern=None kept "
+                                         r"none of them: their layer indices are \[0, 1\]"):
+        lc.apply_lsr(tiny_bert(), lc.LSRConfig(target_modules=["query", "value"], layers_to_transform=[5]))
+    with pytest.raises(ValueError, match=r"layers_pattern='layers' finds no layer index in their names: set "
+                                         r"layers_pattern to the name of the layer list, e.g. 'layer'"):
+        lc.apply_lsr(tiny_bert(), lc.LSRConfig(target_modules=["query"], layers_to_transform=0,
+                                               layers_pattern="layers"))
+    model = lc.apply_lsr(tiny_bert(), lc.LSRConfig(s=1, r=1, target_modules=["query"], layers_to_transform=1,
+                                                   layers_pattern="layer"))
+    assert list(lc.lsr_layers(model)) == ["bert.encoder.layer.1.attention.self.query"]

@@ -21,7 +21,9 @@ def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None, overwri
     """Write the LSR adapter as a standard peft LoRA adapter of rank q with identical outputs.
 
     ``ΔW = scale·B·A`` is exactly a rank-q LoRA: ``lora_A = A (q, d_in)``, ``lora_B = scale·B (d_out, q)``,
-    ``lora_alpha = r = q`` (LoRA scaling 1). Trained ``modules_to_save`` (e.g. a classifier head) are kept.
+    ``lora_alpha = r = q`` (LoRA scaling 1). Everything else ``save_pretrained`` writes for the adapter (its own
+    ``modules_to_save`` copies, e.g. a trained classifier or lm_head) is written under the same keys, and checked:
+    an entry the LoRA could not carry is an error, not a silently different model.
     Load it with ``peft.PeftModel.from_pretrained(base_model, out_dir)``.
 
     A folder that already holds files is refused unless ``overwrite=True``; the adapter is written next to
@@ -29,7 +31,7 @@ def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None, overwri
     (its target is replaced, the link kept); the working directory, or a folder holding it, is refused, as
     replacing it would leave this process in a deleted folder. Returns the folder written.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     out_dir = Path(out_dir).resolve()
     cwd = Path.cwd().resolve()
@@ -51,15 +53,19 @@ def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None, overwri
     if not layers:
         raise ValueError(f"no LSR layers carry adapter {adapter_name!r}")
     ranks = {n: m.lsr_shapes[adapter_name].q for n, m in layers.items()}
+    factor_keys = {f"base_model.model.{n}.{p}" for n in layers for p in LSRLayer.adapter_layer_names}
+    extra = {k: v for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()
+             if k not in factor_keys}  # this adapter's modules_to_save copies, under peft's saved names
     q = max(ranks.values())
-    work = copy.deepcopy(peft_model)
-    work.set_adapter(adapter_name)
-    base = work.unload()  # the base model (and trained modules_to_save), adapters removed, nothing merged
-    lora_cfg = LoraConfig(r=q, lora_alpha=q, target_modules=sorted(layers), modules_to_save=cfg.modules_to_save,
+    base = copy.deepcopy(peft_model).unload()  # the base model, adapters removed (what they add is set below)
+    saved_modules = list(dict.fromkeys(cfg.modules_to_save)) if cfg.modules_to_save else None  # a copy: peft
+    # extends a SEQ_CLS config's list in place, which would grow the LSR config's with every export
+    lora_cfg = LoraConfig(r=q, lora_alpha=q, target_modules=sorted(layers), modules_to_save=saved_modules,
                           task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path,
                           rank_pattern={n: k for n, k in ranks.items() if k != q},
                           alpha_pattern={n: k for n, k in ranks.items() if k != q}, init_lora_weights=False,
-                          fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()))  # GPT-2's Conv1D
+                          fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),  # GPT-2's Conv1D
+                          **({"ensure_weight_tying": True} if cfg.ensure_weight_tying else {}))  # a tied head's copy
     lora = get_peft_model(base, lora_cfg)
     mods = dict(lora.base_model.model.named_modules())
     with torch.no_grad():
@@ -68,6 +74,14 @@ def export_lora(peft_model, out_dir, adapter_name: Optional[str] = None, overwri
             target = mods[name]
             target.lora_A["default"].weight.copy_(formulations.build_A(A1, A2))
             target.lora_B["default"].weight.copy_(m.lsr_scale[adapter_name] * formulations.build_B(B1, B2))
+    if lora.peft_config["default"].modules_to_save:
+        lora.peft_config["default"].modules_to_save = list(dict.fromkeys(lora.peft_config["default"].modules_to_save))
+    set_peft_model_state_dict(lora, extra)  # by key, not through unload(): the named adapter's copies, merged or not
+    written = get_peft_model_state_dict(lora)
+    lost = [k for k, v in extra.items() if k not in written or not torch.equal(written[k].to(v.device), v)]
+    if lost:
+        raise RuntimeError(f"adapter {adapter_name!r}: save_pretrained writes {lost[:4]}, which a LoRA export "
+                           f"cannot carry (modules_to_save of the LoRA config: {saved_modules})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -35,11 +35,30 @@ class LSRModel(BaseTuner):
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
+    def _add_modules_to_save_to_tie(self, peft_config, tied_weight_keys):
+        """``ensure_weight_tying`` with a layer tied to the input embeddings in ``modules_to_save``: LoRA's handling,
+        which has nothing of LoRA in it (the embeddings' trained copy, shared by the tied layers), so a tied model
+        stays tied as under peft LoRA; peft's default for other tuners only warns and unties."""
+        from peft.tuners.lora.model import LoraModel
+
+        LoraModel._add_modules_to_save_to_tie(self, peft_config, tied_weight_keys)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs):
+        """LoRA's merge of adapters into one; LSR has none (a weighted sum of Kronecker-sum adapters is not one of
+        the same structure): refused with the ways that exist (peft called the base model's, which has none)."""
+        raise NotImplementedError(
+            f"add_weighted_adapter({adapters!r}, ..., {adapter_name!r}) combines LoRA adapters; LSR adapters cannot "
+            f"be combined into one LSR adapter. Instead run several at once, each adding its update: "
+            f"peft_model.base_model.set_adapter({list(adapters)!r}) (peft allows it without modules_to_save); or "
+            f"export each as the LoRA it is exactly (lsr_compile.export_lora(peft_model, folder, adapter_name=...)), "
+            f"load those with peft and combine them with LoRA's add_weighted_adapter")
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """peft's ``adapter_names=[...]`` (one name per sample, ``"__base__"`` for none) reaches every LSR
         layer and every ``modules_to_save`` copy, as for LoRA; in training mode too (the mixed op has
-        autograd, so several adapters train in one batch). Beam search repeats each name per beam."""
+        autograd, so several adapters train in one batch), but not for adapters with dropout options, which
+        the one-call op cannot apply (the layer refuses them by name). Beam search repeats each name per beam."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield

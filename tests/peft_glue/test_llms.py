@@ -1,6 +1,8 @@
 """Decoder LLMs the way their users work, on tiny random-weight models of each family built from transformers'
 config classes: Llama, Qwen2, Mistral, Phi3 (fused qkv_proj), GPT-2 (Conv1D projections)."""
+import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -242,6 +244,65 @@ def test_peft_dropouts_reach_the_peft_layer():
         assert not torch.allclose(layer.eval()(x), base)
 
 
+DROPS = dict(module_dropout=0.5, lsr_dropout=0.3, rank_dropout=0.3)
+
+
+def _two_adapter_peft_layer():
+    """A peft LSR layer with two active adapters, both with every dropout: the first runs regularized_forward,
+    the second the layer's loop over further adapters."""
+    cfg = lc.LSRConfig(s=2, r=2, target_modules=["q_proj"], **DROPS)
+    pm = get_peft_model(_model("llama"), cfg)
+    pm.add_adapter("b", copy.deepcopy(cfg))
+    nonzero(pm, seed=2)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    layer.set_adapter(["default", "b"])
+    return layer
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("where", ["LSRLinear", "peft-two-adapters"])
+def test_dropouts_decide_the_same_when_checkpointing_recomputes(where, reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = (_dropout_layer(**DROPS) if where == "LSRLinear" else _two_adapter_peft_layer()).train()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    d_in = layer.in_features
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, d_in, generator=g).requires_grad_(True)
+
+    def grads(run, seed):
+        torch.manual_seed(seed)
+        for t in [x, *params]:
+            t.grad = None
+        y = run(x)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        return [None if t.grad is None else t.grad.clone() for t in [x, *params]]
+
+    left_out = 0
+    for seed in range(12):
+        want = grads(layer, seed)
+        got = grads(lambda t: checkpoint(layer, t, use_reentrant=reentrant), seed)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        left_out += want[1] is None or not want[1].any()  # the first adapter's A1: no gradient when left out
+    assert 0 < left_out < 12  # module dropout took both decisions across the seeds
+
+
+def test_trainer_with_gradient_checkpointing_runs_with_module_dropout(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    pm = get_peft_model(_model("llama"), lc.LSRConfig(s=2, r=(2, 2), module_dropout=0.5))
+    ids = _ids(batch=8, length=10)
+    data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             gradient_checkpointing=True)
+    result = Trainer(model=pm, args=args, train_dataset=data).train()  # a CheckpointError within a few steps before
+    assert result.global_step == 6 and torch.isfinite(torch.tensor(result.training_loss))
+
+
 def test_inner_rank_is_shown_where_a_lora_user_looks(capsys):
     from lsr_compile import config
 
@@ -275,6 +336,29 @@ def test_lsr_config_for_lora_matches_rank_and_budget():
         lc.lsr_config_for_lora(8, budget=0.001, shape=(64, 64))
 
 
+def test_lsr_config_for_lora_counts_layers_whose_s_rank_pattern_sets_against_the_budget():
+    """A rank_pattern that sets s kept it, but s elsewhere was chosen as if it did not: budget=0.5 gave up to 1.8x
+    LoRA's parameters."""
+    model = _model("llama")
+
+    def ratio(cfg):
+        lsr, lora = (get_peft_model(copy.deepcopy(model), c) for c in (cfg, LoraConfig(r=8)))
+        return (sum(p.numel() for p in lsr.parameters() if p.requires_grad)
+                / sum(p.numel() for p in lora.parameters() if p.requires_grad))
+
+    cfg = lc.lsr_config_for_lora(8, budget=0.5, model=model, rank_pattern={"q_proj": {"s": 3}})
+    assert cfg.for_layer("model.layers.0.self_attn.q_proj").s == 3
+    assert ratio(cfg) <= 0.5 < ratio(dataclasses.replace(cfg, s=cfg.s + 1))
+    with pytest.raises(ValueError, match=r"layers whose s rank_pattern sets already take 0.750x LoRA's parameters, "
+                                         r"above budget=0.5: lower their s"):
+        lc.lsr_config_for_lora(8, budget=0.5, model=model, rank_pattern={"q_proj": {"s": 16}})
+    with pytest.raises(ValueError, match=r"rank 128 is above what model.layers.0.self_attn.q_proj \(64 -> 64\)"):
+        lc.lsr_config_for_lora(128, model=model)
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[7\].*kept none of them: their layer indices are "
+                                         r"\[0, 1\]"):
+        lc.lsr_config_for_lora(8, budget=0.3, model=model, layers_to_transform=[7])
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_tune_and_explain_key_a_half_precision_model_by_the_dtype_it_runs(family):
     """peft keeps the adapters in float32 over a bf16 base; the layers run bf16 rows, so the problems
@@ -296,3 +380,78 @@ def test_tune_and_explain_key_a_half_precision_model_by_the_dtype_it_runs(family
     assert shapes and {s.dtype for s in shapes} == seen
     assert {m.lsr_shape(1).dtype for m in layers} == seen
     assert "bfloat16" in lc.explain(pm, tokens=1) and "float32" not in lc.explain(pm, tokens=1)
+
+
+def _tied_head(kind, tie):
+    """SmolLM2's shape scaled down (tied embeddings, GQA k/v), all-linear plus the tied lm_head in
+    modules_to_save, as LSR or as peft LoRA."""
+    common = dict(target_modules="all-linear", modules_to_save=["lm_head"], ensure_weight_tying=tie)
+    cfg = lc.lsr_config_for_lora(8, **common) if kind == "lsr" else LoraConfig(r=8, **common)
+    with pytest.warns(UserWarning, match="ensure_weight_tying") if not tie else contextlib.nullcontext():
+        pm = get_peft_model(workloads.tiny_smollm2(), cfg)
+    return nonzero(pm, seed=3)
+
+
+def _head_and_embedding(pm):
+    inner = pm.base_model.model
+    return inner.get_output_embeddings(), inner.get_input_embeddings()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_tied_lm_head_in_modules_to_save_trains_as_under_peft_lora(tie):
+    """With ``ensure_weight_tying`` the head's trained copy is the input embeddings' (one tensor, both move),
+    as LoRA's; without it the head's copy alone trains and the embeddings stay frozen, as LoRA's."""
+    for kind in ("lsr", "lora"):
+        pm = _tied_head(kind, tie).train()
+        head, emb = _head_and_embedding(pm)
+        shared = head.modules_to_save["default"].weight is getattr(emb, "modules_to_save", {"default": emb})[
+            "default"].weight
+        assert shared is tie, kind
+        emb_before = pm.get_input_embeddings()(torch.arange(8)).detach().clone()
+        extra = sorted(n for n, p in pm.named_parameters() if p.requires_grad and "lora_" not in n and "lsr_" not in n)
+        assert extra == [f"base_model.model.{'model.embed_tokens' if tie else 'lm_head'}.modules_to_save.default."
+                         f"weight"], kind
+        opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+        ids = _ids()
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        moved = not torch.equal(pm.get_input_embeddings()(torch.arange(8)), emb_before)
+        assert moved is tie, kind
+
+
+def test_a_tied_lm_head_stays_tied_through_save_load_export_and_merge(tmp_path):
+    pm = _tied_head("lsr", True).eval()
+    ids = _ids()
+    with torch.no_grad():
+        pm.get_input_embeddings().modules_to_save["default"].weight.add_(0.05)  # a trained copy, not the base's
+        want = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path / "lsr")
+    lc.export_lora(pm, tmp_path / "lora")
+    for folder in ("lsr", "lora"):
+        back = PeftModel.from_pretrained(workloads.tiny_smollm2(), tmp_path / folder)
+        head, emb = _head_and_embedding(back)
+        assert head.modules_to_save["default"].weight is emb.modules_to_save["default"].weight, folder
+        with torch.no_grad():
+            torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    merged = pm.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gqa_key_value_projections_get_their_own_factor_shapes_and_train():
+    """k/v a third as wide as the hidden size (SmolLM2: 576 -> 192): the automatic split of each side."""
+    pm = get_peft_model(workloads.tiny_smollm2(), lc.LSRConfig(target_modules=["q_proj", "k_proj", "v_proj"]))
+    shapes = {n.split(".")[-1]: m.lsr_shapes["default"] for n, m in pm.named_modules() if hasattr(m, "lsr_shapes")}
+    assert (shapes["k_proj"].n1, shapes["k_proj"].n2, shapes["k_proj"].m1, shapes["k_proj"].m2) == (12, 8, 8, 4)
+    assert shapes["v_proj"] == shapes["k_proj"] and shapes["q_proj"].d_out == 96
+    pm.train()
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        ids = _ids()
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in pm.named_parameters() if p.requires_grad)

@@ -1,5 +1,6 @@
 """LSR as a peft method: get_peft_model, save/load, merge_and_unload, named adapters, LoRA export,
 reference-code import."""
+import copy
 from pathlib import Path
 
 import peft
@@ -10,7 +11,7 @@ from peft import PeftModel, get_peft_model
 import lsr_compile as lc
 from lsr_compile.peft import LSRLayer
 
-from models import each_sample_alone, tiny_bert, tokens
+from models import each_sample_alone, strong_adapters, tiny_bert, tokens
 
 CFG = dict(s=4, r=2, target_modules=["query", "value"], task_type="SEQ_CLS", init="reference", alpha=600.0)
 
@@ -116,6 +117,70 @@ def test_exported_lora_loads_in_plain_peft_and_matches(tmp_path):
     lora = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
     assert any("lora_A" in n for n, _ in lora.named_parameters())
     torch.testing.assert_close(lora(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def _model_with_heads(kind):
+    """(fresh base maker, LSR peft model with adapters "default" and "b", head module, input ids): each adapter's
+    own copy of the head (BERT's SEQ_CLS classifier, or a Llama's lm_head in modules_to_save) moved off the
+    base's head, as training it would."""
+    from lsr_compile import workloads
+
+    if kind == "seq-cls":
+        make, cfg, head, ids = tiny_bert, lc.LSRConfig(**CFG), "classifier", tokens(3, 10)
+    else:
+        make = lambda: workloads.tiny_decoder("llama", hidden=64, layers=2, vocab=128)  # noqa: E731
+        cfg, head, ids = lc.LSRConfig(s=2, r=(2, 2), modules_to_save=["lm_head"]), "lm_head", tokens(2, 7, 128)
+    pm = get_peft_model(make(), cfg).eval()
+    pm.add_adapter("b", copy.deepcopy(cfg))
+    _set_nontrivial(pm)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return make, pm, head, ids
+
+
+def _head_share(pm, ids, head):
+    """How far the adapter's own head moves the logits: against the same model with the base's head."""
+    plain = copy.deepcopy(pm)
+    wrapper = plain.base_model.model.get_submodule(head)
+    for copied in wrapper.modules_to_save.values():
+        copied.load_state_dict(wrapper.original_module.state_dict())
+    return (plain(input_ids=ids).logits - pm(input_ids=ids).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("which", ["active", "other", "merged"])
+@pytest.mark.parametrize("kind", ["seq-cls", "lm-head"])
+def test_exported_lora_carries_the_adapters_own_head(tmp_path, kind, which):
+    make, pm, head, ids = _model_with_heads(kind)
+    name = "b" if which == "other" else "default"
+    pm.set_adapter(name)
+    with torch.no_grad():
+        want, share = pm(input_ids=ids).logits, _head_share(pm, ids, head)
+    pm.set_adapter("default")
+    if which == "merged":
+        pm.merge_adapter()
+        with torch.no_grad():
+            torch.testing.assert_close(pm(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    before = list(pm.peft_config[name].modules_to_save)
+    lc.export_lora(pm, tmp_path, adapter_name=name if which == "other" else None)
+    assert pm.peft_config[name].modules_to_save == before  # the LSR config is not extended by the export
+    cfg = peft.PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(cfg, peft.LoraConfig) and head in cfg.modules_to_save
+    lora = PeftModel.from_pretrained(make(), tmp_path).eval()
+    with torch.no_grad():
+        got = lora(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert share > 1e-2  # a LoRA without the head would be off by 1000x the tolerance
+
+
+def test_export_lora_refuses_what_the_lora_cannot_carry(tmp_path):
+    _, pm, _, _ = _model_with_heads("lm-head")
+    pm.peft_config["default"].modules_to_save = None  # the wrapper still saves the head; the LoRA would lack it
+    with pytest.raises(RuntimeError, match="lm_head"):
+        lc.export_lora(pm, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 class _ReferenceLSRLinear(torch.nn.Module):
@@ -258,6 +323,22 @@ def test_mixed_batch_trains_each_adapter_from_its_own_rows():
         assert (p.grad is not None and p.grad.abs().sum() > 0) == used, n
 
 
+def test_mixed_batch_in_training_refuses_adapters_with_dropout_by_name():
+    pm = _three_adapters()
+    pm.add_adapter("d", lc.LSRConfig(**(CFG | dict(lsr_dropout=0.1, module_dropout=0.3))))
+    pm.train()
+    ids = tokens(3, 6)
+    with pytest.raises(ValueError, match=r"adapter 'd' sets lsr_dropout=0.1, module_dropout=0.3.*set_adapter"):
+        pm(input_ids=ids, adapter_names=["default", "d", "__base__"])
+    got = pm(input_ids=ids, adapter_names=["default", "b", "__base__"]).logits  # no dropout set: trains mixed
+    got.square().sum().backward()
+    pm.eval()
+    with torch.no_grad():
+        names = ["default", "d", "__base__"]
+        torch.testing.assert_close(pm(input_ids=ids, adapter_names=names).logits, each_sample_alone(pm, ids, names),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_batch_refuses_unknown_adapters():
     pm = _three_adapters()
     with pytest.raises(ValueError, match="non-existing adapter"):
@@ -303,3 +384,73 @@ def test_adapter_bank_from_saved_adapters_matches_peft_and_adds_and_evicts(tmp_p
     layer = next(iter(bank.layers.values()))
     assert bank.bytes_per_adapter() == 4 * layer.factor_shapes.num_params * 4  # 4 layers x fp32 factors
     assert bank.lora_bytes_per_adapter() > bank.bytes_per_adapter()
+
+
+def test_add_weighted_adapter_says_what_lsr_offers_instead():
+    """peft forwarded the call to the base model: ``AttributeError: 'BertForSequenceClassification' object has no
+    attribute 'add_weighted_adapter'``."""
+    pm = _peft_model()
+    pm.add_adapter("other", lc.LSRConfig(**CFG))
+    with pytest.raises(NotImplementedError, match=r"LSR adapters cannot be combined .*set_adapter\(\['default', "
+                                                  r"'other'\]\).*export_lora.*LoRA's add_weighted_adapter"):
+        pm.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    assert "mix" not in pm.peft_config
+
+
+def test_explain_after_set_adapter_to_an_adapter_on_fewer_layers():
+    """An active adapter on one of the four layers: explain raised a bare StopIteration on the other three."""
+    pm = _peft_model()
+    pm.add_adapter("one", lc.LSRConfig(**(CFG | {"target_modules": r".*layer\.0\.attention\.self\.query"})))
+    pm.set_adapter("one")
+    text = lc.explain(pm, tokens=1)
+    assert "layer.0.attention.self.query:\n48x48 s=4" in text
+    assert ("layer.0.attention.self.value, base_model.model.bert.encoder.layer.1.attention.self.query, "
+            "base_model.model.bert.encoder.layer.1.attention.self.value: the base layer alone, no LSR kernel (the "
+            "active adapter one is not on these layers)") in text
+    alone = pm.base_model.model.bert.encoder.layer[1].attention.self.query
+    assert lc.explain(alone, tokens=1).endswith("the base layer alone, no LSR kernel (the active adapter one is not "
+                                                "on these layers)")
+
+
+class _Negated(torch.nn.Module):
+    def forward(self, w):
+        return -w
+
+
+@pytest.mark.parametrize("modify", [
+    lambda base: torch.nn.utils.prune.l1_unstructured(base, "weight", 0.3),
+    lambda base: torch.nn.utils.parametrize.register_parametrization(base, "weight", _Negated()),
+    lambda base: torch.nn.utils.parametrize.register_parametrization(base, "bias", _Negated()),
+    lambda base: torch.nn.utils.weight_norm(base),
+    lambda base: torch.nn.utils.parametrizations.weight_norm(base),
+], ids=["prune", "parametrize", "parametrized bias", "weight_norm", "parametrizations.weight_norm"])
+def test_a_peft_layer_over_a_pruned_parametrized_or_weight_normed_base_runs_its_effective_weight(modify):
+    """The layer reads the base's weight and bias from its parameters: a parametrized bias was dropped without a
+    word, and old-style weight_norm's weight (computed in the base's forward, which the layer does not call) stayed
+    the one of the first call, and a second backward failed. Merging into such a weight is refused."""
+    import warnings
+
+    import torch.nn.utils.prune  # noqa: F401 (not imported with torch.nn.utils)
+
+    pm = strong_adapters(_peft_model())
+    layer = pm.base_model.model.bert.encoder.layer[0].attention.self.query
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        base.bias.normal_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        modify(base)
+    x = torch.randn(3, 48)
+    for step in range(2):
+        y = layer(x)
+        want = lc.reference.lsr_linear(x, base.weight.detach(), base.bias.detach(), *layer.factors("default"),
+                                       layer.lsr_scale["default"])
+        torch.testing.assert_close(y, want)
+        y.square().sum().backward()
+        with torch.no_grad():  # a step on what trains: the next call must see it
+            for p in base.parameters():
+                if p.requires_grad:
+                    p.mul_(1.5)
+    if "weight" not in base._parameters:
+        with pytest.raises(ValueError, match=r"merging an LSR adapter: the base weight .* is computed .*prune.remove"):
+            pm.merge_and_unload()
