@@ -156,7 +156,7 @@ def run(out: Optional[Path], quick: bool = False, threads: int = 1) -> list[dict
     try:
         rows = bench_layers(rounds=9 if quick else 15)
         rows += bench_decoders(families=("llama", "gpt2") if quick else workloads.DECODERS,
-                               rounds=3 if quick else 7)
+                               rounds=3 if quick else 11)
         meta = bench.provenance("cpu")
     finally:
         torch.set_num_threads(old)

@@ -25,6 +25,7 @@ from .bench_decode import LORA_RANK, nonzero
 from .config import LSRConfig
 from .device import device_id
 from .tuning import tune
+from .tuning.search import MODEL_TOKENS
 
 TASKS = ("decode", "prefill", "train step")
 PROVIDERS = ("base model", "peft LoRA r=8", "LSR untuned", "LSR tuned")
@@ -32,11 +33,12 @@ PROVIDERS = ("base model", "peft LoRA r=8", "LSR untuned", "LSR tuned")
 
 def _tasks(model, train: bool, decode_tokens: int, prefill: int, batch: int, seq: int):
     """A no-argument call per task: greedy decoding of ``decode_tokens`` (batch 1, an 8-token prompt, KV
-    cache), one forward over ``prefill`` prompt tokens (time to the first token), and a training step (AdamW,
+    cache), one forward over ``prefill`` prompt tokens in 512-token prompts (time to the first token), and a
+    training step (AdamW,
     ``batch`` x ``seq``; none for the base model)."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (1, 8), generator=g)
-    long = torch.randint(3, 1000, (1, prefill), generator=g)
+    long = torch.randint(3, 1000, (prefill // 512, 512), generator=g)  # the tiny models' 512 positions
     ids = torch.randint(3, 1000, (batch, seq), generator=g)
 
     @torch.no_grad()
@@ -72,7 +74,7 @@ def run(out: Optional[Path], quick: bool = False, threads: int = 1, budget_s: Op
 
     hidden, layers = (256, 2) if quick else (512, 4)
     budget_s = budget_s if budget_s is not None else (20.0 if quick else 60.0)
-    rounds = rounds or (3 if quick else 7)
+    rounds = rounds or (3 if quick else 11)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -85,7 +87,9 @@ def run(out: Optional[Path], quick: bool = False, threads: int = 1, budget_s: Op
         records = tune(lsr, log_dir=log_dir, time_budget_s=budget_s, progress=False)
         tune_s = time.perf_counter() - t0
         states = {"LSR untuned": dispatch.reset, "LSR tuned": lambda: dispatch.load_logs(log_dir)}
-        sizes = dict(decode_tokens=8 if quick else 16, prefill=128, batch=2 if quick else 4, seq=32 if quick else 64)
+        # the token counts tune(model) tunes by default (MODEL_TOKENS): a decode step, and 2048 rows for the prefill
+        # (4 prompts of 512) and the training step (8 x 256); a record serves its own token bucket only
+        sizes = dict(decode_tokens=8 if quick else 16, prefill=MODEL_TOKENS[1], batch=8, seq=MODEL_TOKENS[1] // 8)
         calls = {"base model": _tasks(base, False, **sizes), "peft LoRA r=8": _tasks(lora, True, **sizes)}
         lsr_calls = _tasks(lsr, True, **sizes)
         rows = []

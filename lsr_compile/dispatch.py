@@ -308,22 +308,14 @@ def forced() -> Optional[str]:
 
 
 def inference_runner(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callable, derive: Callable) -> Callable:
-    """``run(x, weight, bias, A1, A2, B1, B2, scale) -> y`` for calls that record no graph (decoding,
-    evaluation) with inputs like these: ``kernels.inference`` over the forward chosen for the problem.
+    """``run(x, weight, bias, scale) -> y`` for calls that record no graph (decoding, evaluation) with inputs
+    like these and these factors' values: ``kernels.inference`` over the forward chosen for the problem.
     ``derive(what, build)`` gives what is built from the factors' values (``inference_cache``: built once while
-    they hold; ``build()`` every time where nothing is kept). ``check`` validates the inputs here, and again when
-    the kernel raises (a device or dtype changed since), so a bad input still gets its named error."""
+    they hold; ``build()`` every time where nothing is kept). ``check`` validates the inputs first; a caller
+    whose later call raises checks again, so a bad input still gets its named error."""
     check(x2d, weight, bias, A1, A2, B1, B2)
     fwd, choice = _kernel("forward", x2d, A1, A2, B1, B2)
-    inner = kernels.inference(choice.backend, choice.variant, fwd, x2d, A1, A2, B1, B2, derive)
-
-    def run(x, weight, bias, A1, A2, B1, B2, scale):
-        try:
-            return inner(x, weight, bias, A1, A2, B1, B2, scale)
-        except RuntimeError:
-            check(x, weight, bias, A1, A2, B1, B2)
-            raise
-    return run
+    return kernels.inference(choice.backend, choice.variant, fwd, x2d, A1, A2, B1, B2, derive)
 
 
 def _hint(n, default: int) -> int:

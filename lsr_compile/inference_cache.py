@@ -13,9 +13,10 @@ of a few hundred elements (2.2 µs a call on the CI machine, against 47 µs for 
 sees every way of writing the factors, ``.data`` included. On other devices comparing would wait for the device
 on every call, so nothing is kept there: A and Bᵀ are built per call.
 
-Also part of what a kept runner stands for: the input's dtype, width and token bucket, the base weight's and
-bias's shapes, dtypes and devices (checked once, when the runner is built), and dispatch's state (a forced
-backend, new tuning records). The base weight's values are read on every call, never kept.
+A kept runner also stands for the input's dtype and token bucket and dispatch's state (a forced backend, new
+tuning records); the shapes, dtypes and devices of the input, the base weight and the bias are checked when it
+is built, and a later call whose tensors no longer fit fails inside it and gets the same named error. The base
+weight's values are read on every call, never kept.
 
 A memo lives as long as its layer, holds one set of factor values at a time (switching adapters rebuilds), is
 not pickled or copied, and is emptied by ``delete_adapter`` and by ``clear()``.
@@ -51,14 +52,6 @@ class Memo:
     def forget(self) -> None:
         self.values, self.derived, self.runners = None, {}, {}
 
-    def holds(self, A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor) -> bool:
-        """Whether what is kept was built from these values (the rule above)."""
-        v = self.values
-        return (v is not None and A1.dtype is v[0].dtype and A2.dtype is v[1].dtype and B1.dtype is v[2].dtype
-                and B2.dtype is v[3].dtype and A1.is_cpu and A2.is_cpu and B1.is_cpu and B2.is_cpu
-                and torch.equal(A1, v[0]) and torch.equal(A2, v[1]) and torch.equal(B1, v[2])
-                and torch.equal(B2, v[3]))
-
     def keep(self, A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor) -> None:
         """Start over from these values (copies: nothing of the layer's own tensors is held)."""
         with torch.no_grad():
@@ -85,45 +78,55 @@ def clear() -> None:
         m.forget()
 
 
-def ready(x, weight, bias, A1, A2, B1, B2) -> bool:
-    """The no-graph path applies: plain eager tensors, no graph to record (backward or forward mode), and no
-    compiler, tracer, dispatch mode, functorch transform or autocast to see or change the call. Written out
-    flat: decoding is host-bound, and in a model every call here runs with cold caches."""
-    P = _PLAIN
-    return (not torch.compiler.is_compiling()  # first: Dynamo folds it, and traces nothing after it
-            and type(x) in P and type(weight) in P and type(A1) in P and type(A2) in P and type(B1) in P
-            and type(B2) in P and (bias is None or type(bias) in P)
-            and not (torch.is_grad_enabled() and (x.requires_grad or A1.requires_grad or A2.requires_grad
-                                                  or B1.requires_grad or B2.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
-            and forward_ad._current_level < 0 and not torch._C._get_tracing_state()
-            and not torch._C._len_torch_dispatch_stack() and not torch._C._are_functorch_transforms_active()
-            and not _any_autocast())
-
-
 def layer_call(memo: Memo, x: Tensor, weight: Tensor, bias: Optional[Tensor], A1, A2, B1, B2,
                scale: float) -> Optional[Tensor]:
     """A layer's call when it records no graph (``generate``, evaluation), through what ``memo`` keeps; None
-    when a graph is recorded or something must see the op (the caller then runs the op). The factors may be in
-    another floating dtype than the base (peft's float32 adapters over a half-precision base)."""
-    if not ready(x, weight, bias, A1, A2, B1, B2):
+    when a graph is recorded (backward or forward mode) or something must see the op (a compiler, tracer,
+    dispatch mode, functorch transform or autocast): the caller then runs the op. The factors may be in another
+    floating dtype than the base (peft's float32 adapters over a half-precision base). Written out flat:
+    decoding is host-bound, and in a model every call here runs with cold caches (each frame and lookup shows:
+    in 48 layers called in turn with other work between them, this call's Python took 27 µs a layer)."""
+    P = _PLAIN
+    if (torch.compiler.is_compiling()  # first: Dynamo folds it, and traces nothing after it
+            or type(x) not in P or type(weight) not in P or type(A1) not in P or type(A2) not in P
+            or type(B1) not in P or type(B2) not in P or (bias is not None and type(bias) not in P)
+            or (torch.is_grad_enabled() and (x.requires_grad or A1.requires_grad or A2.requires_grad
+                                             or B1.requires_grad or B2.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
+            or forward_ad._current_level >= 0 or torch._C._get_tracing_state()
+            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
+            or _any_autocast() or not x.dim()):
         return None
-    x2 = x if x.dim() == 2 else ops._flat(x)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2.is_cpu:
         run = _runner(x2, weight, bias, A1, A2, B1, B2, lambda what, build: build())
     else:
-        if not memo.holds(A1, A2, B1, B2):
+        v = memo.values  # the rule: kept values are used only while the factors equal the copy taken
+        if not (v is not None and A1.dtype is v[0].dtype and A2.dtype is v[1].dtype and B1.dtype is v[2].dtype
+                and B2.dtype is v[3].dtype and A1.is_cpu and A2.is_cpu and B1.is_cpu and B2.is_cpu
+                and torch.equal(A1, v[0]) and torch.equal(A2, v[1]) and torch.equal(B1, v[2])
+                and torch.equal(B2, v[3])):
             memo.keep(A1, A2, B1, B2)
-        sig = (x2.dtype, x2.shape[1], token_bucket(x2.shape[0]), weight.shape, weight.dtype, weight.is_cpu,
-               None if bias is None else (bias.shape, bias.dtype, bias.is_cpu), dispatch.forced(),
-               dispatch.generation, logs.appends())
-        run = memo.runners.get(sig)
+        # what the kernel choice depends on besides the factors (their shapes and dtypes are held); the base's and
+        # the input's shapes, dtypes and devices were checked when the runner was built, and a call whose
+        # tensors no longer fit raises inside it and is checked again below, which names the problem
+        n = x2.shape[0]
+        key = (x2.dtype, 16 if n <= 16 else token_bucket(n), dispatch._forced.get(), dispatch.generation,
+               logs._appends)
+        run = memo.runners.get(key)
         if run is None:
-            run = memo.runners[sig] = _runner(x2, weight, bias, A1, A2, B1, B2, memo.derive)
-    y = run(x2, weight, bias, A1, A2, B1, B2, scale)
-    return y if x2 is x else y.reshape(*x.shape[:-1], weight.shape[0])
+            run = memo.runners[key] = _runner(x2, weight, bias, A1, A2, B1, B2, memo.derive)
+    try:
+        y = run(x2, weight, bias, scale)
+    except RuntimeError:
+        _check(x2, weight, bias, A1, A2, B1, B2)
+        raise
+    return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _check(x2, weight, bias, A1, A2, B1, B2):
+    (ops.check_args if A1.dtype == weight.dtype else ops.check_layer_args)(x2, weight, bias, A1, A2, B1, B2)
 
 
 def _runner(x2, weight, bias, A1, A2, B1, B2, derive):
-    check = ops.check_args if A1.dtype == weight.dtype else ops.check_layer_args
-    return dispatch.inference_runner(x2, weight, bias, A1, A2, B1, B2, check, derive)
+    return dispatch.inference_runner(x2, weight, bias, A1, A2, B1, B2, _check, derive)

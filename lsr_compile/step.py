@@ -195,15 +195,16 @@ FORWARDS = {"fold": forward_fold, "materialise": forward_materialise, "factored"
 # ---- inference (no graph to record): (x, W, b, A, Bt, scale) -> y, A and Bt built once per factor change -------
 #      (inference_cache), so a decode step runs the frozen GEMM and two thin products: what a LoRA layer runs
 
-def infer_materialise(x, weight, bias, A, Bt, scale):
-    """``x Wᵀ + b``, then ``scale·(x Aᵀ) Bᵀ`` added in place (computed in A's dtype where it differs)."""
+def infer_materialise(A, Bt, x, weight, bias, scale):
+    """``x Wᵀ + b``, then ``scale·(x Aᵀ) Bᵀ`` added in place (computed in A's dtype where it differs). A and Bt
+    first: a runner binds them once (``functools.partial``) and is called with the rest."""
     y = F.linear(x, weight, bias)
     if A.dtype == x.dtype:
         return y.addmm_(torch.mm(x, A.t()), Bt, alpha=scale)
     return y.add_(torch.mm(torch.mm(x.to(A.dtype), A.t()), Bt), alpha=scale)
 
 
-def infer_fold(x, weight, bias, A, Bt, scale):
+def infer_fold(A, Bt, x, weight, bias, scale):
     """``x (W + scale·B·A)ᵀ + b``: the fold and one GEMM (many rows)."""
     return F.linear(x, torch.addmm(weight, Bt.t(), A, alpha=scale), bias)
 

@@ -122,6 +122,24 @@ def test_bad_input_after_a_cached_call_still_gets_its_named_error(fresh_dispatch
             lc.lsr_linear(torch.randn(2, 48), layer.weight, torch.zeros(1), *args[2:])
 
 
+def test_a_layer_whose_base_changed_after_a_kept_call_gets_the_named_error(fresh_dispatch):
+    """What a layer keeps is keyed by the input's dtype and size class, not by the base's shapes: a base weight
+    or bias that no longer fits fails inside the kept runner, which then names the problem."""
+    layer = _layer()
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        layer(x)
+        layer.weight = torch.nn.Parameter(torch.randn(40, 47), requires_grad=False)
+        with pytest.raises(lc.LSRInputError, match="d_in"):
+            layer(x)
+        layer.weight = torch.nn.Parameter(torch.randn(40, 48), requires_grad=False)
+        layer.bias = torch.nn.Parameter(torch.randn(41), requires_grad=False)
+        with pytest.raises(lc.LSRInputError, match="bias"):
+            layer(x)
+        layer.bias = torch.nn.Parameter(torch.randn(40), requires_grad=False)
+        _is_reference(layer(x), x, layer)  # a new base of the right shape: its values are read, none kept
+
+
 def test_nothing_outlives_its_layer(fresh_dispatch):
     layer = _layer()
     refs = [weakref.ref(t) for t in (layer.A1, layer.A2, layer.B1, layer.B2)]

@@ -5,6 +5,7 @@ the tuner, dispatch and tests call the same code path with an explicit config.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Callable, Optional
@@ -225,27 +226,24 @@ _CPU_HALF = (torch.bfloat16, torch.float16)
 
 def inference(backend: str, variant: str, forward: Callable, x2d: torch.Tensor, A1, A2, B1, B2,
               derive: Callable) -> Callable:
-    """``run(x, weight, bias, A1, A2, B1, B2, scale) -> y`` for calls that record no graph, over the forward
-    kernel ``forward`` of (backend, variant): a PyTorch formulation with an inference form (``step.INFERENCE``)
-    runs that form over A and Bᵀ; any other kernel runs whole, its extra outputs dropped. ``derive(what, build)``
-    gives what is built from the factors' values as they are now (kept while they hold, or built per call):
-    A and Bᵀ, or the factors cast to the input's dtype (peft's float32 adapters over a half-precision base).
-    What runs here is what the tuner times at decode-sized token counts, and what dispatch runs there."""
+    """``run(x, weight, bias, scale) -> y`` for calls that record no graph, for these factors' values, over the
+    forward kernel ``forward`` of (backend, variant): a PyTorch formulation with an inference form
+    (``step.INFERENCE``) runs that form over A and Bᵀ; any other kernel runs whole, its extra outputs dropped.
+    ``derive(what, build)`` gives what is built from the factors' values (kept while they hold, or built per
+    call): A and Bᵀ, or the factors cast to the input's dtype (peft's float32 adapters over a half-precision
+    base). What runs here is what the tuner times at decode-sized token counts, and what dispatch runs there."""
     dtype, device = x2d.dtype, x2d.device
     infer = step.INFERENCE.get(variant) if backend == "torch" else None
     if infer is None:
-        cast = derive(("cast", dtype), lambda: tuple(f.to(dtype) for f in (A1, A2, B1, B2))) \
-            if A1.dtype != dtype else None
+        factors = derive(("cast", dtype), lambda: tuple(f.to(dtype) for f in (A1, A2, B1, B2))) \
+            if A1.dtype != dtype else (A1, A2, B1, B2)
 
-        def run(x, weight, bias, A1, A2, B1, B2, scale):
-            return forward(x, weight, bias, *(cast or (A1, A2, B1, B2)), scale)[0]
+        def run(x, weight, bias, scale):
+            return forward(x, weight, bias, *factors, scale)[0]
         return run
     what = torch.float32 if variant == "materialise" and device.type == "cpu" and dtype in _CPU_HALF else dtype
     A, Bt = derive(what, lambda: tuple(t.to(what) for t in step.ATEN.factors(A1, A2, B1, B2)))
-
-    def run(x, weight, bias, A1, A2, B1, B2, scale):
-        return infer(x, weight, bias, A, Bt, scale)
-    return run
+    return functools.partial(infer, A, Bt)
 
 
 def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, device: torch.device) -> Callable:

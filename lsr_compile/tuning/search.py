@@ -109,7 +109,7 @@ def _decode_call(backend: str, variant: str, forward, d: dict):
             derived[what] = build()
         return derived[what]
     run = kernels.inference(backend, variant, forward, d["x"], *d["factors"], derive)
-    return lambda *args: (run(*args),)
+    return lambda x, weight, bias, A1, A2, B1, B2, scale: (run(x, weight, bias, scale),)
 
 
 def _job(shape: LSRShape, op: str, target: str, device, trials, budget_s, bar,
