@@ -87,6 +87,36 @@ def adapter_factored(x, A1, A2, B1, B2):
     return torch.einsum("lNcb,ldb->Ncd", z, B2).reshape(-1, m1 * m2)
 
 
+def concat_terms(adapters: list, coefs: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One Kronecker-sum adapter whose update is ``Σ_i coefs[i]·B_i A_i`` exactly, from adapters
+    ``(A1, A2, B1, B2)`` of one layer whose factors share n, m and one of the inner ranks: their terms side by
+    side (s = Σ s_i) and their other inner ranks stacked, each adapter in its own block (zeros elsewhere), so no
+    term of one meets a term of another in ``B A``; ``coefs[i]`` goes into adapter i's B1 block.
+
+    Stacked along r1 (all r2 equal): ``A1'[l] = [0; A1_i[l]; 0]`` (rows of block i), ``B1'[l] = [0, c_i B1_i[l], 0]``
+    (columns), A2 and B2 concatenated over the terms; A's rows ``(a, b)`` of block i are then A_i's, and B's
+    columns c_i B_i's. Along r2 (all r1 equal) the same with the second factors."""
+    along = 1 if len({a[1].shape[1] for a in adapters}) == 1 else 2
+    wide = sum(a[0 if along == 1 else 1].shape[1] for a in adapters)
+    out = [[], [], [], []]
+    start = 0
+    for (A1, A2, B1, B2), c in zip(adapters, coefs):
+        r = (A1 if along == 1 else A2).shape[1]
+        for k, t in enumerate((A1, A2, B1, B2)):
+            t = t * c if k == 2 else t
+            if k == along - 1:  # A1 or A2: the stacked rank is dim 1
+                block = t.new_zeros(t.shape[0], wide, t.shape[2])
+                block[:, start:start + r] = t
+                t = block
+            elif k == along + 1:  # B1 or B2: the stacked rank is dim 2
+                block = t.new_zeros(t.shape[0], t.shape[1], wide)
+                block[:, :, start:start + r] = t
+                t = block
+            out[k].append(t)
+        start += r
+    return tuple(torch.cat(ts) for ts in out)
+
+
 def delta_weight(A1: Tensor, A2: Tensor, B1: Tensor, B2: Tensor, scale: float) -> Tensor:
     """``ΔW = scale · B · A``, ``(d_out, d_in)``: what merging adds to the base weight and what a LoRA export
     factors. (``reference.delta_weight`` is the independent ground truth it is tested against.)"""

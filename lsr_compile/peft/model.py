@@ -43,15 +43,81 @@ class LSRModel(BaseTuner):
 
         LoraModel._add_modules_to_save_to_tie(self, peft_config, tied_weight_keys)
 
-    def add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs):
-        """LoRA's merge of adapters into one; LSR has none (a weighted sum of Kronecker-sum adapters is not one of
-        the same structure): refused with the ways that exist (peft called the base model's, which has none)."""
-        raise NotImplementedError(
-            f"add_weighted_adapter({adapters!r}, ..., {adapter_name!r}) combines LoRA adapters; LSR adapters cannot "
-            f"be combined into one LSR adapter. Instead run several at once, each adding its update: "
-            f"peft_model.base_model.set_adapter({list(adapters)!r}) (peft allows it without modules_to_save); or "
-            f"export each as the LoRA it is exactly (lsr_compile.export_lora(peft_model, folder, adapter_name=...)), "
-            f"load those with peft and combine them with LoRA's add_weighted_adapter")
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "cat",
+                             **kwargs) -> None:
+        """A new adapter ``adapter_name`` whose update is exactly ``Σ_i weights[i]·ΔW_i`` of ``adapters`` on every
+        layer (LoRA's ``combination_type="cat"``): a weighted sum of Kronecker-sum adapters is one, their terms
+        side by side and one of their inner ranks stacked (``formulations.concat_terms``; a layer's adapters must
+        share n, m and r1 or r2). The adapter is added, not activated (``set_adapter(adapter_name)``). LoRA's
+        other combination types change the update (``linear`` mixes the factors, ``svd`` truncates): for those,
+        export each adapter with ``lc.export_lora`` and combine the LoRAs."""
+        import dataclasses
+        import math
+
+        import torch
+
+        from ..config import LSRConfig
+        from ..formulations import concat_terms
+
+        adapters, weights = list(adapters), list(weights)
+        if combination_type != "cat":
+            raise ValueError(f"combination_type={combination_type!r}: LSR combines adapters exactly, as LoRA's 'cat' "
+                             f"does; for LoRA's approximations export each adapter (lc.export_lora) and combine the "
+                             f"LoRAs with peft's add_weighted_adapter")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if not adapters or unknown:
+            raise ValueError(f"add_weighted_adapter: unknown adapter(s) {unknown or adapters!r}; this model holds "
+                             f"{sorted(self.peft_config)}")
+        if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                    and math.isfinite(w) for w in weights):
+            raise ValueError(f"add_weighted_adapter: one finite number per adapter, got weights={weights!r} for "
+                             f"{adapters!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists; pick a new name")
+        configs = [self.peft_config[a] for a in adapters]
+        if not all(isinstance(c, LSRConfig) for c in configs):
+            raise ValueError(f"add_weighted_adapter combines LSR adapters; {adapters!r} are "
+                             f"{[type(c).__name__ for c in configs]}")
+        wrapped = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)
+                   and sum(a in getattr(m, "modules_to_save", {}) for a in adapters) > 1]
+        if wrapped:  # as LoRA: a module several of them trained a copy of (a classifier head) has no weighted sum
+            raise ValueError(f"add_weighted_adapter: {len(wrapped)} modules_to_save module(s) (e.g. a classifier "
+                             f"head) hold a trained copy of more than one of {adapters!r}, and copies cannot be "
+                             f"added; combine adapters that do not both train the same module")
+        combined = {}
+        for key, layer in self.model.named_modules():
+            if not isinstance(layer, LSRLayer):
+                continue
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lsr_A1]
+            if not present:
+                continue
+            shapes = [layer.lsr_shapes[a] for a, _ in present]
+            if len({(f.n1, f.n2, f.m1, f.m2) for f in shapes}) > 1 or (len({f.r1 for f in shapes}) > 1
+                                                                         and len({f.r2 for f in shapes}) > 1):
+                found = ", ".join(f"{a}: r=({f.r1},{f.r2}) n=({f.n1},{f.n2}) m=({f.m1},{f.m2})"
+                                  for (a, _), f in zip(present, shapes))
+                raise ValueError(f"add_weighted_adapter: on {key} the adapters' factors differ in both inner ranks or "
+                                 f"in n, m ({found}), so no single LSR adapter holds their sum: export each "
+                                 f"(lc.export_lora) and combine the LoRAs with peft's "
+                                 f"add_weighted_adapter(combination_type='cat')")
+            with torch.no_grad():
+                combined[key] = concat_terms([layer.factors(a) for a, _ in present],
+                                             [w * layer.lsr_scale[a] for a, w in present])
+        if not combined:
+            raise ValueError(f"add_weighted_adapter: no layer holds {adapters!r}")
+        pattern = {key: {"s": A1.shape[0], "r": (A1.shape[1], A2.shape[1]), "n": (A1.shape[2], A2.shape[2]),
+                         "m": (B1.shape[1], B2.shape[1])} for key, (A1, A2, B1, B2) in combined.items()}
+        first = next(iter(pattern.values()))
+        config = dataclasses.replace(configs[0], target_modules=sorted(combined), rank_pattern=pattern,
+                                     alpha_pattern={}, alpha=None, layers_to_transform=None, layers_pattern=None,
+                                     s=first["s"], r=first["r"], n=None, m=None)
+        self.peft_config[adapter_name] = config
+        for key, factors in combined.items():
+            layer = self.model.get_submodule(key)
+            layer.update_layer(adapter_name, config.for_layer(key))  # scale 1 (alpha None): the weights are in B1
+            with torch.no_grad():
+                for mine, value in zip(layer.factors(adapter_name), factors):
+                    mine.copy_(value)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

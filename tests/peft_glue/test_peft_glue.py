@@ -386,14 +386,63 @@ def test_adapter_bank_from_saved_adapters_matches_peft_and_adds_and_evicts(tmp_p
     assert bank.lora_bytes_per_adapter() > bank.bytes_per_adapter()
 
 
-def test_add_weighted_adapter_says_what_lsr_offers_instead():
-    """peft forwarded the call to the base model: ``AttributeError: 'BertForSequenceClassification' object has no
-    attribute 'add_weighted_adapter'``."""
+@pytest.mark.parametrize("other", [dict(s=3, r=(1, 2)), dict(s=1, r=(2, 3)), dict(s=2, r=2)])
+def test_add_weighted_adapter_is_exactly_the_weighted_sum_of_the_updates(other, tmp_path):
+    """LoRA's add_weighted_adapter(cat) for LSR: the new adapter's update is Σ w_i ΔW_i on every layer (terms side
+    by side, one inner rank stacked), through the model's outputs, save/load and export_lora (peft forwarded the
+    call to the base model before: an AttributeError)."""
+    from peft import PeftModel
+
+    plain = dict(task_type=None)  # no classifier copy per adapter (those have no weighted sum)
+    pm = _peft_model(**plain)
+    pm.add_adapter("other", lc.LSRConfig(**(CFG | other | plain)))
+    strong_adapters(pm)
+    ids = tokens(2, 9)
+    weights = [0.7, -1.3]
+    def hidden(model):  # the encoder's output: the adapters' share there is O(1) (the tiny head's logits are 0.02)
+        with torch.no_grad():
+            return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    with pm.disable_adapter():
+        base = hidden(pm)
+    pm.add_weighted_adapter(["default", "other"], weights, "mix")
+    assert pm.active_adapter == "default" and "mix" in pm.peft_config  # added, not activated
+    for key, layer in pm.base_model.model.named_modules():
+        if hasattr(layer, "lsr_A1") and "mix" in layer.lsr_A1:
+            got = layer.get_delta_weight("mix")
+            exp = sum(w * layer.get_delta_weight(a) for a, w in zip(("default", "other"), weights))
+            torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+            assert exp.abs().max() > 1e-2
+    pm.set_adapter("mix")
+    mixed = hidden(pm)
+    assert (mixed - base).abs().max() > 100 * 1e-4  # far above the tolerance compared with below
+    pm.save_pretrained(tmp_path / "saved", selected_adapters=["mix"])
+    again = PeftModel.from_pretrained(tiny_bert(), tmp_path / "saved" / "mix")
+    lc.export_lora(pm, tmp_path / "lora", adapter_name="mix")
+    as_lora = PeftModel.from_pretrained(tiny_bert(), tmp_path / "lora")
+    torch.testing.assert_close(hidden(again), mixed, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden(as_lora), mixed, rtol=1e-4, atol=1e-4)
+
+
+def test_add_weighted_adapter_refuses_what_no_lsr_adapter_holds():
     pm = _peft_model()
-    pm.add_adapter("other", lc.LSRConfig(**CFG))
-    with pytest.raises(NotImplementedError, match=r"LSR adapters cannot be combined .*set_adapter\(\['default', "
-                                                  r"'other'\]\).*export_lora.*LoRA's add_weighted_adapter"):
-        pm.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    pm.add_adapter("other", lc.LSRConfig(**(CFG | dict(r=(1, 3)))))
+    pm.add_adapter("third", lc.LSRConfig(**(CFG | dict(r=(2, 2)))))
+    with pytest.raises(ValueError, match="modules_to_save.*classifier"):  # both trained a classifier copy
+        pm.add_weighted_adapter(["default", "third"], [0.5, 0.5], "mix")
+    plain = dict(task_type=None)
+    pm = _peft_model(**plain)
+    pm.add_adapter("other", lc.LSRConfig(**(CFG | dict(r=(1, 3)) | plain)))
+    pm.add_adapter("third", lc.LSRConfig(**(CFG | dict(r=(2, 2)) | plain)))
+    with pytest.raises(ValueError, match=r"differ in both inner ranks.*export each \(lc.export_lora\)"):
+        pm.add_weighted_adapter(["other", "third"], [0.5, 0.5], "mix")
+    with pytest.raises(ValueError, match="combine the LoRAs"):
+        pm.add_weighted_adapter(["default", "third"], [0.5, 0.5], "mix", combination_type="svd")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        pm.add_weighted_adapter(["default", "nope"], [0.5, 0.5], "mix")
+    with pytest.raises(ValueError, match="one finite number per adapter"):
+        pm.add_weighted_adapter(["default", "third"], [0.5], "mix")
+    with pytest.raises(ValueError, match="exists"):
+        pm.add_weighted_adapter(["default", "third"], [0.5, 0.5], "other")
     assert "mix" not in pm.peft_config
 
 
