@@ -33,8 +33,11 @@ BASE = "__base__"
 
 
 class BankedLinear(nn.Module):
-    """A frozen ``nn.Linear`` (or transformers ``Conv1D``) with a bank of adapter slots of one factor structure.
-    Without a batch assignment (``slots`` unset) it is the base layer."""
+    """A frozen ``nn.Linear`` (or transformers ``Conv1D``) with a bank of adapter slots of one factor structure,
+    run by its bank, which assigns a slot to each sample (``slots``) for the call. Called without one (the bank's
+    model called directly, e.g. ``bank.model.generate``) it refuses: that ran the base alone without a word.
+    Under ``bank.generate`` a batch of ``k`` times as many rows as samples (beams, returned sequences) gives each
+    sample's ``k`` consecutive rows its slot, as ``generate`` expands its inputs."""
 
     def __init__(self, base: nn.Module, f: FactorShapes, capacity: int):
         super().__init__()
@@ -47,13 +50,19 @@ class BankedLinear(nn.Module):
             self.register_buffer(name, torch.zeros(capacity, *size, **kw))
         self.register_buffer("scales", torch.zeros(capacity, dtype=torch.float32, device=base.weight.device))
         self.slots: Optional[Tensor] = None  # (samples,) int64 slot per sample, set by the bank for one call
+        self.expands = False  # under bank.generate: k rows a sample (beams, returned sequences)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.slots is None:
-            return self.base(x)
-        if self.slots.shape[0] != x.shape[0]:
-            raise ValueError(f"{self.slots.shape[0]} adapter names for a batch of {x.shape[0]} samples: give "
-                             f"bank(...) one name per sample")
+        slots = self.slots
+        if slots is None:
+            raise RuntimeError("this model's linear layers are served by an AdapterBank: call bank(names, ...) or "
+                               "bank.generate(names, ...) with one adapter name per sample (\"__base__\": the base "
+                               "alone); called directly, the model would silently run without any adapter")
+        if slots.shape[0] != x.shape[0]:
+            if not (self.expands and x.shape[0] % slots.shape[0] == 0):
+                raise ValueError(f"{slots.shape[0]} adapter names for a batch of {x.shape[0]} samples: give "
+                                 f"bank(...) one name per sample")
+            slots = slots.repeat_interleave(x.shape[0] // slots.shape[0])
         # one segment per sample; tensors only, so a compiled model is not specialised on the assignment
         per_sample = x.numel() // max(x.shape[0] * x.shape[-1], 1)
         ptr = torch.arange(x.shape[0] + 1, device=x.device) * per_sample
@@ -63,11 +72,10 @@ class BankedLinear(nn.Module):
             y = self.base(x)
             x2 = x.reshape(-1, x.shape[-1])
             bank = [getattr(self, p).to(x2.dtype) for p in FACTORS]
-            delta = adapter_rows(x2, *bank, self.scales, ptr, self.slots)
+            delta = adapter_rows(x2, *bank, self.scales, ptr, slots)
             return y + delta.reshape(*x.shape[:-1], -1).to(y.dtype)
         weight = base_layers.as_linear(self.base.weight, self.fan_in_fan_out)
-        return mixed_linear(x, weight, self.base.bias, self.A1, self.A2, self.B1, self.B2, self.scales, ptr,
-                            self.slots)
+        return mixed_linear(x, weight, self.base.bias, self.A1, self.A2, self.B1, self.B2, self.scales, ptr, slots)
 
     def tuning_shapes(self, tokens: int, dtype=None) -> list:
         """What ``tune(model)`` tunes for this layer: the mixed batch it runs over all its slots, one segment per
@@ -309,6 +317,21 @@ class AdapterBank:
 
     def __call__(self, adapter_names: list[str], *args, **kwargs):
         """The model on one batch, sample i with adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        with self._serving_batch(adapter_names, expands=False):
+            return self.model(*args, **kwargs)
+
+    def generate(self, adapter_names: list[str], *args, **kwargs):
+        """``model.generate`` with sample i decoded through adapter ``adapter_names[i]`` (``"__base__"``: none)
+        at every step, prefill and KV-cached decoding alike: each row equals generating it alone with its adapter
+        (left padding as ``generate`` takes it). Beams and ``num_return_sequences`` keep their sample's adapter."""
+        if not hasattr(self.model, "generate"):
+            raise TypeError(f"the bank's model ({type(self.model).__name__}) has no generate(); call bank(names, ...)")
+        with self._serving_batch(adapter_names, expands=True):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _serving_batch(self, adapter_names: list[str], expands: bool):
+        """Every layer's slots set for the samples named, for the duration of one call."""
         if isinstance(adapter_names, str) or not adapter_names:
             raise ValueError(f"adapter_names must list one adapter name per sample (at least one), got "
                              f"{adapter_names!r}")
@@ -323,12 +346,12 @@ class AdapterBank:
             slots = torch.tensor([self.slots.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
             self._serving = True
             for layer in self.layers.values():
-                layer.slots = slots
+                layer.slots, layer.expands = slots, expands
             try:
-                return self.model(*args, **kwargs)
+                yield
             finally:
                 for layer in self.layers.values():
-                    layer.slots = None
+                    layer.slots, layer.expands = None, False
                 self._serving = False
 
     def bytes_per_adapter(self) -> int:

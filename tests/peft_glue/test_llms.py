@@ -455,3 +455,34 @@ def test_gqa_key_value_projections_get_their_own_factor_shapes_and_train():
         loss.backward()
         opt.step()
     assert all(not torch.equal(p, before[n]) for n, p in pm.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_bank_generate_decodes_each_row_with_its_adapter(beams, tmp_path):
+    """``bank.generate(names, ...)``: each row of a left-padded batch decodes (prefill and KV-cached steps) as it
+    does alone through peft with its adapter active, beams included; the bank's model called directly refuses
+    (it ran the base model alone without a word)."""
+    folders = {}
+    for k, name in enumerate(("a", "b")):
+        pm = _grow(nonzero(get_peft_model(_model("llama"), lc.LSRConfig(s=2, r=(2, 2))), seed=10 + k)).eval()
+        pm.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    bank = AdapterBank.from_pretrained(_model("llama"), folders)
+    rows = [_ids(1, n, seed=n)[0] for n in (7, 4, 6)]
+    names = ["a", "__base__", "b"]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):  # left padding, as generate expects for decoders
+        ids[i, 7 - len(r):], mask[i, 7 - len(r):] = r, 1
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=beams)
+    with torch.no_grad():
+        got = bank.generate(names, input_ids=ids, attention_mask=mask, **kw)
+        for i, (name, r) in enumerate(zip(names, rows)):
+            alone = (PeftModel.from_pretrained(_model("llama"), folders[name]) if name != "__base__"
+                     else _model("llama")).eval()
+            want = alone.generate(input_ids=r[None], attention_mask=torch.ones_like(r[None]), **kw)
+            assert torch.equal(got[i, 7:], want[0, len(r):]), (name, got[i], want[0])
+        base_row = _model("llama").generate(input_ids=rows[0][None], **kw)
+        assert not torch.equal(got[0, 7:], base_row[0, 7:])  # adapter a changes the continuation
+        with pytest.raises(RuntimeError, match=r"served by an AdapterBank: call bank\(names"):
+            bank.model.generate(input_ids=ids, attention_mask=mask, **kw)
