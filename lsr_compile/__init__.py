@@ -27,7 +27,7 @@ from .nn import LSRLinear, LSRMergedError, apply_lsr, count_parameters, explain,
 from .ops import LSRInputError, lsr_linear, mixed_linear
 from .problem import LSRShape
 from .tuning import tune
-from .peft import LSRModel, export_lora, load_reference_adapter
+from .peft import LSRModel, export_lora, hotswap_adapter, load_reference_adapter, prepare_model_for_compiled_hotswap
 
 __version__ = "0.1.0"
 
@@ -35,5 +35,6 @@ __all__ = [
     "LSRConfig", "LSRLinear", "LSRShape", "FactorShapes", "FactorizationError", "LSRInputError", "apply_lsr",
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
     "use_backend", "tune", "mixed_linear", "LSRModel", "export_lora", "load_reference_adapter", "LSRConfigWarning",
-    "LSRMergedError", "clear_factor_cache", "lsr_config_for_lora",
+    "LSRMergedError", "clear_factor_cache", "lsr_config_for_lora", "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
 ]

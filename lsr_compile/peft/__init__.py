@@ -8,6 +8,7 @@ from peft.utils import register_peft_method
 
 from .._peft_type import LSR_PEFT_TYPE
 from ..config import LSRConfig
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .interop import export_lora, load_reference_adapter
 from .layer import Linear, LSRLayer
 from .model import LSRModel, _print_trainable_parameters_with_lsr, lsr_summary
@@ -17,4 +18,5 @@ if LSR_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:  # peft refuses a second re
 if not hasattr(PeftModel.print_trainable_parameters, "_lsr_original"):
     PeftModel.print_trainable_parameters = _print_trainable_parameters_with_lsr(PeftModel.print_trainable_parameters)
 
-__all__ = ["LSRConfig", "LSRLayer", "LSRModel", "Linear", "export_lora", "load_reference_adapter", "lsr_summary"]
+__all__ = ["LSRConfig", "LSRLayer", "LSRModel", "Linear", "export_lora", "hotswap_adapter", "load_reference_adapter",
+           "lsr_summary", "prepare_model_for_compiled_hotswap"]
