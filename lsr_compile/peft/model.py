@@ -12,6 +12,13 @@ from .. import base_layers
 from .layer import Linear, LSRLayer
 
 
+# Mamba's mixer reads these layers' weights itself (dt_proj in every path, out_proj in its fused kernel; conv1d is
+# no linear layer): an adapter there never reaches the output and gets no gradient. peft refuses out_proj and
+# conv1d for LoRA; LSR refuses the three.
+MAMBA_MODEL_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
+MAMBA_READ_DIRECTLY = ("dt_proj", "out_proj", "conv1d")
+
+
 class LSRModel(BaseTuner):
     prefix: str = "lsr_"
     tuner_layer_cls = LSRLayer
@@ -42,6 +49,20 @@ class LSRModel(BaseTuner):
         from peft.tuners.lora.model import LoraModel
 
         LoraModel._add_modules_to_save_to_tie(self, peft_config, tied_weight_keys)
+
+    def _check_target_module_compatiblity(self, peft_config, model, target_name: str) -> None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in MAMBA_MODEL_TYPES and target_name in MAMBA_READ_DIRECTLY:
+            raise ValueError(f"{target_name} of this {model_type} model cannot carry an adapter: the mixer reads the "
+                             f"weights of {', '.join(MAMBA_READ_DIRECTLY)} itself, so an adapter there would never "
+                             f"change the output or train (peft refuses out_proj and conv1d for LoRA too); target "
+                             f"the others, e.g. target_modules=['in_proj', 'x_proj']")
+
+    def inject_adapter(self, model, adapter_name: str, *args, **kwargs) -> None:
+        targets = self.peft_config[adapter_name].target_modules  # peft replaces "all-linear" by the names it finds
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if isinstance(targets, str) and targets.lower() == "all-linear":
+            _say_what_all_linear_leaves(model)
 
     def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "cat",
                              **kwargs) -> None:
@@ -151,6 +172,39 @@ class LSRModel(BaseTuner):
         finally:
             for h in handles:
                 h.remove()
+
+
+def _say_what_all_linear_leaves(model) -> None:
+    """``"all-linear"`` adapts every linear layer; a mixture of experts also computes with weights that are no
+    layer of their own (fused expert tensors, E x d_out x d_in; routers that call F.linear on their weight), which
+    peft LoRA adapts through parameter targets and LSR does not: said, with their share, not left silent."""
+    import warnings
+
+    from torch import nn
+
+    from ..config import LSRConfigWarning
+
+    adapted, left = 0, {}
+    for name, module in model.named_modules():
+        if isinstance(module, LSRLayer):
+            adapted += module.get_base_layer().weight.numel()
+            continue
+        if (isinstance(module, (nn.Embedding, nn.LayerNorm, nn.ParameterDict)) or base_layers.is_adaptable(module)
+                or any(part.startswith("lsr_") for part in name.split("."))):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 3 or (p.dim() == 2 and pname == "weight"
+                                and type(module).__module__.startswith("transformers")):
+                pattern = ".".join("*" if part.isdigit() else part for part in f"{name}.{pname}".split("."))
+                count, shape = left.get(pattern, (0, tuple(p.shape)))
+                left[pattern] = (count + p.numel(), shape)
+    if left:
+        share = sum(c for c, _ in left.values()) / max(adapted + sum(c for c, _ in left.values()), 1)
+        listed = "; ".join(f"{k} {' x '.join(map(str, shape))}" for k, (_, shape) in left.items())
+        warnings.warn(f"target_modules='all-linear' adapted every linear layer, but these weights are no layer of "
+                      f"their own and carry no LSR adapter: {listed} ({share:.0%} of the weights of the layers "
+                      f"adapted and these); peft LoRA adapts them through target_parameters, which LSR does not "
+                      f"support yet (docs/support.md)", LSRConfigWarning, stacklevel=4)
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):

@@ -486,3 +486,61 @@ def test_bank_generate_decodes_each_row_with_its_adapter(beams, tmp_path):
         assert not torch.equal(got[0, 7:], base_row[0, 7:])  # adapter a changes the continuation
         with pytest.raises(RuntimeError, match=r"served by an AdapterBank: call bank\(names"):
             bank.model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+
+def _moe(kind):
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128)
+    cfg = (tf.MixtralConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, **common)
+           if kind == "mixtral" else
+           tf.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                             **common))
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_all_linear_on_a_mixture_of_experts_says_what_it_leaves(kind):
+    """Fused expert tensors (E x d_out x d_in) and routers are no linear layer: peft LoRA's "all-linear" adapts
+    them through target_parameters; LSR adapts the attention and says, with their share, what it leaves."""
+    with pytest.warns(lc.LSRConfigWarning, match=r"mlp\.experts\.gate_up_proj 4 x \d+ x 64.*mlp\.experts\.down_proj"
+                                                 r".*\d+% of the weights.*target_parameters"):
+        pm = get_peft_model(_moe(kind), lc.LSRConfig(target_modules="all-linear"))
+    adapted = {n.split(".lsr_")[0].rsplit(".", 1)[-1] for n, _ in pm.named_parameters() if ".lsr_" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    ids = _ids()
+    pm(input_ids=ids, labels=ids).loss.backward()  # trains what it adapts
+    assert all(p.grad is not None for n, p in pm.named_parameters() if "lsr_B2" in n)
+    with warnings_as_errors():  # the dense families are all linear layers: nothing to say
+        get_peft_model(_model("llama"), lc.LSRConfig(target_modules="all-linear"))
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lc.LSRConfigWarning)
+        yield
+
+
+def test_mamba_layers_whose_weights_the_mixer_reads_are_refused_by_name():
+    """Mamba's mixer reads dt_proj's weight itself (out_proj's in its fused kernel): an adapter there never changes
+    the output or trains. Refused by name, as peft refuses out_proj and conv1d for LoRA; the others work."""
+    import transformers as tf
+
+    def mamba():
+        torch.manual_seed(0)
+        return tf.AutoModelForCausalLM.from_config(tf.MambaConfig(vocab_size=128, hidden_size=64, state_size=8,
+                                                                   num_hidden_layers=2))
+    for targets in ("all-linear", ["dt_proj"], ["out_proj"]):
+        with pytest.raises(ValueError, match=r"cannot carry an adapter: the mixer reads the weights of dt_proj, "
+                                             r"out_proj, conv1d itself.*target_modules=\['in_proj', 'x_proj'\]"):
+            get_peft_model(mamba(), lc.LSRConfig(target_modules=targets))
+    pm = _grow(nonzero(get_peft_model(mamba(), lc.LSRConfig(s=2, r=(2, 2), target_modules=["in_proj", "x_proj"]))))
+    ids = _ids()
+    with torch.no_grad():
+        moved = (pm(input_ids=ids).logits - mamba()(input_ids=ids).logits).abs().max()
+    assert moved > 1e-2
