@@ -45,10 +45,8 @@ def lsr_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, A
         # torch.func.grad / vmap / jvp: the op's autograd is not a functorch-transformable Function, the
         # plain-PyTorch formulation is (same function, every transform)
         return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
-    if A1.dtype != weight.dtype:
-        # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): compute in
-        # the base's dtype, as the base layer does; gradients reach the float32 factors through the cast
-        A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
+    # adapters kept in float32 over a half-precision base (peft's autocast_adapter_dtype): layer_linear says
+    # in which dtype the adapter is computed
     return layer_linear(x, weight, bias, A1, A2, B1, B2, scale)
 
 

@@ -295,10 +295,11 @@ class _LinearStep(torch.autograd.Function):
     plain eager tensors, so the op implementations are called without the dispatcher (``_plain``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A1, A2, B1, B2, scale, direct):
-        if direct:  # one lookup finds both kernels of the step (and stands for the argument check)
+    def forward(ctx, x, weight, bias, A1, A2, B1, B2, scale, kernels):
+        direct = kernels is not None
+        if direct:  # the step's two kernels, found by the caller (``dispatch.step_kernels``)
             x2 = _flat(x)
-            fwd, ctx.bwd = dispatch.step_kernels(x2, weight, bias, A1, A2, B1, B2, check_args)
+            fwd, ctx.bwd = kernels
             y, A, Bt, tT, w_eff = fwd(x2, weight, bias, A1, A2, B1, B2, scale)
             if x2 is not x:
                 y = _unflat(y, x)
@@ -372,7 +373,7 @@ def _records_grad(x, weight, bias, A1, A2, B1, B2) -> bool:
 @torch.library.impl(_lib, "linear", "Autograd")
 def _linear_autograd(x, weight, bias, A1, A2, B1, B2, scale):
     if _records_grad(x, weight, bias, A1, A2, B1, B2):
-        return _LinearStep.apply(x, weight, bias, A1, A2, B1, B2, scale, False)
+        return _LinearStep.apply(x, weight, bias, A1, A2, B1, B2, scale, None)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.lsr.linear.default(x, weight, bias, A1, A2, B1, B2, scale)
 
@@ -399,12 +400,24 @@ def layer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, 
                  scale: float) -> Tensor:
     """``lsr_linear`` as a layer calls it (``nn.lsr_forward``): ``scale`` a number, autocast and torch.func
     transforms already handled by the caller, so nothing is checked per call beyond the signature cache.
-    Under forward-mode AD (dual tensors) the plain-PyTorch formulation, which carries tangents."""
+    Under forward-mode AD (dual tensors) the plain-PyTorch formulation, which carries tangents. Factors in
+    another dtype than the base (peft's float32 adapters over a bfloat16 model): a training step whose chosen
+    kernels compute the adapter in the factors' dtype gets them as they are; everything else gets them cast
+    to the base's dtype (gradients reach them through the cast)."""
     if forward_ad._current_level >= 0:
         return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
-    if _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN):
-        if _records_grad(x, weight, bias, A1, A2, B1, B2):
-            return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), True)
+    plain = _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN)
+    if plain and _records_grad(x, weight, bias, A1, A2, B1, B2):
+        kernels = dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2,
+                                        check_args if A1.dtype == weight.dtype else check_layer_args)
+        if kernels is not None:
+            return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), kernels)
+    if A1.dtype != weight.dtype:
+        A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
+    if plain and _records_grad(x, weight, bias, A1, A2, B1, B2):
+        kernels = dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2, check_args)
+        return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), kernels)
+    if plain:
         return _forward(x, weight, bias, A1, A2, B1, B2, float(scale))[0]
     return torch.ops.lsr.linear(x, weight, bias, A1, A2, B1, B2, float(scale))
 

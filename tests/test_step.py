@@ -10,7 +10,7 @@ from lsr_compile.kernels.triton_fused import DTYPES as TRITON_DTYPES
 
 from conftest import make_layer_inputs
 
-PARTS = {"aten": step.ATEN, "triton": triton_parts.TritonParts()}
+PARTS = {"aten": step.ATEN, "aten-eager": step.ATEN_EAGER, "triton": triton_parts.TritonParts()}
 if tvm_parts.available(torch.float32):  # the GPU image has no TVM
     PARTS["tvm"] = tvm_parts.PARTS
 # (s, r1, r2, n1, n2, m1, m2): one term, ragged everywhere, q = 1, wider q than d (padding), tall
@@ -90,6 +90,29 @@ def test_backward_without_dx(parts):
         assert dx is None
         for got, w in zip(grads, want[2:]):
             _assert_close(f"{parts} no dx", got, w, torch.float64)
+
+
+@pytest.mark.parametrize("parts", ["aten", "aten-eager"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_materialise_computes_the_adapter_in_the_factors_dtype_over_a_half_base(parts, half):
+    """float32 factors over a half-precision base (peft's float32 adapters): x and dy go up to float32 for the
+    adapter, as peft's LoRA computes it, so the factors' gradients carry float32's error, not half's; y and dx
+    come out in the base's dtype. With the factors cast down first they would be off by ~1e-2."""
+    dims = DIMS[1]
+    x, W, b, factors = make_layer_inputs(37, *dims, dtype=torch.float64)
+    x, W, b = x.to(half), W.to(half), b.to(half)  # the values the half base sees, exactly
+    factors = [(f * 3).float() for f in factors]
+    dy = torch.randn(37, dims[5] * dims[6], dtype=torch.float64).to(half)
+    want = _reference(x.double(), W.double(), b.double(), factors, dy.double(), 0.7)
+    y, A, Bt, tT, w_eff = step.forward_materialise(PARTS[parts], x, W, b, *factors, 0.7)
+    assert y.dtype == half and A.dtype == Bt.dtype == tT.dtype == torch.float32
+    _assert_close(f"{parts} y", y, want[0], half)
+    for keep_tT in (tT, None):  # the forward's tT, or rebuilt (under checkpointing's saved-tensor hooks)
+        dx, *grads = step.backward_materialise(PARTS[parts], dy, x, W, *factors, A, Bt, keep_tT, None, 0.7, True)
+        assert dx.dtype == half and all(g.dtype == torch.float32 for g in grads)
+        _assert_close(f"{parts} dx", dx, want[1], half)
+        for i, (got, w) in enumerate(zip(grads, want[2:])):
+            _assert_close(f"{parts} factor gradient {i}", got, w, torch.float32)
 
 
 @pytest.mark.parametrize("dims", DIMS[:3])

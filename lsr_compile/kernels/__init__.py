@@ -25,6 +25,12 @@ _ATEN = {"forward": {v: step.bind(f, step.ATEN) for v, f in step.FORWARDS.items(
          "adapter_forward": formulations.ADAPTER_FORWARDS, "adapter_backward": formulations.ADAPTER_BACKWARDS}
 
 
+# what the torch backend runs as a call: the same formulations with in-place parts (the step owns every tensor
+# they write into); the functional ones above are what Inductor decomposes the op into
+_ATEN_EAGER = {"forward": {v: step.bind(f, step.ATEN_EAGER) for v, f in step.FORWARDS.items()},
+               "backward": {v: step.bind(f, step.ATEN_EAGER) for v, f in step.BACKWARDS.items()}}
+
+
 def torch_formulations(op: str) -> dict[str, Callable]:
     """The PyTorch formulations of ``op``: the ``torch`` backend's variants, the layer's with ATen's
     Kronecker parts (what Inductor's decomposition and every device run)."""
@@ -248,7 +254,7 @@ def inference(backend: str, variant: str, forward: Callable, x2d: torch.Tensor, 
 
 def build(backend: str, op: str, variant: str, config: dict, key: ProblemKey, device: torch.device) -> Callable:
     if backend == "torch":
-        table = torch_formulations(op)
+        table = _ATEN_EAGER.get(op) or torch_formulations(op)
         if variant not in table:
             raise ValueError(f"torch backend has no {op} variant {variant!r}; known: {sorted(table)}")
         return table[variant]
