@@ -106,31 +106,41 @@ def cell_rows(models: dict, target: str, dtype, batch: int, threads: int, rounds
 
 # ---- memory and size: fresh processes, one per provider -------------------------------------------------------
 
-_PROBE = ("import resource, json, sys, torch; from lsr_compile import bench_llm, pretrained; "
+_PROBE = ("import json, sys, torch; from lsr_compile import bench_llm, pretrained; "
           "bench_llm._memory_probe({provider!r}, {target!r}, {dtype!r})")
 
 
+def _resident_mb() -> tuple[float, float]:
+    """(now, peak since the last reset) of this process's resident set, from /proc (Linux). ``ru_maxrss`` will
+    not do: Linux carries it over fork and exec, so a child reports its parent's peak."""
+    status = Path("/proc/self/status").read_text()
+    field = {ln.split(":")[0]: int(ln.split()[1]) for ln in status.splitlines() if ln.startswith(("VmRSS", "VmHWM"))}
+    return field["VmRSS"] / 1024, field["VmHWM"] / 1024
+
+
 def _memory_probe(provider: str, target: str, dtype: str) -> None:
-    import resource
+    import gc
 
     from . import pretrained
 
     torch.set_num_threads(1)
     base, _ = pretrained.load(dtype=getattr(torch, dtype))
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the loaded model
+    loaded, _ = _resident_mb()
     model = providers(base, TARGETS[target])[provider] if provider != "base model" else base
     if provider != "base model":
         _tasks(model, 8, True)["train step"]()
     else:
         with torch.no_grad():
             _tasks(model, 8, False)["prefill 512"]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"loaded_mb": loaded / 1024, "peak_mb": peak / 1024}))
+    _, peak = _resident_mb()
+    print(json.dumps({"loaded_mb": loaded, "peak_mb": peak}))
 
 
 def memory_rows(targets, dtypes) -> list[dict]:
-    """Peak RSS of a fresh process: the model loaded, wrapped, one training step at batch 8 x 64 (the base
-    model: a 512-token prefill)."""
+    """Peak resident memory of a fresh process (Linux): the model loaded, then wrapped and one training step at
+    batch 8 x 64 (the base model: a 512-token prefill), the peak counted from the loaded model on."""
     rows = []
     for target in targets:
         for dtype in dtypes:
