@@ -286,7 +286,7 @@ def step_kernels(x2d: torch.Tensor, weight, bias, A1, A2, B1, B2, check: Callabl
     once: the key holds every shape, dtype and device ``check`` looked at, so a hit needs no check again.
     Factors in another dtype than x (peft's float32 adapters over a half-precision base): the pair where the
     step chosen for x's dtype is PyTorch's materialise, which computes the adapter in the factors' dtype as
-    peft's LoRA does (on a CPU, 0.6-0.9x the time of casting the factors down at 64 tokens of SmolLM2's layers:
+    peft's LoRA does (on a CPU, 0.75-0.9x the time of casting the factors down at 64 tokens of SmolLM2's layers:
     small half-precision GEMMs are slow there); None where the chosen kernels take the factors cast to x's."""
     fast = _signature("step", x2d, weight, bias, A1, A2, B1, B2)
     _drop_stale()

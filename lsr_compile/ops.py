@@ -407,14 +407,13 @@ def layer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, 
     if forward_ad._current_level >= 0:
         return step.lsr_linear(x, weight, bias, A1, A2, B1, B2, scale)
     plain = _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN)
-    if plain and _records_grad(x, weight, bias, A1, A2, B1, B2):
-        kernels = dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2,
-                                        check_args if A1.dtype == weight.dtype else check_layer_args)
-        if kernels is not None:
-            return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), kernels)
+    step_ = plain and _records_grad(x, weight, bias, A1, A2, B1, B2)
     if A1.dtype != weight.dtype:
+        kernels = step_ and dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2, check_layer_args)
+        if kernels:
+            return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), kernels)
         A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
-    if plain and _records_grad(x, weight, bias, A1, A2, B1, B2):
+    if step_:
         kernels = dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2, check_args)
         return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), kernels)
     if plain:
