@@ -6,6 +6,7 @@ chosen per layer from its (d_in, d_out) unless the user pins them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -457,3 +458,25 @@ class LSRConfig(PeftConfig):
             raise ValueError(f"alpha={self.alpha:g} gives scale {scale:g} for q={q}, beyond float32's range "
                              f"({FLOAT32_MAX:g})")
         return scale
+
+
+# LoraConfig options with no LSR meaning: named, with what to do instead, not dataclass's bare "unexpected keyword"
+_LORA_ONLY = {
+    "target_parameters": "LSR adapts layers (nn.Linear, transformers' Conv1D), not parameter tensors such as a "
+                         "mixture of experts' fused expert weights; target_modules='all-linear' adapts every linear "
+                         "layer and names the expert tensors and routers it leaves (adapt those with peft LoRA's "
+                         "target_parameters)",
+    "trainable_token_indices": "LSR adds no token-embedding adapter; train the embeddings in modules_to_save instead",
+}
+_dataclass_init = LSRConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, **kwargs):
+    for name, instead in _LORA_ONLY.items():
+        if name in kwargs:
+            raise TypeError(f"LSRConfig does not take {name}: {instead} (docs/support.md)")
+    _dataclass_init(self, *args, **kwargs)
+
+
+LSRConfig.__init__ = _init

@@ -517,6 +517,16 @@ def test_all_linear_on_a_mixture_of_experts_says_what_it_leaves(kind):
         get_peft_model(_model("llama"), lc.LSRConfig(target_modules="all-linear"))
 
 
+@pytest.mark.parametrize("option, says", [("target_parameters", r"not parameter tensors.*all-linear.*LoRA"),
+                                           ("trainable_token_indices", r"modules_to_save")])
+def test_loras_parameter_and_token_targets_are_refused_by_name(option, says):
+    """LoRA's options for what is no layer (expert tensors, token rows) name themselves and what to do instead."""
+    with pytest.raises(TypeError, match=rf"LSRConfig does not take {option}: .*{says}"):
+        lc.LSRConfig(**{option: ["mlp.experts.down_proj"]}, target_modules="all-linear")
+    with pytest.raises(TypeError, match=option):
+        lc.lsr_config_for_lora(8, **{option: [0, 1]})
+
+
 @contextlib.contextmanager
 def warnings_as_errors():
     import warnings
