@@ -87,8 +87,12 @@ PAPER = "LSR s=16 r=2 paper recipe (~0.42x LoRA)"
 OURS_AT_PAPER = "LSR s=16 r=2 defaults (~0.42x LoRA)"
 LSR_SMALL, LSR_EQUAL = "LSR s=7 r=(2,4) (~0.26x LoRA)", "LSR s=27 r=(2,4) (~1x LoRA)"
 LOKR = "LoKr r=16 f=8 (~0.26x LoRA)"
+# LoRA of LSR's sizes: what a smaller rank alone gives, the comparison that says whether the structure pays
+LORA_SMALL = {1: "LoRA r=1 (~0.13x LoRA)", 2: "LoRA r=2 (~0.25x LoRA)", 4: "LoRA r=4 (~0.5x LoRA)"}
 # paired comparisons besides the anchor: (method, against, what the difference measures)
 PAIRS = [
+    (LSR_SMALL, LORA_SMALL[2], "LSR against LoRA of the same size"),
+    (OURS_AT_PAPER, LORA_SMALL[4], "LSR at 0.42x against LoRA at 0.5x"),
     (LSR_SMALL, LOKR, "two Kronecker adapters at the same budget"),
     (PAPER, OURS_AT_PAPER, "the reference recipe against our defaults, same shapes"),
     (OURS_AT_PAPER, LSR_SMALL, "more parameters (0.42x against 0.26x), our defaults"),
@@ -106,6 +110,9 @@ def methods():
     return {
         "head only": None,
         ANCHOR: LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="SEQ_CLS"),
+        # the same alpha / r = 2 as the anchor's
+        **{name: LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="SEQ_CLS")
+           for r, name in LORA_SMALL.items()},
         LSR_SMALL: lc.LSRConfig(s=7, r=(2, 4), alpha=8.0, target_modules=TARGETS, task_type="SEQ_CLS"),
         LSR_EQUAL: lc.LSRConfig(s=27, r=(2, 4), alpha=8.0, target_modules=TARGETS, task_type="SEQ_CLS"),
         # the method's reference recipe at MiniLM's 384: 16 terms, r = 2 (inner rank 2·2), factors 24 x 16 (the

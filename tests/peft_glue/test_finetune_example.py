@@ -251,6 +251,7 @@ def test_quick_protocol_end_to_end_and_resumes(tmp_path):
     assert lora == 12 * 2 * 384 * 8
     small = by[("LSR s=7 r=(2,4) (~0.26x LoRA)", 0)]["adapter_params"]
     assert small == 12 * 7 * (2 * 24 + 4 * 16 + 24 * 2 + 16 * 4) and 0.2 < small / lora < 0.3
+    assert [by[(mod.LORA_SMALL[r], 0)]["adapter_params"] for r in (1, 2, 4)] == [lora // 8, lora // 4, lora // 2]
     lokr = by[("LoKr r=16 f=8 (~0.26x LoRA)", 0)]["adapter_params"]
     assert lokr == 12 * (8 * 8 + 2 * 48 * 16) and 0.2 < lokr / lora < 0.3
     assert by[(mod.PAPER, 0)]["adapter_params"] == by[(mod.OURS_AT_PAPER, 0)]["adapter_params"] == 12 * 2560
@@ -274,7 +275,7 @@ def test_quick_protocol_end_to_end_and_resumes(tmp_path):
                     reason="offline model/data or torchao not installed (make setup installs them)")
 def test_quick_protocol_over_an_int8_base(tmp_path):
     mod = _example()
-    rows = mod.main(["--quick", "--base", "int8", "--methods", "LoRA", "LSR s=7", "--out", str(tmp_path)])
+    rows = mod.main(["--quick", "--base", "int8", "--methods", "LoRA r=8", "LSR s=7", "--out", str(tmp_path)])
     assert {r["method"] for r in rows} == {mod.ANCHOR, "LSR s=7 r=(2,4) (~0.26x LoRA)"}
     assert all(r["base"] == "int8" for r in rows)
     assert (tmp_path / "paired-int8.jsonl").exists() and not (tmp_path / "paired.jsonl").exists()
