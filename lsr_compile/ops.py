@@ -291,8 +291,9 @@ def _prepare_inductor() -> None:
 
 
 class _LinearStep(torch.autograd.Function):
-    """One training step of the layer: the forward's extra outputs are the backward's inputs. ``direct``:
-    plain eager tensors, so the op implementations are called without the dispatcher (``_plain``)."""
+    """One training step of the layer: the forward's extra outputs are the backward's inputs. ``kernels``: the
+    step's (forward, backward) pair from ``dispatch.step_kernels`` for plain eager tensors (``_plain``), called
+    without the dispatcher; None: through ``torch.ops.lsr``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A1, A2, B1, B2, scale, kernels):
@@ -409,9 +410,10 @@ def layer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A1: Tensor, 
     plain = _plain(x, weight, A1, A2, B1, B2) and (bias is None or type(bias) in _PLAIN)
     step_ = plain and _records_grad(x, weight, bias, A1, A2, B1, B2)
     if A1.dtype != weight.dtype:
-        kernels = step_ and dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2, check_layer_args)
-        if kernels:
-            return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), kernels)
+        if step_:
+            kernels = dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2, check_layer_args)
+            if kernels is not None:
+                return _step_apply(x, weight, bias, A1, A2, B1, B2, float(scale), kernels)
         A1, A2, B1, B2 = (t.to(weight.dtype) for t in (A1, A2, B1, B2))
     if step_:
         kernels = dispatch.step_kernels(_flat(x), weight, bias, A1, A2, B1, B2, check_args)
