@@ -2,6 +2,7 @@
 change is seen whichever way it is made, the result is the reference's, and nothing is kept alive after its layer
 or its adapter."""
 import copy
+import functools
 import gc
 import types
 import weakref
@@ -398,6 +399,26 @@ def _data_of_another_shape(run, rng):
         for p in _factors_and_scale(layer)[0]:
             p.data = torch.cat([p.data, torch.randn((1, *p.shape[1:]), generator=rng) * p.data.std()])
             p.grad = None
+    run.reshaped = True
+
+
+@functools.lru_cache(maxsize=1)
+def _dynamo_sees_data_reshape() -> bool:
+    """Whether this torch's compiled graphs notice a parameter's ``.data`` replaced by one of another shape.
+    torch 2.11 does not (its guards on a module's tensors are skipped while the module's ``__dict__`` is
+    unchanged): the old graph runs and fails its size assertion; 2.13 recompiles. Plain torch, no LSR."""
+    lin = torch.nn.Linear(4, 2, bias=False)
+    compiled = torch.compile(lin)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        compiled(x)
+        lin.weight.data = torch.randn(5, 4)
+        try:
+            return compiled(x).shape == (3, 5)
+        except AssertionError:
+            return False
+        finally:
+            torch._dynamo.reset()
 
 
 def _new_adapter_in_place_of_the_old(run, rng):
@@ -444,6 +465,10 @@ def _call_inference_mode(run):
 
 
 def _call_compiled(run):
+    if run.reshaped and not _dynamo_sees_data_reshape():  # what a user of that torch must do (docs/bad-input.md)
+        torch._dynamo.reset()
+        run.compiled = None
+    run.reshaped = False
     if run.compiled is None:
         run.compiled = torch.compile(run.model)
     with torch.no_grad():
@@ -512,7 +537,7 @@ def _differential(family, seed, full):
     strong_adapters(pm, seed=seed)
     rng = torch.Generator().manual_seed(seed)
     run = _Run(model=pm, plain=plain, ids=torch.randint(3, 128, (2, 6), generator=rng), compiled=None, last=None,
-               adapters=0, targets=targets)
+               adapters=0, targets=targets, reshaped=False)
     _check(run, "no_grad", "nothing")
     for what, mode in _schedule(rng, full):
         UPDATES[what](run, rng)
