@@ -19,7 +19,8 @@ protocol (about 4 minutes a run on 2 cores; hours in all) can span sessions. ``-
 table and plot only.
 
     python examples/finetune_rotten_tomatoes.py            # the whole protocol, resumable
-    python examples/finetune_rotten_tomatoes.py --report   # table + plot from the rows so far
+    python examples/finetune_rotten_tomatoes.py --report   # table + plots from the rows so far
+    python examples/finetune_rotten_tomatoes.py --fit      # the diagnostic's ranking against the measured one
     python examples/finetune_rotten_tomatoes.py --quick    # tiny slice, for CI
     python examples/finetune_rotten_tomatoes.py --curves 6 # is 2 epochs enough? one seed per method, 6 epochs
     python examples/finetune_rotten_tomatoes.py --epochs 4 # the whole protocol at a longer budget (paired-4ep.*)
@@ -440,6 +441,111 @@ def plot(rows, select_seeds, path):
     fig.savefig(path, dpi=110)
 
 
+def plot_frontier(rows, select_seeds, path):
+    """Held-out accuracy against adapter parameters (and resident bytes, float32), every method at its chosen
+    rate: mean and 95 % t interval over seeds; LoRA's ranks joined by a line, the frontier LSR is judged by."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    final = {n: rs for n, rs in final_rows(rows, select_seeds).items() if rs[0]["adapter_params"]}
+    if not final:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    lora = []
+    for name, rs in sorted(final.items(), key=lambda kv: kv[1][0]["adapter_params"]):
+        te = [100 * r["test_acc"] for r in rs]
+        half = T975.get(len(te) - 1, 1.96) * statistics.stdev(te) / math.sqrt(len(te)) if len(te) > 1 else 0.0
+        x, y = rs[0]["adapter_params"], statistics.mean(te)
+        family = name.split()[0]
+        style = {"LoRA": ("o", "C0"), "LSR": ("s", "C1"), "LoKr": ("^", "C2")}.get(family, ("d", "C3"))
+        ax.errorbar([x], [y], yerr=[half], fmt=style[0], color=style[1], capsize=3)
+        ax.annotate(name.split(" (")[0], (x, y), textcoords="offset points", fontsize=7,
+                    xytext=(5, -10) if family == "LoRA" else (5, 3))
+        if family == "LoRA":
+            lora.append((x, y))
+    if lora:
+        ax.plot(*zip(*sorted(lora)), "-", color="C0", lw=0.8, label="LoRA r = 1, 2, 4, 8")
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter parameters (log); resident bytes = 4 x (float32)")
+    sec = ax.secondary_xaxis("top", functions=(lambda p: 4 * p / 1024, lambda kb: kb * 1024 / 4))
+    sec.set_xlabel("resident adapter, KiB")
+    ax.set_ylabel("test accuracy, % (mean, 95 % t interval over seeds)")
+    ax.set_title("MiniLM-L6 on Rotten Tomatoes: accuracy per parameter", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def fit_agreement(rows, args, tok, data) -> str:
+    """The diagnostic (``lc.gradient_fit``) on this task's first training batches, against the measured test
+    accuracy of the same structures: does it rank them as the protocol does?"""
+    train = data[0]
+    batches = []
+    for ids, mask, labels in train_batches(*train, args.batch, seed=0):
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        if len(batches) == 4:
+            break
+    every = methods()
+    structures = {n: c for n, c in every.items() if isinstance(c, lc.LSRConfig) and n != PAPER}
+    t = time.perf_counter()
+    fit = lc.gradient_fit(build(None, 0), batches, target_modules=TARGETS, budgets=(), lora_ranks=(1, 2, 4, 8),
+                          configs=list(structures.values()))
+    took = time.perf_counter() - t
+    energy = {f"LoRA r={c.rank}": c.energy for c in fit.candidates if c.is_lora}
+    lsr = [c for c in fit.candidates if not c.is_lora]
+    energy |= {n: c.energy for n, c in zip(structures, lsr)}
+    final = final_rows(rows, args.select_seeds)
+    names = [n for n in energy if n in final or n.startswith("LoRA r=")]
+    acc = {}
+    for n in names:
+        key = ANCHOR if n == "LoRA r=8" else next((k for k in final if k == n or k.startswith(n + " ")), None)
+        if key:
+            acc[n] = (key, statistics.mean(100 * r["test_acc"] for r in final[key]))
+    names = [n for n in names if n in acc]
+    lines = ["| structure | params | gradient energy followed | test acc. (measured) |", "|---|---|---|---|"]
+    for n in sorted(names, key=lambda n: -energy[n]):
+        params = final[acc[n][0]][0]["adapter_params"]
+        lines.append(f"| {acc[n][0]} | {params:,} | {energy[n]:.3f} | {acc[n][1]:.2f} |")
+    rho = spearman([energy[n] for n in names], [acc[n][1] for n in names])
+    agree = total = 0
+    resolved = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            p = paired(final[acc[a][0]], final[acc[b][0]], boot=2000)
+            if p and (p["boot_lo"] > 0 or p["boot_hi"] < 0):  # the protocol resolves which is ahead
+                total += 1
+                ok = (energy[a] > energy[b]) == (p["mean"] > 0)
+                agree += ok
+                resolved.append(f"{acc[a][0].split(' (')[0]} vs {acc[b][0].split(' (')[0]}: "
+                                f"{p['mean']:+.2f} [{p['boot_lo']:+.2f}, {p['boot_hi']:+.2f}], diagnostic "
+                                f"{'agrees' if ok else 'disagrees'}")
+    lines.append(f"\nSpearman rank correlation of energy with mean test accuracy over {len(names)} structures: "
+                 f"{rho:+.2f}. Pairs whose order the protocol resolves (bootstrap 95 % interval excludes 0): "
+                 f"{total}; the diagnostic orders {agree} of them as measured.")
+    lines += [f"- {r}" for r in resolved]
+    lines.append(f"\n(gradient_fit: {took:.0f} s, {len(fit.layers)} layers, 4 training batches of {args.batch} "
+                 f"at seed 0's head initialisation)")
+    return "\n".join(lines)
+
+
+def spearman(x, y) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        for r, i in enumerate(order):
+            out[i] = float(r)
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -475,6 +581,7 @@ def report(rows, args) -> str:
                       f"\n\n{versus}")
     (args.out / f"{stem(args)}.md").write_text(table + "\n")
     plot(rows, args.select_seeds, args.out / f"{stem(args)}.png")
+    plot_frontier(rows, args.select_seeds, args.out / f"{stem(args)}-frontier.png")
     return table
 
 
@@ -559,7 +666,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=None, help="subset of method names (prefix match)")
-    ap.add_argument("--report", action="store_true", help="only rewrite the table and plot from the rows")
+    ap.add_argument("--report", action="store_true", help="only rewrite the table and plots from the rows")
+    ap.add_argument("--fit", action="store_true", help="only the diagnostic (lc.gradient_fit) on this task's first "
+                                                      "batches, ranked against the measured accuracy")
     ap.add_argument("--base", choices=["fp32", "int8", "int4"], default="fp32",
                     help="the frozen base's format: int8 / int4 = torchao weight-only (rows go to paired-<base>)")
     ap.add_argument("--out", type=Path, default=Path("results/finetune"))
@@ -588,6 +697,11 @@ def main(argv=None):
     print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets (setup {setup}); methods "
           f"{list(chosen)}; seeds {args.seeds} (rate chosen on {args.select_seeds}); rates {args.lrs}; "
           f"{args.epochs} epochs; {torch.get_num_threads()} threads; {len(rows)} runs already in {path}")
+    if args.fit:
+        text = fit_agreement(rows, args, tok, data)
+        (args.out / f"{stem(args)}-fit.md").write_text(text + "\n")
+        print(text)
+        return rows
     if args.curves:
         curves(rows, chosen, data, args)
     elif not args.report:

@@ -16,12 +16,14 @@ The pipeline, one module per stage, in import order (each imports only from the 
     inference_cache.py  a layer's calls without a graph (decoding, evaluation): what it keeps, and when it may
                         use it (only while the factors' values equal the copy it took)
     nn.py               LSRLinear, apply_lsr, explain
+    fit_diagnostic.py   before training: how much of each layer's first-step gradient a structure can follow
     peft/               peft integration (get_peft_model, save/load, LoRA export)
 """
 from . import _peft_type  # noqa: F401  (PeftType.LSR must exist before any peft lookup)
 from . import reference
 from .config import FactorizationError, FactorShapes, LSRConfig, LSRConfigWarning, factor_pair
 from .dispatch import load_logs, use_backend
+from .fit_diagnostic import gradient_fit
 from .inference_cache import clear as clear_factor_cache
 from .nn import LSRLinear, LSRMergedError, apply_lsr, count_parameters, explain, lsr_config_for_lora, lsr_layers
 from .ops import LSRInputError, lsr_linear, mixed_linear
@@ -36,5 +38,5 @@ __all__ = [
     "count_parameters", "explain", "factor_pair", "load_logs", "lsr_layers", "lsr_linear", "reference",
     "use_backend", "tune", "mixed_linear", "LSRModel", "export_lora", "load_reference_adapter", "LSRConfigWarning",
     "LSRMergedError", "clear_factor_cache", "lsr_config_for_lora", "hotswap_adapter",
-    "prepare_model_for_compiled_hotswap",
+    "prepare_model_for_compiled_hotswap", "gradient_fit",
 ]

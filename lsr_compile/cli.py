@@ -1,5 +1,5 @@
 """lsr-compile tune | bench | bench-decode | bench-tuned | bench-llm | bench-mixed | bench-quantized | bench-compile |
-explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels | prepare-smollm2"""
+explain | logs | demo | build-tvm-cuda | tvm-runtime-wheels | prepare-smollm2 | gradient-fit"""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,58 @@ def _shape(a, parser):
         return LSRShape(a.tokens, a.d_in, a.d_out, s=a.s, r=tuple(a.r) if len(a.r) == 2 else a.r[0], dtype=a.dtype)
     except ValueError as e:  # FactorizationError too: a shape that cannot be an LSR layer
         parser.error(str(e))
+
+def _gradient_fit(a, parser) -> int:
+    import time
+
+    from . import fit_diagnostic, pretrained
+
+    if a.model is None:
+        pretrained.prepare()
+        model, tok = pretrained.load()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tok = AutoModelForCausalLM.from_pretrained(a.model), AutoTokenizer.from_pretrained(a.model)
+    if a.text is None:
+        texts = [r["text"] for r in pretrained.trec("train")]
+    else:
+        texts = [line.strip() for line in a.text.read_text().splitlines() if line.strip()]
+    need = a.batches * a.batch_size
+    if len(texts) < need:
+        parser.error(f"--text has {len(texts)} non-empty lines; --batches {a.batches} x --batch-size "
+                     f"{a.batch_size} needs {need}")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    batches = []
+    for i in range(0, need, a.batch_size):
+        enc = tok(texts[i:i + a.batch_size], return_tensors="pt", padding=True, truncation=True,
+                  max_length=a.max_length)
+        batches.append(dict(enc) | {"labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)})
+    targets = "all-linear" if a.targets == ["all-linear"] else a.targets
+    if a.top_layers is not None:
+        from .config import LSRConfig
+        from .nn import ALL_LINEAR, _matcher, all_linear_layers
+
+        n = model.config.num_hidden_layers
+        if not 1 <= a.top_layers <= n:
+            parser.error(f"--top-layers must be 1..{n}, got {a.top_layers}")
+        match = _matcher(all_linear_layers(model) if targets == ALL_LINEAR else targets)
+        top = LSRConfig(layers_to_transform=list(range(n - a.top_layers, n)))
+        targets = [m for m, _ in model.named_modules() if m and match(m) and top.selects(m)]
+    t = time.perf_counter()
+    fit = fit_diagnostic.gradient_fit(model, batches, target_modules=targets,
+                                    **({"budgets": a.budgets} if a.budgets else {}))
+    print(fit.table())
+    print(f"\n{len(fit.layers)} layers, {a.batches} batches of {a.batch_size}, {time.perf_counter() - t:.0f} s. "
+          f"Recommended LSR per budget (x LoRA-8's parameters):")
+    for b in a.budgets or fit_diagnostic.DEFAULT_BUDGETS:
+        best = fit.lsr(b)
+        if best:
+            lora = fit._lora_at(b)
+            print(f"  {b:g}: {best[0].name} follows {best[0].energy:.3f}"
+                  + (f" ({lora.name} of this size: {lora.energy:.3f})" if lora else ""))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -104,6 +156,20 @@ def main(argv=None) -> int:
                                                 "use; prints the model's folder")
     ps.add_argument("--cache-dir", type=Path, default=None,
                     help="default: $LSR_CACHE_DIR, else $XDG_CACHE_HOME/lsr_compile, else ~/.cache/lsr_compile")
+    gf = sub.add_parser("gradient-fit", help="before training: the share of a causal LM's first-step gradient that LoRA "
+                                             "r=1..8 and LSR of the same sizes can follow, and the LSR structure "
+                                             "that follows most per budget")
+    gf.add_argument("--model", default=None, help="a transformers causal-LM folder (default: the prepared "
+                                                  "SmolLM2-135M-Instruct, prepare-smollm2)")
+    gf.add_argument("--text", type=Path, default=None,
+                    help="a text file, one example a line (default: TREC training questions)")
+    gf.add_argument("--targets", nargs="+", default=["all-linear"], help="module names, or one regex, or all-linear")
+    gf.add_argument("--top-layers", type=int, default=None, help="only the target modules of the top this many layers")
+    gf.add_argument("--batches", type=int, default=4)
+    gf.add_argument("--batch-size", type=int, default=8)
+    gf.add_argument("--max-length", type=int, default=64)
+    gf.add_argument("--budgets", type=float, nargs="+", default=None, help="multiples of LoRA r=8's parameters "
+                                                                          "(default 0.125 0.25 0.5 1)")
     d = sub.add_parser("demo", help="tune the default shapes, then run a compiled LSR transformer (make demo)")
     d.add_argument("--retune", action="store_true")
     d.add_argument("--batch", type=int, default=32)
@@ -115,6 +181,8 @@ def main(argv=None) -> int:
 
         print(pretrained.prepare(a.cache_dir))
         return 0
+    if a.cmd == "gradient-fit":
+        return _gradient_fit(a, sub.choices[a.cmd])
 
     from . import dispatch, workloads
     from .tuning import tune
