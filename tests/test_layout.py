@@ -18,7 +18,7 @@ STAGES = [
     ("dispatch",),  # 6. run-time choice
     ("ops", "inductor_autotune"),  # 7. op registry (and its candidates for max-autotune)
     ("inference_cache",),  # the no-graph path of a layer and what it keeps between calls
-    ("nn", "bank"),  # 8. layers
+    ("nn", "bank", "fit_diagnostic"),  # 8. layers (and which structure fits a model, before training)
     ("peft",),  # 9. peft glue
     ("workloads", "bench", "bench_mixed", "bench_quantized", "bench_decode", "bench_tuned", "bench_llm",
      "bench_compile", "profile_step", "demo", "gpu_check", "pretrained", "cli"),  # applications
