@@ -21,6 +21,7 @@ table and plot only.
     python examples/finetune_rotten_tomatoes.py            # the whole protocol, resumable
     python examples/finetune_rotten_tomatoes.py --report   # table + plots from the rows so far
     python examples/finetune_rotten_tomatoes.py --fit      # the diagnostic's ranking against the measured one
+    python examples/finetune_rotten_tomatoes.py --resident # bytes each adapter holds, at rest and evaluating
     python examples/finetune_rotten_tomatoes.py --quick    # tiny slice, for CI
     python examples/finetune_rotten_tomatoes.py --curves 6 # is 2 epochs enough? one seed per method, 6 epochs
     python examples/finetune_rotten_tomatoes.py --epochs 4 # the whole protocol at a longer budget (paired-4ep.*)
@@ -532,6 +533,32 @@ def fit_agreement(rows, args, tok, data) -> str:
     return "\n".join(lines)
 
 
+def resident_bytes() -> str:
+    """Bytes an adapter holds: its parameters (the file, at rest, ``AdapterBank``), and after one evaluation
+    call without a graph, what its layers keep besides (``lsr_compile.inference_cache``: a copy of the factors,
+    A and Bᵀ), measured on the tensors themselves."""
+    from lsr_compile.inference_cache import Memo
+
+    lines = ["| method | adapter parameters, KiB | kept after a no-grad call, KiB | resident, KiB | x LoRA r=8 |",
+             "|---|---|---|---|---|"]
+    every, lora = methods(), None
+    for name in (ANCHOR, LSR_SMALL, OURS_AT_PAPER, LSR_EQUAL):
+        model = build(every[name], 0)
+        own = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if p.requires_grad and "classifier" not in n)
+        with torch.no_grad():
+            model(input_ids=torch.randint(1000, 2000, (4, 16)))
+        kept = 0
+        for memo in (m._inference_memo for m in model.modules() if isinstance(getattr(m, "_inference_memo", None), Memo)):
+            tensors = list(memo.values or ()) + [t for v in memo.derived.values()
+                                                 for t in (v if isinstance(v, (tuple, list)) else (v,))]
+            kept += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+        lora = lora or own + kept
+        lines.append(f"| {name} | {own / 1024:.1f} | {kept / 1024:.1f} | {(own + kept) / 1024:.1f} | "
+                     f"{(own + kept) / lora:.2f} |")
+    return "\n".join(lines)
+
+
 def spearman(x, y) -> float:
     def ranks(v):
         order = sorted(range(len(v)), key=lambda i: v[i])
@@ -667,6 +694,8 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--methods", nargs="+", default=None, help="subset of method names (prefix match)")
     ap.add_argument("--report", action="store_true", help="only rewrite the table and plots from the rows")
+    ap.add_argument("--resident", action="store_true", help="only the bytes each adapter holds, at rest and after "
+                                                           "a no-grad call")
     ap.add_argument("--fit", action="store_true", help="only the diagnostic (lc.gradient_fit) on this task's first "
                                                       "batches, ranked against the measured accuracy")
     ap.add_argument("--base", choices=["fp32", "int8", "int4"], default="fp32",
@@ -697,6 +726,9 @@ def main(argv=None):
     print(f"{len(train)} train / {len(val)} val / {len(test)} test snippets (setup {setup}); methods "
           f"{list(chosen)}; seeds {args.seeds} (rate chosen on {args.select_seeds}); rates {args.lrs}; "
           f"{args.epochs} epochs; {torch.get_num_threads()} threads; {len(rows)} runs already in {path}")
+    if args.resident:
+        print(resident_bytes())
+        return rows
     if args.fit:
         text = fit_agreement(rows, args, tok, data)
         (args.out / f"{stem(args)}-fit.md").write_text(text + "\n")

@@ -29,6 +29,16 @@ def _shape(a, parser):
     except ValueError as e:  # FactorizationError too: a shape that cannot be an LSR layer
         parser.error(str(e))
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _gradient_fit(a, parser) -> int:
     import time
 
@@ -50,13 +60,15 @@ def _gradient_fit(a, parser) -> int:
         parser.error(f"--text has {len(texts)} non-empty lines; --batches {a.batches} x --batch-size "
                      f"{a.batch_size} needs {need}")
     if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            parser.error("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
         tok.pad_token = tok.eos_token
     batches = []
     for i in range(0, need, a.batch_size):
         enc = tok(texts[i:i + a.batch_size], return_tensors="pt", padding=True, truncation=True,
-                  max_length=a.max_length)
+                  max_length=a.max_length, return_token_type_ids=False)
         batches.append(dict(enc) | {"labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)})
-    targets = "all-linear" if a.targets == ["all-linear"] else a.targets
+    targets = "all-linear" if [t.lower() for t in a.targets] == ["all-linear"] else a.targets
     if a.top_layers is not None:
         from .config import LSRConfig
         from .nn import ALL_LINEAR, _matcher, all_linear_layers
@@ -67,9 +79,14 @@ def _gradient_fit(a, parser) -> int:
         match = _matcher(all_linear_layers(model) if targets == ALL_LINEAR else targets)
         top = LSRConfig(layers_to_transform=list(range(n - a.top_layers, n)))
         targets = [m for m, _ in model.named_modules() if m and match(m) and top.selects(m)]
+        if not targets:
+            parser.error(f"--targets {' '.join(a.targets)} match no layer in the top {a.top_layers} layers")
     t = time.perf_counter()
-    fit = fit_diagnostic.gradient_fit(model, batches, target_modules=targets,
-                                    **({"budgets": a.budgets} if a.budgets else {}))
+    try:
+        fit = fit_diagnostic.gradient_fit(model, batches, target_modules=targets,
+                                          **({"budgets": a.budgets} if a.budgets else {}))
+    except ValueError as e:
+        parser.error(str(e))
     print(fit.table())
     print(f"\n{len(fit.layers)} layers, {a.batches} batches of {a.batch_size}, {time.perf_counter() - t:.0f} s. "
           f"Recommended LSR per budget (x LoRA-8's parameters):")
@@ -163,11 +180,13 @@ def main(argv=None) -> int:
                                                   "SmolLM2-135M-Instruct, prepare-smollm2)")
     gf.add_argument("--text", type=Path, default=None,
                     help="a text file, one example a line (default: TREC training questions)")
-    gf.add_argument("--targets", nargs="+", default=["all-linear"], help="module names, or one regex, or all-linear")
-    gf.add_argument("--top-layers", type=int, default=None, help="only the target modules of the top this many layers")
-    gf.add_argument("--batches", type=int, default=4)
-    gf.add_argument("--batch-size", type=int, default=8)
-    gf.add_argument("--max-length", type=int, default=64)
+    gf.add_argument("--targets", nargs="+", default=["all-linear"],
+                    help="module names (a name matches itself and every module ending in .name), or all-linear")
+    gf.add_argument("--top-layers", type=_positive_int, default=None,
+                    help="only the target modules of the top this many layers")
+    gf.add_argument("--batches", type=_positive_int, default=4)
+    gf.add_argument("--batch-size", type=_positive_int, default=8)
+    gf.add_argument("--max-length", type=_positive_int, default=64)
     gf.add_argument("--budgets", type=float, nargs="+", default=None, help="multiples of LoRA r=8's parameters "
                                                                           "(default 0.125 0.25 0.5 1)")
     d = sub.add_parser("demo", help="tune the default shapes, then run a compiled LSR transformer (make demo)")

@@ -193,13 +193,19 @@ def _warn_square_rank(r, where: str, stacklevel: int) -> None:
                   LSRConfigWarning, stacklevel=stacklevel + 1)
 
 
+def useful_terms(r1, r2, n1, n2, m1, m2) -> int:
+    """The most Kronecker terms that can add anything: A's sum spans at most min(r1·n1, r2·n2) of them (the rank of
+    A rearranged as Σ_l vec(A1[l]) vec(A2[l])ᵀ), B's at most min(m1·r1, m2·r2); the two sums share s, so the
+    larger bound is the one that binds."""
+    return max(min(r1 * n1, r2 * n2), min(m1 * r1, m2 * r2))
+
+
 def _warn_unusable(s, r1, r2, n1, n2, m1, m2) -> None:
     """An inner rank no factor can carry (r1 > min(n1, m1): A1[l] is r1 x n1, B1[l] m1 x r1) or more terms
-    than the Kronecker sum can hold (s > min(r1·n1, r2·n2), the rank of A rearranged as Σ_l vec(A1[l])
-    vec(A2[l])ᵀ) computes correctly but trains parameters that add nothing. Warned once per shape, with the
-    nearest choice that does not."""
+    than either Kronecker sum can hold computes correctly but trains parameters that add nothing. Warned once per
+    shape, with the nearest choice that does not."""
     r1_ok, r2_ok = min(r1, n1, m1), min(r2, n2, m2)
-    s_ok = min(s, r1_ok * n1, r2_ok * n2, m1 * r1_ok, m2 * r2_ok)
+    s_ok = min(s, useful_terms(r1_ok, r2_ok, n1, n2, m1, m2))
     key = (s, r1, r2, n1, n2, m1, m2)
     if (r1_ok, r2_ok, s_ok) != (r1, r2, s) and key not in _unusable_warned:
         _unusable_warned.add(key)

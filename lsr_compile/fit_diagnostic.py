@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import base_layers, formulations
-from .config import FactorShapes, LSRConfig, LSRConfigWarning
+from .config import FactorShapes, LSRConfig, LSRConfigWarning, useful_terms
 
 # multiples of LoRA r=8's parameters on the same layers: LoRA r = 1, 2, 4, 8
 DEFAULT_BUDGETS = (0.125, 0.25, 0.5, 1.0)
@@ -70,7 +70,7 @@ class GradientFit:
     def lsr(self, budget: Optional[float] = None) -> list:
         """The LSR candidates within ``budget`` (a multiple of LoRA-8's parameters; None: all), best first."""
         out = [c for c in self.candidates if not c.is_lora and (budget is None or c.budget <= budget + 1e-9)]
-        return sorted(out, key=lambda c: -c.energy)
+        return sorted(out, key=lambda c: (-round(c.energy, 4), c.params))  # a tie within the fit's noise: the smaller
 
     def recommend(self, budget: float) -> LSRConfig:
         """The LSR config that follows the most gradient energy within ``budget`` x LoRA-8's parameters."""
@@ -111,17 +111,22 @@ def gradient_fit(model: nn.Module, batches, *, target_modules=None, budgets: Seq
     gradient is their sum. ``loss(model, batch)`` gives the loss (default: the output's ``.loss``, so give
     ``labels``). ``target_modules`` as in ``LSRConfig`` (``"all-linear"`` too). ``budgets``: multiples of LoRA
     r=8's parameters on those layers; at each, LoRA of that size (rank 8·budget, where an integer) and LSR with
-    each split in ``splits`` at the most terms that fit; ``configs``: more LSR configs to measure as given
-    (their target_modules are replaced by ``target_modules``); ``lora_ranks``: LoRA ranks to measure besides
+    each split in ``splits`` at the most terms that fit; ``configs``: more LSR configs to measure as given, on the
+    target layers they select (``layers_to_transform``; ``rank_pattern`` applies); ``lora_ranks``: LoRA ranks to measure besides
     (default: those of the budgets). ``iters``: L-BFGS iterations per LSR fit."""
     from .nn import ALL_LINEAR, _matcher, all_linear_layers, default_target_modules, lsr_config_for_lora
 
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
+    for r in lora_ranks or ():
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"lora_ranks are positive ints, got {r!r}")
     for b in budgets:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
             raise ValueError(f"budgets are positive multiples of LoRA r=8's parameters (e.g. 0.25), got {b!r}")
-    targets = target_modules or default_target_modules(model)
+    targets = default_target_modules(model) if target_modules is None else target_modules
+    if not targets:
+        raise ValueError("target_modules is empty: name the layers to measure (or 'all-linear')")
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         targets = all_linear_layers(model)
     matches = _matcher(targets)
@@ -143,25 +148,39 @@ def gradient_fit(model: nn.Module, batches, *, target_modules=None, budgets: Seq
     svds = {n: torch.linalg.svd(g, full_matrices=False) for n, g in grads.items()}
     spectra = {n: svd[1].square() for n, svd in svds.items()}
 
+    def share(per: dict) -> dict:
+        return {n: per[n] / energy[n] if energy[n] > 0 else float("nan") for n in layers}
+
     def lora(rank: int) -> Candidate:
         per = {n: float(spectra[n][:rank].sum()) for n in layers}
         params = sum(rank * (d_in + d_out) for d_in, d_out in layers.values())
-        return Candidate(f"LoRA r={rank}", params, params / lora8, sum(per.values()) / total,
-                         {n: per[n] / energy[n] for n in layers}, rank=rank)
+        return Candidate(f"LoRA r={rank}", params, params / lora8, sum(per.values()) / total, share(per), rank=rank)
+
+    def shapes(cfg: LSRConfig) -> dict:
+        """Each layer ``cfg`` adapts -> its factor shapes; a layer it cannot factor is named."""
+        out = {}
+        for n, (d_in, d_out) in layers.items():
+            if not cfg.selects(n):
+                continue
+            try:
+                with warnings.catch_warnings():  # a config asking for more than a layer can use is still one
+                    warnings.simplefilter("ignore", LSRConfigWarning)
+                    out[n] = cfg.for_layer(n).shapes_for(d_in, d_out)
+            except ValueError as e:
+                raise ValueError(f"{n} ({d_in} -> {d_out}): {e}; leave it out of target_modules") from None
+        return out
 
     def lsr(cfg: LSRConfig, name: str) -> Candidate:
         groups = {}
-        for n, (d_in, d_out) in layers.items():
-            with warnings.catch_warnings():  # a config asking for more terms than some layer can use is still one
-                warnings.simplefilter("ignore", LSRConfigWarning)
-                groups.setdefault(cfg.for_layer(n).shapes_for(d_in, d_out), []).append(n)
+        for n, f in shapes(cfg).items():
+            groups.setdefault(f, []).append(n)
         params = sum(f.num_params * len(names) for f, names in groups.items())
-        per = {}
+        per = dict.fromkeys(layers, 0.0)  # a layer the config leaves out follows nothing
         for f, names in groups.items():
             per.update(zip(names, _lsr_followed([svds[n] for n in names], f, iters)))
-        return Candidate(name, params, params / lora8, sum(per.values()) / total,
-                         {n: per[n] / energy[n] for n in layers}, config=cfg)
+        return Candidate(name, params, params / lora8, sum(per.values()) / total, share(per), config=cfg)
 
+    shapes(LSRConfig(s=1, r=(1, 1)))  # every target layer has a Kronecker split, or its name is the error
     ranks = sorted({int(8 * b) for b in budgets if float(8 * b).is_integer()} | set(lora_ranks or ()))
     out = [lora(r) for r in ranks]
     seen = set()
@@ -170,15 +189,21 @@ def gradient_fit(model: nn.Module, batches, *, target_modules=None, budgets: Seq
             q = split[0] * split[1]
             try:
                 cfg = lsr_config_for_lora(tuple(split), budget=b * 8 / q, model=model, target_modules=targets)
-            except ValueError:  # one term is above the budget, or q above a layer's rank
-                continue
+            except ValueError as e:
+                if "fits" in str(e) or "above what" in str(e):  # one term above the budget, q above a layer's rank
+                    continue
+                raise
+            # no more terms than some layer can use: past that, parameters that add nothing
+            most = max(useful_terms(min(f.r1, f.n1, f.m1), min(f.r2, f.n2, f.m2), f.n1, f.n2, f.m1, f.m2)
+                       for f in shapes(cfg).values())
+            cfg = dataclasses.replace(cfg, s=min(cfg.s, most))
             key = (cfg.s, tuple(split))
             if key not in seen:
                 seen.add(key)
                 out.append(lsr(cfg, f"LSR s={cfg.s} r={tuple(split)}"))
     for cfg in configs:
-        cfg = dataclasses.replace(cfg, target_modules=targets)
-        out.append(lsr(cfg, f"LSR s={cfg.s} r={tuple(cfg.r)}"))
+        pattern = f" rank_pattern={dict(cfg.rank_pattern)}" if cfg.rank_pattern else ""
+        out.append(lsr(cfg, f"LSR s={cfg.s} r={tuple(cfg.r)}{pattern}"))
     return GradientFit(layers, energy, out, lora8)
 
 
@@ -197,7 +222,7 @@ def _first_step_gradients(model: nn.Module, modules: dict, batches, loss) -> dic
     parameter frozen; the model's ``requires_grad``, ``.grad`` and train/eval mode are as they were after."""
     params = list(model.parameters())
     was = [(p.requires_grad, p.grad) for p in params]
-    training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     weights = {n: m.weight for n, m in modules.items()}
     try:
         for p in params:
@@ -206,11 +231,15 @@ def _first_step_gradients(model: nn.Module, modules: dict, batches, loss) -> dic
         for w in weights.values():
             w.requires_grad_(True)
         model.eval()  # the gradient of the model as it is, not of one dropout draw
+        device = next(iter(weights.values())).device
         for batch in _batches(batches):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.enable_grad():
-                value = loss(model, batch) if loss is not None else model(**batch).loss
+                value = loss(model, batch) if loss is not None else getattr(model(**batch), "loss", None)
             if value is None:
                 raise ValueError("the model returned no loss: give labels in the batch, or loss=")
+            if value.ndim != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
             value.backward()
         grads = {}
         for n, m in modules.items():
@@ -223,18 +252,21 @@ def _first_step_gradients(model: nn.Module, modules: dict, batches, loss) -> dic
         for p, (req, grad) in zip(params, was):
             p.requires_grad_(req)
             p.grad = grad
-        model.train(training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def nearest_kron_sum(M: Tensor, s: int, left: tuple, right: tuple) -> tuple:
     """``X (s, p, u)``, ``Y (s, k, v)`` with ``Σ_l X[l] ⊗ Y[l]`` nearest to ``M (p*k, u*v)`` in Frobenius norm
     (Van Loan-Pitsianis); terms past the rearrangement's rank are zero."""
     (p, u), (k, v) = left, right
+    if tuple(M.shape) != (p * k, u * v):
+        raise ValueError(f"M is {tuple(M.shape)}; a sum of ({p}, {u}) ⊗ ({k}, {v}) is ({p * k}, {u * v})")
     R = M.reshape(p, k, u, v).permute(0, 2, 1, 3).reshape(p * u, k * v)
     U, S, Vh = torch.linalg.svd(R, full_matrices=False)
     t = min(s, S.numel())
-    X = torch.zeros(s, p * u, dtype=M.dtype)
-    Y = torch.zeros(s, k * v, dtype=M.dtype)
+    X = M.new_zeros(s, p * u)
+    Y = M.new_zeros(s, k * v)
     root = S[:t].sqrt()
     X[:t] = (U[:, :t] * root).T
     Y[:t] = root[:, None] * Vh[:t]
@@ -250,8 +282,8 @@ def _kron_sums(X1: Tensor, X2: Tensor) -> Tensor:
 
 def _lsr_followed(svds: list, f: FactorShapes, iters: int) -> list:
     """``‖G‖² - min ‖G - B A‖²`` over Kronecker-sum factors of shapes ``f``, for each layer's ``G`` (given by its
-    thin SVD), as far as the fit gets. The layers are fitted together (their sum of residuals: one L-BFGS, not
-    one per layer). The fit runs on each ``G``'s top singular directions (all but 1e-4 of its energy), where
+    thin SVD), as far as the fit gets. The layers are fitted together (one L-BFGS over the sum of their residuals,
+    each relative to its layer's energy), not one by one. The fit runs on each ``G``'s top singular directions (all but 1e-4 of its energy), where
     ``⟨G, B A⟩`` and ``‖B A‖²`` cost ``(d_in + d_out)·q·k``, not ``d_in·d_out·q``; what is returned is measured
     against the whole ``G``."""
     energies = [S.square() for _, S, _ in svds]
@@ -274,19 +306,19 @@ def _lsr_followed(svds: list, f: FactorShapes, iters: int) -> list:
         US.append(U * S)
         V.append(Vh)
     US, V = torch.stack(US), torch.stack(V)
-    total = sum(float(e.sum()) for e in energies)
-    kept = sum(float(e[:k].sum()) for e in energies)
+    # each layer's residual relative to its own energy: the same minimiser (the layers are independent), and a
+    # layer with a small gradient is fitted as well as a large one
+    weight = 1.0 / torch.stack([e.sum() for e in energies]).clamp(min=torch.finfo(dtype).tiny)
+    kept = torch.stack([e[:k].sum() for e in energies])
+    start = [torch.stack(lst) for lst in init]
     gen = torch.Generator().manual_seed(0)
-    factors = []
-    for lst in init:
-        x = torch.stack(lst)
-        factors.append((x + 1e-3 * x.abs().amax().clamp(min=1e-12) * torch.randn(x.shape, generator=gen,
-                                                                                 dtype=dtype)).requires_grad_(True))
+    factors = [(x + 1e-3 * x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
+                * torch.randn(x.shape, generator=gen, dtype=dtype)).requires_grad_(True) for x in start]
 
-    def followed(G_US: Tensor, G_V: Tensor) -> Tensor:
+    def followed(X: list, G_US: Tensor, G_V: Tensor) -> Tensor:
         """Per layer ``2⟨G', B A⟩ - ‖B A‖²`` for ``G' = G_US @ G_V``: what the fit takes off ``‖G'‖²``."""
-        A = _kron_sums(factors[0], factors[1])
-        B = _kron_sums(factors[2], factors[3])
+        A = _kron_sums(X[0], X[1])
+        B = _kron_sums(X[2], X[3])
         inner = ((B.mT @ G_US) * (A @ G_V.mT)).sum((1, 2))
         return 2 * inner - ((B.mT @ B) * (A @ A.mT)).sum((1, 2))
 
@@ -297,11 +329,13 @@ def _lsr_followed(svds: list, f: FactorShapes, iters: int) -> list:
 
         def closure():
             opt.zero_grad()
-            value = (kept - followed(US_k, V_k).sum()) / total
+            value = ((kept - followed(factors, US_k, V_k)) * weight).sum()
             value.backward()
             return value
 
         opt.step(closure)
-        with torch.no_grad():
-            got = followed(US, V)
+    with torch.no_grad():  # both are fits of B A, so both bound what the structure follows; the better one
+        polished = followed(factors, US, V)
+        polished = torch.where(polished.isfinite(), polished, torch.zeros_like(polished))
+        got = torch.maximum(polished, followed(start, US, V))
     return got.clamp(min=0.0).tolist()

@@ -15,6 +15,8 @@ from lsr_compile import config, shipped
     (dict(s=4, r=8), 16, 16, "s=4, r=(4, 4)"),  # inner rank beyond the 4 x 4 factors
     (dict(s=4, r=(1, 6), n=(8, 4), m=(8, 4)), 32, 32, "r=(1, 4)"),  # one side only
     (dict(s=40, r=1, n=(2, 3), m=(2, 3)), 6, 6, "s=2"),  # more Kronecker terms than the factors can hold
+    # A (1 x 4) needs 2 terms, B (64 x 1) 8: the sums share s, so 8, not 2, is what adds nothing past it
+    (dict(s=10, r=1, n=(2, 2), m=(8, 8)), 4, 64, "s=8"),
 ])
 def test_a_configuration_that_cannot_use_what_it_asks_for_warns_with_the_nearest_choice(kwargs, d_in, d_out, nearest):
     config._unusable_warned.clear()

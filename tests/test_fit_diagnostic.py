@@ -36,6 +36,10 @@ def test_lora_share_is_the_gradients_top_singular_energy(family, targets):
     fit = lc.gradient_fit(model, batches, target_modules=list(targets), budgets=(0.25,), splits=((2, 2),))
     grads = _reference_grads(model, targets, batches)
     assert set(fit.layers) == set(grads)
+    modules = {n: m for n, m in model.named_modules() if n in grads}
+    measured = gf._first_step_gradients(model, modules, batches, None)
+    for n, g in grads.items():  # element for element: a Conv1D's gradient transposed to (d_out, d_in)
+        torch.testing.assert_close(measured[n], g, rtol=1e-5, atol=1e-9)
     for n, g in grads.items():
         assert fit.gradient_energy[n] == pytest.approx(float(g.square().sum()), rel=1e-5)
     total = sum(float(g.square().sum()) for g in grads.values())
@@ -46,15 +50,20 @@ def test_lora_share_is_the_gradients_top_singular_energy(family, targets):
 
 def test_the_model_is_left_as_it_was():
     model = workloads.tiny_decoder("llama", hidden=64, vocab=128, seed=2).train()
+    model.model.layers[0].eval()  # a mixed state, restored module by module
     for n, p in model.named_parameters():
         p.requires_grad_("embed" in n)
     marker = torch.ones_like(model.model.embed_tokens.weight)
     model.model.embed_tokens.weight.grad = marker
     lc.gradient_fit(model, _batch(), target_modules=["q_proj"], budgets=(0.25,), splits=((2, 2),))
-    assert model.training
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
     assert [p.requires_grad for p in model.parameters()] == ["embed" in n for n, _ in model.named_parameters()]
     assert model.model.embed_tokens.weight.grad is marker
     assert all(p.grad is None for n, p in model.named_parameters() if "embed" not in n)
+    with pytest.raises(ValueError, match="no loss"):  # and after a failure too
+        lc.gradient_fit(model, {"input_ids": _batch()["input_ids"]}, target_modules=["q_proj"])
+    assert model.training and not model.model.layers[0].training
+    assert [p.requires_grad for p in model.parameters()] == ["embed" in n for n, _ in model.named_parameters()]
 
 
 def test_lsr_follows_all_of_a_gradient_it_can_represent():
@@ -73,15 +82,14 @@ def test_lsr_follows_all_of_a_gradient_it_can_represent():
 def test_lsr_never_follows_more_than_lora_of_its_inner_rank():
     """ΔW = B A has rank <= q: no LSR fit can beat the top-q singular energy, and with enough terms it reaches it."""
     model = workloads.tiny_decoder("llama", hidden=64, vocab=128, seed=3)
-    many = lc.LSRConfig(s=64, r=(2, 2))  # 8x8 factors: 64 terms span every (8, 2) pair, so B, A are any rank-4
+    many = lc.LSRConfig(s=16, r=(2, 2))  # 8x8 factors: A and B rearranged are 16 x 16, so 16 terms make any rank 4
     fit = lc.gradient_fit(model, _batch(), target_modules=["q_proj", "o_proj"], budgets=(0.5,), splits=((2, 2),),
                           configs=[many], lora_ranks=(4,), iters=100)
     lora4 = fit.lora(4)
+    assert {c.config.inner_rank for c in fit.lsr()} == {4}
     for c in fit.lsr():
-        q = c.config.inner_rank
-        bound = fit.lora(q) if fit.lora(q) else lora4
-        assert q == 4 and all(c.per_layer[n] <= bound.per_layer[n] + 1e-9 for n in fit.layers)
-    unconstrained = next(c for c in fit.lsr() if c.config.s == 64)
+        assert all(c.per_layer[n] <= lora4.per_layer[n] + 1e-9 for n in fit.layers)
+    unconstrained = next(c for c in fit.lsr() if c.config.s == 16)
     assert unconstrained.energy == pytest.approx(lora4.energy, abs=2e-3)
 
 
@@ -166,5 +174,62 @@ def test_cli_on_a_folder(tmp_path, capsys):
                  "--batch-size", "4", "--targets", "q_proj", "v_proj", "--top-layers", "1"]) == 0
     out = capsys.readouterr().out
     assert "LoRA r=8" in out and "Recommended LSR per budget" in out and "2 layers" in out
-    with pytest.raises(SystemExit):
-        main(["gradient-fit", "--model", str(tmp_path / "m"), "--text", str(text), "--batches", "3"])
+    for bad in (["--batches", "3"], ["--batch-size", "0"], ["--targets", "nothing", "--top-layers", "1"],
+                ["--budgets", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["gradient-fit", "--model", str(tmp_path / "m"), "--text", str(text)] + bad)
+
+
+def test_terms_past_what_a_layer_can_use_are_not_proposed():
+    """At a large budget a small split would get more terms than its Kronecker sums can hold: the candidate is
+    capped there (the same update, fewer parameters), as LSRConfig's warning advises."""
+    from lsr_compile.config import useful_terms
+
+    model = workloads.tiny_decoder("llama", hidden=64, vocab=128, seed=8)
+    fit = lc.gradient_fit(model, _batch(), target_modules=["q_proj"], budgets=(1.0,), splits=((1, 2),))
+    (c,) = fit.lsr()
+    f = c.config.shapes_for(64, 64)
+    assert c.config.s == useful_terms(1, 2, f.n1, f.n2, f.m1, f.m2) == 8  # 8 x 8 factors, r1 = 1: 8 terms
+    assert lc.lsr_config_for_lora((1, 2), budget=4.0, model=model, target_modules=["q_proj"]).s == 21
+
+
+def test_a_layer_with_no_gradient_and_a_config_that_selects_fewer_layers():
+    model = workloads.tiny_decoder("llama", hidden=64, vocab=128, seed=9)
+    q0 = model.model.layers[0].self_attn.q_proj
+    out = {}
+    q0.register_forward_hook(lambda m, i, o: out.__setitem__("q0", o))
+
+    def only_q0(m, b):  # the other layers' q_proj get a gradient of zeros
+        logits = m(**b).logits
+        return out["q0"].square().sum() + 0 * logits.sum()
+
+    top = lc.LSRConfig(s=2, r=(2, 2), layers_to_transform=[1])
+    fit = lc.gradient_fit(model, _batch(), target_modules=["q_proj"], budgets=(0.5,), loss=only_q0, configs=[top])
+    zero = "model.layers.1.self_attn.q_proj"
+    assert fit.gradient_energy[zero] == 0 and math.isnan(fit.lora(4).per_layer[zero])
+    assert fit.lora(4).energy > 0
+    only_top = fit.candidates[-1]
+    assert only_top.config is top and only_top.energy == 0  # it adapts only the layer with no gradient
+    assert only_top.params == top.shapes_for(64, 64).num_params
+
+
+def test_a_layer_that_cannot_be_factored_is_named():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    ids = torch.randint(1, 100, (4, 6))
+    with pytest.raises(ValueError, match=r"classifier \(32 -> 2\).*leave it out of target_modules"):
+        lc.gradient_fit(model, {"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])},
+                        target_modules=["query", "classifier"], budgets=(0.5,))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"target_modules": []}, "target_modules is empty"),
+    ({"lora_ranks": (0,)}, "lora_ranks are positive ints"),
+    ({"lora_ranks": (-1,)}, "lora_ranks are positive ints"),
+])
+def test_more_bad_input_is_named(kwargs, match):
+    model = workloads.tiny_decoder("llama", hidden=64, vocab=128, seed=5)
+    with pytest.raises(ValueError, match=match):
+        lc.gradient_fit(model, _batch(), **({"target_modules": ["q_proj"]} | kwargs))
