@@ -471,9 +471,9 @@ def plot_frontier(rows, select_seeds, path):
     if lora:
         ax.plot(*zip(*sorted(lora)), "-", color="C0", lw=0.8, label="LoRA r = 1, 2, 4, 8")
     ax.set_xscale("log")
-    ax.set_xlabel("adapter parameters (log); resident bytes = 4 x (float32)")
+    ax.set_xlabel("adapter parameters (log); bytes at rest = 4 x (float32)")
     sec = ax.secondary_xaxis("top", functions=(lambda p: 4 * p / 1024, lambda kb: kb * 1024 / 4))
-    sec.set_xlabel("resident adapter, KiB")
+    sec.set_xlabel("adapter at rest, KiB (decoding unmerged keeps more: docs)")
     ax.set_ylabel("test accuracy, % (mean, 95 % t interval over seeds)")
     ax.set_title("MiniLM-L6 on Rotten Tomatoes: accuracy per parameter", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")

@@ -172,7 +172,7 @@ def plot(rows, path: Path) -> None:
         sds = [statistics.stdev([100 * r["accuracy"] for r in pts[m]]) if len(pts[m]) > 1 else 0 for m in xs]
         ax.errorbar([pts[m][0]["params"] for m in xs], means, yerr=sds, marker=marker, capsize=3, label=family)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (4 bytes each, resident)")
+    ax.set_xlabel("trainable parameters (float32: 4 bytes each at rest)")
     ax.set_ylabel("held-out accuracy, % (mean ± std over seeds)")
     ax.set_title("SmolLM2-135M, TREC questions: accuracy per parameter")
     ax.legend()
