@@ -71,12 +71,12 @@ def _gradient_fit(a, parser) -> int:
     targets = "all-linear" if [t.lower() for t in a.targets] == ["all-linear"] else a.targets
     if a.top_layers is not None:
         from .config import LSRConfig
-        from .nn import ALL_LINEAR, _matcher, all_linear_layers
+        from .nn import _matcher, resolve_targets
 
         n = model.config.num_hidden_layers
         if not 1 <= a.top_layers <= n:
             parser.error(f"--top-layers must be 1..{n}, got {a.top_layers}")
-        match = _matcher(all_linear_layers(model) if targets == ALL_LINEAR else targets)
+        match = _matcher(resolve_targets(model, targets))
         top = LSRConfig(layers_to_transform=list(range(n - a.top_layers, n)))
         targets = [m for m, _ in model.named_modules() if m and match(m) and top.selects(m)]
         if not targets:
@@ -93,7 +93,7 @@ def _gradient_fit(a, parser) -> int:
     for b in a.budgets or fit_diagnostic.DEFAULT_BUDGETS:
         best = fit.lsr(b)
         if best:
-            lora = fit._lora_at(b)
+            lora = fit.lora_at(b)
             print(f"  {b:g}: {best[0].name} follows {best[0].energy:.3f}"
                   + (f" ({lora.name} of this size: {lora.energy:.3f})" if lora else ""))
     return 0

@@ -86,12 +86,12 @@ class GradientFit:
         rows = ["| structure | trainable params | x LoRA-8 | gradient energy followed | LoRA of this size |",
                 "|---|---|---|---|---|"]
         for c in sorted(self.candidates, key=lambda c: (c.params, not c.is_lora, -c.energy)):
-            ref = self._lora_at(c.budget)
+            ref = self.lora_at(c.budget)
             rel = "-" if c.is_lora or ref is None else f"{ref.energy:.3f} ({ref.name})"
             rows.append(f"| {c.name} | {c.params:,} | {c.budget:.3f} | {c.energy:.3f} | {rel} |")
         return "\n".join(rows)
 
-    def _lora_at(self, budget: float) -> Optional[Candidate]:
+    def lora_at(self, budget: float) -> Optional[Candidate]:
         """The LoRA candidate of the largest rank within ``budget`` (x1.05: LSR's sizes round down)."""
         loras = [c for c in self.candidates if c.is_lora and c.budget <= budget * 1.05 + 1e-9]
         return max(loras, key=lambda c: c.params, default=None)
@@ -114,7 +114,7 @@ def gradient_fit(model: nn.Module, batches, *, target_modules=None, budgets: Seq
     each split in ``splits`` at the most terms that fit; ``configs``: more LSR configs to measure as given, on the
     target layers they select (``layers_to_transform``; ``rank_pattern`` applies); ``lora_ranks``: LoRA ranks to measure besides
     (default: those of the budgets). ``iters``: L-BFGS iterations per LSR fit."""
-    from .nn import ALL_LINEAR, _matcher, all_linear_layers, default_target_modules, lsr_config_for_lora
+    from .nn import _matcher, default_target_modules, lsr_config_for_lora, resolve_targets
 
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
@@ -127,8 +127,7 @@ def gradient_fit(model: nn.Module, batches, *, target_modules=None, budgets: Seq
     targets = default_target_modules(model) if target_modules is None else target_modules
     if not targets:
         raise ValueError("target_modules is empty: name the layers to measure (or 'all-linear')")
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        targets = all_linear_layers(model)
+    targets = resolve_targets(model, targets)
     matches = _matcher(targets)
     modules = {n: m for n, m in model.named_modules() if n and matches(n) and base_layers.is_adaptable(m)}
     if not modules:

@@ -367,9 +367,7 @@ def apply_lsr(model: nn.Module, config: Optional[LSRConfig] = None, target_modul
     that does not factor, a second call, a target that is not a Linear) leaves the model as it was.
     """
     config = config or LSRConfig()
-    targets = target_modules or config.target_modules or default_target_modules(model)
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        targets = all_linear_layers(model)
+    targets = resolve_targets(model, target_modules or config.target_modules or default_target_modules(model))
     matches = _matcher(targets)
     excluded = _matcher(exclude_modules or config.exclude_modules or ())
     chosen, found = [], []
@@ -458,9 +456,7 @@ def lsr_config_for_lora(rank: Union[int, tuple, None] = None, budget: Optional[f
     if shape is not None:
         layers = {"layer": tuple(shape)}
     else:
-        targets = cfg.target_modules or default_target_modules(model)
-        if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-            targets = all_linear_layers(model)
+        targets = resolve_targets(model, cfg.target_modules or default_target_modules(model))
         matches, excluded = _matcher(targets), _matcher(cfg.exclude_modules or ())
         found = {n: m for n, m in model.named_modules() if n and matches(n) and not excluded(n)
                  and base_layers.is_adaptable(m)}
@@ -530,6 +526,14 @@ def _nothing_matched(model: nn.Module, targets, config: LSRConfig, found: list) 
     return ValueError(f"target_modules={targets!r} matched {len(found)} layers (e.g. {found[0]}), but {where} finds no "
                       f"layer index in their names" + (f": set layers_pattern to the name of the layer list, e.g. "
                                                        f"{lists[0]!r}" if lists else ""))
+
+
+def resolve_targets(model: nn.Module, targets):
+    """``target_modules`` as matched: names (suffix match) or a regex, with ``"all-linear"`` expanded to the
+    model's linear layers."""
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return all_linear_layers(model)
+    return targets
 
 
 def all_linear_layers(model: nn.Module) -> list[str]:
